@@ -1,0 +1,1 @@
+"""mlx_dlm.benchmark: speed measurements (installed under mlx_dlm, run as `mlx_dlm.benchmark`)."""

@@ -1,0 +1,83 @@
+"""Training speed: compiled optimizer steps per second and tokens per second for a preset.
+
+    mlx_dlm.benchmark train --preset simple_dlm --batch-size 64 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dlm.diffusion import LOSSES, diffusion_loss
+from mlx_dlm.errors import UserError
+from mlx_dlm.fileio import atomic_write_text
+from mlx_dlm.model import PRESETS, init_model, preset_args
+from mlx_dlm.train import make_optimizer, make_train_step, setup_arg_parser as train_parser
+
+from .machine import describe, machine_info
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Flags of `mlx_dlm.benchmark train`."""
+    p = argparse.ArgumentParser(prog="mlx_dlm.benchmark train", description="Measure training speed.")
+    p.add_argument("--preset", default="simple_dlm", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=66, help="65 characters of Tiny Shakespeare + mask")
+    p.add_argument("--loss", choices=LOSSES, default="elbo")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per trial")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--out", help="write results as JSON here")
+    return p
+
+
+def measure(preset: str, batch_size: int, seq_len: int, vocab_size: int, loss: str, steps: int, trials: int,
+            warmup: int) -> dict:
+    """Median seconds per compiled training step over trials, with derived rates."""
+    model = init_model(preset_args(preset, vocab_size=vocab_size), seed=0)
+    if seq_len > model.args.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the {preset} context of {model.args.max_seq_len}")
+    opt_args = train_parser().parse_args(["--iters", str(warmup + steps * trials)])
+    step = make_train_step(model, make_optimizer(opt_args), partial(diffusion_loss, mask_id=0, loss=loss), 1.0)
+    rng = np.random.default_rng(0)
+    batch = lambda: mx.array(rng.integers(1, vocab_size, size=(batch_size, seq_len), dtype=np.int32))  # noqa: E731
+    for _ in range(warmup):
+        step(batch())
+    per_step = []
+    for _ in range(trials):
+        batches = [batch() for _ in range(steps)]
+        tic = time.perf_counter()
+        for b in batches:
+            step(b)  # evaluates state before returning
+        per_step.append((time.perf_counter() - tic) / steps)
+    sec = statistics.median(per_step)
+    tokens = batch_size * seq_len
+    flops = 3 * model.flops_per_token(seq_len) * tokens  # forward + backward ~ 3x forward
+    return {"preset": preset, "params": model.num_params(), "batch_size": batch_size, "seq_len": seq_len,
+            "steps_per_sec": 1 / sec, "tokens_per_sec": tokens / sec, "ms_per_step": sec * 1e3,
+            "ms_per_step_min": min(per_step) * 1e3, "ms_per_step_max": max(per_step) * 1e3,
+            "gflops_per_sec": flops / sec / 1e9}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the training benchmark and print one result line."""
+    args = setup_arg_parser().parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps", "trials"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    info = machine_info()
+    print(f"Machine: {describe(info)}")
+    r = measure(args.preset, args.batch_size, args.seq_len, args.vocab_size, args.loss, args.steps, args.trials,
+                args.warmup)
+    print(f"train {r['preset']} ({r['params'] / 1e6:.2f}M params), batch {r['batch_size']} x {r['seq_len']}: "
+          f"{r['steps_per_sec']:.2f} steps/s, {r['tokens_per_sec']:,.0f} tokens/s, {r['ms_per_step']:.1f} ms/step "
+          f"(min {r['ms_per_step_min']:.1f}, max {r['ms_per_step_max']:.1f}), ~{r['gflops_per_sec']:.1f} GFLOP/s")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"machine": info, "train": r}, indent=2) + "\n")

@@ -1,0 +1,30 @@
+"""`mlx_dlm <command> ...`: one entry point for every command."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "mlx_dlm.train",
+    "generate": "mlx_dlm.generate",
+    "benchmark": "mlx_dlm.benchmark.__main__",
+}
+
+
+USAGE = f"usage: mlx_dlm {{{','.join(COMMANDS)}}} [options]   (mlx_dlm COMMAND --help lists a command's options)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch to the command's own main()."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The masked-diffusion forward process and its losses.
+
+Forward process: draw a mask ratio t per sequence, hide each token independently
+with probability t (replace it by the mask id). The model sees the corrupted
+tokens and t and predicts the hidden ones.
+
+Losses (cross-entropy on masked positions only):
+- "masked-mean": mean over masked tokens (simple_dlm's loss);
+- "elbo": the MDLM continuous-time bound, each masked token weighted by 1/t and
+  the sum normalised by B*L, so it estimates negative log-likelihood per token.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOSSES = ("elbo", "masked-mean")
+T_MIN = 1e-3  # keeps the 1/t weight of the ELBO bounded
+
+
+def sample_t(batch_size: int, stratified: bool = True, key: mx.array | None = None) -> mx.array:
+    """Mask ratios in [T_MIN, 1), shape (B,). Stratified: one draw in each of B equal bins (lower variance)."""
+    u = mx.random.uniform(shape=(batch_size,), key=key)
+    if stratified:
+        u = (mx.arange(batch_size) + u) / batch_size
+    return T_MIN + (1.0 - T_MIN) * u
+
+
+def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Hide each token with probability t of its row. Returns (noisy tokens, boolean mask of hidden positions)."""
+    hidden = mx.random.uniform(shape=tokens.shape, key=key) < t[:, None]
+    return mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens), hidden
+
+
+def masked_loss(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array, loss: str = "elbo") -> mx.array:
+    """Cross-entropy over hidden positions, reduced as the chosen loss (see module docstring)."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    weight = hidden.astype(mx.float32)
+    if loss == "masked-mean":
+        return (ce * weight).sum() / mx.maximum(weight.sum(), 1.0)
+    if loss == "elbo":
+        return (ce * weight / t[:, None]).sum() / ce.size
+    raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
+
+
+def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", stratified: bool = True,
+                   key: mx.array | None = None) -> mx.array:
+    """Draw t and masks, run the model on the corrupted tokens and return the loss.
+
+    With key=None the global random state is used (the training step lists it as
+    compiled state, so every call draws fresh masks); a fixed key gives a fixed draw.
+    """
+    t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
+    t = sample_t(tokens.shape[0], stratified, key=t_key)
+    noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key)
+    return masked_loss(model(noisy, t), tokens, hidden, t, loss)
+
+
+def ar_loss(model, tokens: mx.array) -> mx.array:
+    """Next-token cross-entropy (mean per predicted token) for a causal model."""
+    logits = model(tokens[:, :-1])
+    return nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="mean")

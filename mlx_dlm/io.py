@@ -1,0 +1,88 @@
+"""The model directory: config.json, model.safetensors and tokenizer files.
+
+Trained, converted and downloaded models share this format. Every file is
+written atomically (temp file in the same folder, then os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .errors import UserError
+from .fileio import atomic_write, atomic_write_text
+from .model import Model, ModelArgs
+from .tokenizer import Tokenizer, load_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_weights(path: str | os.PathLike, model: Model) -> None:
+    """Write a model's parameters to a safetensors file, atomically."""
+    weights = dict(tree_flatten(model.parameters()))
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights))
+
+
+def save_model(directory: str | os.PathLike, model: Model, tokenizer: Tokenizer, extra: dict | None = None) -> None:
+    """Write a complete model directory (tokenizer, weights, then config.json last)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(directory)
+    save_weights(directory / WEIGHTS_FILE, model)
+    config = {**model.args.to_dict(), "tokenizer": tokenizer.kind, "mask_id": tokenizer.mask_id, **(extra or {})}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a model directory, with one-line errors for missing or broken files."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {directory} is not a model directory") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return config
+
+
+def load_weights(model: Model, path: str | os.PathLike) -> None:
+    """Load safetensors weights into model, strictly (every parameter, matching shapes)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} is missing")
+    try:
+        weights = mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as err:
+        raise UserError(f"{path} does not match config.json: {str(err).splitlines()[0]}") from None
+    mx.eval(model.parameters())
+
+
+def load(path: str | os.PathLike) -> tuple[Model, Tokenizer]:
+    """Load (model, tokenizer) from a model directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"model directory {directory} does not exist")
+    config = read_config(directory)
+    try:
+        args = ModelArgs.from_dict(config)
+    except TypeError as err:
+        raise UserError(f"{directory / CONFIG_FILE} is not a valid model config ({err})") from None
+    tokenizer = load_tokenizer(directory, config.get("tokenizer", "char"))
+    if tokenizer.vocab_size != args.vocab_size:
+        raise UserError(f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but config.json "
+                        f"says vocab_size {args.vocab_size}")
+    model = Model(args)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,196 @@
+"""One configurable Transformer: the exact simple_dlm layout or a modern one.
+
+Diffusion models (model_type "dlm") attend bidirectionally and are told the mask
+ratio t; autoregressive models (model_type "ar") use a causal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+
+
+@dataclass
+class ModelArgs:
+    """Architecture; saved as config.json in a model directory."""
+
+    model_type: str = "dlm"  # "dlm" (bidirectional, t-conditioned) or "ar" (causal)
+    vocab_size: int = 66
+    dim: int = 256
+    n_layers: int = 10
+    n_heads: int = 1
+    hidden_dim: int = 1024
+    max_seq_len: int = 1024  # context: longest sequence the model takes (rows of a learned position table)
+    pos_emb: str = "learned"  # "learned" or "rope"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "relu"  # "relu", "gelu" or "swiglu"
+    bias: bool = True  # biases in attention, MLP and LayerNorm
+    attn_out_proj: bool = False
+    final_norm: bool = False
+    time_cond: bool = True  # add Linear(1, dim)(t) to every position
+    output_bias: bool = True
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"model_type": ("dlm", "ar"), "pos_emb": ("learned", "rope"),
+                   "norm": ("layernorm", "rmsnorm"), "mlp": ("relu", "gelu", "swiglu")}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise UserError(f"model config: {field} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, field)!r}")
+        if self.dim % self.n_heads:
+            raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        """Build from a config dict, ignoring keys that are not architecture."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # Fast CPU checks: a few seconds per hundred steps.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=192, max_seq_len=256, pos_emb="rope",
+                 norm="rmsnorm", mlp="swiglu", bias=False, attn_out_proj=True, final_norm=True,
+                 output_bias=False),
+    # The reference model of simple_dlm, exactly (a position table of 1024 rows; trained on 128).
+    "simple_dlm": dict(dim=256, n_layers=10, n_heads=1, hidden_dim=1024, max_seq_len=1024,
+                       pos_emb="learned", norm="layernorm", mlp="relu", bias=True,
+                       attn_out_proj=False, final_norm=False, output_bias=True),
+    "small": dict(dim=384, n_layers=8, n_heads=6, hidden_dim=1024, max_seq_len=1024, pos_emb="rope",
+                  norm="rmsnorm", mlp="swiglu", bias=False, attn_out_proj=True, final_norm=True,
+                  output_bias=False),
+}
+
+
+def preset_args(name: str, **overrides) -> ModelArgs:
+    """ModelArgs of a named preset, with overrides (vocab_size, max_seq_len, model_type, ...)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+def _norm(args: ModelArgs) -> nn.Module:
+    if args.norm == "rmsnorm":
+        return nn.RMSNorm(args.dim, eps=args.norm_eps)
+    return nn.LayerNorm(args.dim, eps=args.norm_eps, bias=args.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.scale = self.head_dim ** -0.5
+        self.causal = args.model_type == "ar"
+        self.qkv = nn.Linear(args.dim, 3 * args.dim, bias=args.bias)
+        self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
+        self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, D = x.shape
+        q, k, v = mx.split(self.qkv(x), 3, axis=-1)
+        q, k, v = (a.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask="causal" if self.causal else None)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, D)
+        return self.out_proj(out) if self.out_proj is not None else out
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.kind = args.mlp
+        if args.mlp == "swiglu":
+            self.gate = nn.Linear(args.dim, args.hidden_dim, bias=args.bias)
+        self.fc1 = nn.Linear(args.dim, args.hidden_dim, bias=args.bias)
+        self.fc2 = nn.Linear(args.hidden_dim, args.dim, bias=args.bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.kind == "swiglu":
+            return self.fc2(nn.silu(self.gate(x)) * self.fc1(x))
+        act = nn.relu if self.kind == "relu" else nn.gelu
+        return self.fc2(act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = _norm(args)
+        self.attn = Attention(args)
+        self.mlp_norm = _norm(args)
+        self.mlp = MLP(args)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Model(nn.Module):
+    """`model(tokens, t)` -> logits (B, L, V); t (B,) is the mask ratio, ignored by AR models."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_emb = nn.Embedding(args.vocab_size, args.dim)
+        if args.pos_emb == "learned":
+            self.pos_emb = mx.random.normal((args.max_seq_len, args.dim)) * 0.02
+        if args.time_cond and args.model_type == "dlm":
+            self.t_proj = nn.Linear(1, args.dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        if args.final_norm:
+            self.norm = _norm(args)
+        if not args.tie_embeddings:
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=args.output_bias)
+
+    def __call__(self, tokens: mx.array, t: mx.array | None = None) -> mx.array:
+        args = self.args
+        L = tokens.shape[1]
+        x = self.tok_emb(tokens)
+        if args.pos_emb == "learned":
+            x = x + self.pos_emb[:L]
+        if "t_proj" in self:
+            if t is None:
+                raise ValueError("this diffusion model needs the mask ratio t (B,)")
+            x = x + self.t_proj(t.astype(x.dtype).reshape(-1, 1, 1))
+        for layer in self.layers:
+            x = layer(x)
+        if args.final_norm:
+            x = self.norm(x)
+        return self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
+
+    def num_params(self) -> int:
+        """Number of parameters (learned position table included)."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: 2 per weight multiply-add plus attention scores and values."""
+        a = self.args
+        n_mlp = 3 if a.mlp == "swiglu" else 2
+        weights = a.n_layers * (3 + int(a.attn_out_proj)) * a.dim * a.dim
+        weights += a.n_layers * n_mlp * a.dim * a.hidden_dim + a.dim * a.vocab_size
+        return 2.0 * weights + 4.0 * a.n_layers * seq_len * a.dim
+
+
+def init_model(args: ModelArgs, seed: int | None = None) -> Model:
+    """A model with freshly initialised weights (seeded when seed is given)."""
+    if seed is not None:
+        mx.random.seed(seed)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+

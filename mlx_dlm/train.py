@@ -1,0 +1,329 @@
+"""`mlx_dlm.train`: train a masked diffusion language model.
+
+    mlx_dlm.train --data input.txt --preset tiny --iters 300 --out runs/tiny
+
+With no arguments it trains the simple_dlm preset on Tiny Shakespeare into ./checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import blas, data
+from .diffusion import LOSSES, diffusion_loss
+from .errors import UserError, run_cli
+from .fileio import atomic_write, atomic_write_text
+from .io import CONFIG_FILE, load, save_model
+from .model import PRESETS, Model, init_model, preset_args
+from .sample import generate
+from .tokenizer import CharTokenizer, SentencePieceTokenizer
+
+DEFAULT_PRESET = "simple_dlm"
+DEFAULT_OUT = "checkpoints"
+DEFAULT_ITERS = 5000
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_SEQ_LEN = 128
+DEFAULT_LR = 1e-3
+DEFAULT_WARMUP = 100
+DEFAULT_REPORT_EVERY = 10
+DEFAULT_EVAL_EVERY = 200
+DEFAULT_EVAL_BATCHES = 8
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Flags of mlx_dlm.train."""
+    p = argparse.ArgumentParser(prog="mlx_dlm.train", description="Train a masked diffusion language model.")
+    p.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: Tiny Shakespeare, cached)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--tokenizer", choices=("char", "sp"), default="char",
+                   help="characters (simple_dlm) or a SentencePiece model trained on the data")
+    p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
+    p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--out", default=DEFAULT_OUT, help="model directory for checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help="training window length (at most the model's context)")
+    p.add_argument("--learning-rate", type=float, default=DEFAULT_LR, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--loss", choices=LOSSES, default="elbo")
+    p.add_argument("--t-sampling", choices=("stratified", "uniform"), default="stratified",
+                   help="how mask ratios are drawn across a batch")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
+    p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION)
+    p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY)
+    p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY)
+    p.add_argument("--eval-batches", type=int, default=DEFAULT_EVAL_BATCHES)
+    p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
+    p.add_argument("--sample-tokens", type=int, default=64, help="length of the sample shown at eval (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("iters", "batch_size", "report_every", "eval_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len < 2:
+        raise UserError("--seq-len must be at least 2")
+    if args.learning_rate <= 0:
+        raise UserError("--learning-rate must be positive")
+    if not args.resume and args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
+
+
+def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
+    """AdamW with linear warm-up then cosine decay to min_lr_ratio of the peak."""
+    warmup = min(args.warmup, max(args.iters - 1, 0))
+    decay = optim.cosine_decay(args.learning_rate, max(args.iters - warmup, 1),
+                               args.learning_rate * args.min_lr_ratio)
+    schedule = optim.join_schedules([optim.linear_schedule(0.0, args.learning_rate, warmup), decay], [warmup]) \
+        if warmup > 0 else decay
+    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+
+
+def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0):
+    """One compiled step: loss, gradients, clipping and update; random state is compiled state,
+    so masks and mask ratios are fresh on every call. Returns step(batch) -> (loss, grad_norm)."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = loss_and_grad(model, batch)
+        if grad_clip > 0:
+            grads, grad_norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        return loss, grad_norm
+
+    def run(batch: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grad_norm = step(batch)
+        mx.eval(state, loss, grad_norm)
+        return loss, grad_norm
+
+    return run
+
+
+def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int) -> Callable[[], float]:
+    """Validation ELBO in nats/token over fixed windows with fixed masks (comparable across steps)."""
+    batches = [mx.array(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    loss = mx.compile(partial(diffusion_loss, model, mask_id=mask_id, loss="elbo"), inputs=model.state)
+
+    def evaluate() -> float:
+        total = mx.array(0.0)
+        for i, batch in enumerate(batches):
+            total = total + loss(batch, key=mx.random.key(i)) * batch.size
+        return (total / sum(b.size for b in batches)).item()
+
+    return evaluate
+
+
+def _random_state() -> int:
+    hi, lo = mx.random.state[0].tolist()
+    return (hi << 32) | lo
+
+
+def save_checkpoint(out: Path, model: Model, optimizer: optim.Optimizer, tokenizer, state: dict) -> None:
+    """Model directory plus optimizer state and state.json, each written atomically; state.json last."""
+    save_model(out, model, tokenizer)
+    opt_state = dict(tree_flatten(optimizer.state))
+    atomic_write(out / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, opt_state))
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+
+def _read_state(out: Path) -> dict:
+    try:
+        return json.loads((out / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint to resume in {out} ({STATE_FILE} is missing)") from None
+    except ValueError as err:
+        raise UserError(f"{out / STATE_FILE} is not valid JSON ({err})") from None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric rows written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line from a killed run
+        if row.get("step", 0) <= step:
+            rows.append(line)
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def _build_tokenizer(args: argparse.Namespace, text: str):
+    if args.tokenizer == "sp":
+        return SentencePieceTokenizer.train(text, args.vocab_size, args.sp_model_type)
+    return CharTokenizer.from_text(text)
+
+
+def _log(line: str, bar) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
+def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None = None) -> Path:
+    """Run training as configured by parsed flags; returns the output directory.
+
+    on_checkpoint(step) is called after each checkpoint is written.
+    """
+    _check_args(args)
+    out = Path(args.out)
+    text = data.read_corpus(args.data)
+    data_sha = hashlib.sha256(text.encode()).hexdigest()
+    resume_state = None
+    if args.resume:
+        resume_state = _read_state(out)
+        model, tokenizer = load(out)
+        if resume_state.get("data_sha256") != data_sha:
+            print(f"warning: --data differs from the corpus this checkpoint was trained on", file=sys.stderr)
+    else:
+        if (out / STATE_FILE).exists() or (out / CONFIG_FILE).exists():
+            raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
+        tokenizer = _build_tokenizer(args, text)
+        model = init_model(preset_args(args.preset, vocab_size=tokenizer.vocab_size), seed=args.seed)
+    seq_len = args.seq_len
+    if seq_len > model.args.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.args.max_seq_len}")
+    if args.dtype == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+
+    tokens = tokenizer.encode_array(text)
+    train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction)
+    data.check_window(train_tokens, seq_len, "training")
+    evaluate = None
+    if len(val_tokens) >= seq_len:
+        val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, seq_len)
+        evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size)
+        chars_per_token = len(tokenizer.decode(val_tokens)) / len(val_tokens)
+    else:
+        print(f"note: validation split has fewer than {seq_len} tokens; skipping validation", file=sys.stderr)
+
+    optimizer = make_optimizer(args)
+    rng = np.random.default_rng(args.seed)
+    step = 0
+    if resume_state is not None:
+        optimizer.init(model.trainable_parameters())
+        try:
+            optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
+        except (RuntimeError, ValueError, OSError) as err:
+            raise UserError(f"cannot read {out / OPTIMIZER_FILE} ({err})") from None
+        step = int(resume_state["step"])
+        rng.bit_generator.state = resume_state["data_rng"]
+        mx.random.seed(int(resume_state["mlx_rng"]))
+        _trim_metrics(out / METRICS_FILE, step)
+    else:
+        mx.random.seed(args.seed)
+
+    stratified = args.t_sampling == "stratified"
+    loss_fn = partial(diffusion_loss, mask_id=tokenizer.mask_id, loss=args.loss, stratified=stratified)
+    train_step = make_train_step(model, optimizer, loss_fn, args.grad_clip)
+    save_every = args.save_every or args.eval_every
+
+    out.mkdir(parents=True, exist_ok=True)
+    n_params = model.num_params()
+    print(f"mlx_dlm.train: {args.preset} model, {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} "
+          f"({tokenizer.kind}), {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+          f"batch {args.batch_size} x {seq_len}, device {mx.default_device()}, blas {blas.status}", flush=True)
+    if step:
+        print(f"Resuming from step {step}", flush=True)
+
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.iters, initial=step, unit="it", dynamic_ncols=True, leave=False)
+    metrics = open(out / METRICS_FILE, "a")
+    last_val = resume_state.get("val_loss") if resume_state else None
+    tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    try:
+        while step < args.iters:
+            batch = mx.array(data.random_windows(train_tokens, args.batch_size, seq_len, rng))
+            lr = optimizer.learning_rate.item()
+            loss, grad_norm = train_step(batch)
+            step += 1
+            window_steps += 1
+            window_loss += loss.item()
+            if not math.isfinite(loss.item()):
+                raise UserError(f"loss became {loss.item()} at step {step}; lower --learning-rate "
+                                f"(last checkpoint kept in {out})")
+            if bar is not None:
+                bar.update(1)
+            if step % args.report_every == 0 or step == args.iters:
+                elapsed = time.perf_counter() - tic
+                row = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
+                       "grad_norm": grad_norm.item(), "it_per_sec": window_steps / elapsed,
+                       "tokens_per_sec": window_steps * args.batch_size * seq_len / elapsed}
+                _log(f"Iter {step}: Train loss {row['train_loss']:.3f}, Learning Rate {lr:.3e}, "
+                     f"It/sec {row['it_per_sec']:.2f}, Tokens/sec {row['tokens_per_sec']:.0f}", bar)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            if evaluate is not None and (step % args.eval_every == 0 or step == args.iters):
+                t0 = time.perf_counter()
+                last_val = evaluate()
+                row = {"step": step, "val_loss": last_val, "val_bpc": last_val / math.log(2) / chars_per_token}
+                _log(f"Iter {step}: Val loss {last_val:.3f} nats/token, {row['val_bpc']:.3f} bits/char "
+                     f"(ELBO), Val took {time.perf_counter() - t0:.2f}s", bar)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                if args.sample_tokens > 0:
+                    n = min(args.sample_tokens, seq_len)
+                    sample = generate(model, tokenizer, "", max_tokens=n, steps=max(1, n // 4), seed=step)
+                    _log(f"Sample: {sample!r}", bar)
+                tic = time.perf_counter()
+            if step % save_every == 0 or step == args.iters:
+                state = {"step": step, "data_rng": rng.bit_generator.state, "mlx_rng": _random_state(),
+                         "data_sha256": data_sha, "val_loss": last_val, "args": vars(args)}
+                save_checkpoint(out, model, optimizer, tokenizer, state)
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
+                tic = time.perf_counter()
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+    print(f"Saved model to {out} (step {step})", flush=True)
+    return out
+
+
+def _main(argv: list[str] | None) -> None:
+    train(setup_arg_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Shared fixtures: real text from ../shared/data, tiny trained models, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mlx_dlm  # noqa: F401  (BLAS switch before mlx.core)
+
+SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """The full Tiny Shakespeare file beside the repo."""
+    if not SHARED_TEXT.exists():
+        pytest.fail(f"{SHARED_TEXT} is missing: tests need ../shared/data beside the repo")
+    return SHARED_TEXT
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_path) -> str:
+    return shakespeare_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def small_text_path(tmp_path_factory, shakespeare) -> Path:
+    """The first 60k characters of Tiny Shakespeare (all 65 characters do not occur in it: that is fine)."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(shakespeare[:60_000], encoding="utf-8")
+    return path
+
+
+TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "64", "--report-every", "10",
+              "--eval-batches", "2", "--sample-tokens", "0", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, small_text_path) -> Path:
+    """A tiny diffusion model trained for 40 steps (enough for sampler tests, not for good text)."""
+    from mlx_dlm import train
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "40", "--eval-every", "20",
+                *TINY_TRAIN])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to open a URL in a test fails loudly."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

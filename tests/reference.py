@@ -1,0 +1,89 @@
+"""Slow numpy references (float64) used as independent expectations."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+
+
+def _layernorm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    out = (x - mu) / np.sqrt(var + eps) * w
+    return out + b if b is not None else out
+
+
+def _rmsnorm(x, w, eps):
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+
+def _rope(x, theta):
+    """Non-interleaved RoPE over the last axis of (B, H, L, Dh): halves rotate together."""
+    L, Dh = x.shape[-2], x.shape[-1]
+    half = Dh // 2
+    freqs = theta ** (-np.arange(half) / half)
+    ang = np.arange(L)[:, None] * freqs[None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
+    """Logits of the configurable Transformer, written out plainly."""
+    a = model.args
+    W = weights(model)
+    get = lambda name: W.get(name)  # noqa: E731
+    lin = lambda x, name: x @ W[name + ".weight"].T + (W[name + ".bias"] if name + ".bias" in W else 0)  # noqa: E731
+
+    def norm(x, name):
+        if a.norm == "rmsnorm":
+            return _rmsnorm(x, W[name + ".weight"], a.norm_eps)
+        return _layernorm(x, W[name + ".weight"], get(name + ".bias"), a.norm_eps)
+
+    B, L = tokens.shape
+    H, Dh = a.n_heads, a.dim // a.n_heads
+    x = W["tok_emb.weight"][tokens]
+    if a.pos_emb == "learned":
+        x = x + W["pos_emb"][:L]
+    if "t_proj.weight" in W:
+        x = x + (t[:, None] @ W["t_proj.weight"].T + W["t_proj.bias"])[:, None, :]
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        q, k, v = np.split(lin(norm(x, p + "attn_norm"), p + "attn.qkv"), 3, axis=-1)
+        q, k, v = (z.reshape(B, L, H, Dh).transpose(0, 2, 1, 3) for z in (q, k, v))
+        if a.pos_emb == "rope":
+            q, k = _rope(q, a.rope_theta), _rope(k, a.rope_theta)
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(Dh)
+        if a.model_type == "ar":
+            s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+        o = (_softmax(s) @ v).transpose(0, 2, 1, 3).reshape(B, L, a.dim)
+        x = x + (lin(o, p + "attn.out_proj") if a.attn_out_proj else o)
+        h = norm(x, p + "mlp_norm")
+        if a.mlp == "swiglu":
+            g = lin(h, p + "mlp.gate")
+            h = g / (1 + np.exp(-g)) * lin(h, p + "mlp.fc1")
+        elif a.mlp == "relu":
+            h = np.maximum(lin(h, p + "mlp.fc1"), 0)
+        else:
+            from math import erf, sqrt
+            z = lin(h, p + "mlp.fc1")
+            h = 0.5 * z * (1 + np.vectorize(erf)(z / sqrt(2)))
+        x = x + lin(h, p + "mlp.fc2")
+    if a.final_norm:
+        x = norm(x, "norm")
+    return x @ W["tok_emb.weight"].T if a.tie_embeddings else lin(x, "lm_head")
+
+
+def log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

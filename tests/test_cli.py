@@ -1,0 +1,94 @@
+"""Commands end to end, and bad input: one line on stderr, non-zero exit, no traceback."""
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mlx_dlm import train
+
+generate = importlib.import_module("mlx_dlm.generate")  # the module; mlx_dlm.generate is also the API function
+
+from conftest import TINY_TRAIN
+
+
+def _one_line_error(capsys, main, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and match in err, err
+
+
+def test_generate_cli_prints_text_and_stats(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "mlx_dlm", "generate", "--model", str(tiny_model_dir),
+                           "--prompt", "ROMEO:", "--max-tokens", "128", "--steps", "16", "--seed", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text, stats = proc.stdout.split("\n==========\n")
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 128
+    assert "Generation: 128 tokens," in stats and "tokens-per-sec, 16 steps" in stats
+    assert "Peak memory:" in stats
+
+
+def test_generate_quiet(tiny_model_dir, capsys):
+    generate.main(["--model", str(tiny_model_dir), "--prompt", "AB", "--max-tokens", "10", "--steps", "2",
+                   "--verbose", "false", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("AB") and len(out) == len("AB") + 10 + 1  # the text and its newline only
+
+
+def test_train_errors(capsys, tmp_path, small_text_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("too short for a window")
+    _one_line_error(capsys, train.main, ["--data", str(tmp_path / "missing.txt"), *TINY_TRAIN], "does not exist")
+    _one_line_error(capsys, train.main, ["--data", str(empty), *TINY_TRAIN], "is empty")
+    _one_line_error(capsys, train.main, ["--data", str(short), "--out", str(tmp_path / "o"), *TINY_TRAIN],
+                    "fewer than one window of --seq-len 64")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--preset", "galactic"], "unknown preset")
+
+
+def test_generate_errors(capsys, tiny_model_dir, tmp_path):
+    _one_line_error(capsys, generate.main, ["--model", str(tiny_model_dir), "--prompt", "x" * 250], "exceeds the model's context")
+    _one_line_error(capsys, generate.main, ["--model", str(tiny_model_dir), "--prompt", "naïve"], "'ï' (U+00EF) at position 2")
+    _one_line_error(capsys, generate.main, ["--model", str(tmp_path / "nowhere")], "does not exist")
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        change(d)
+        return ["--model", str(d)]
+
+    _one_line_error(capsys, generate.main, broken("noconfig", lambda d: (d / "config.json").unlink()),
+                    "config.json is missing")
+    _one_line_error(capsys, generate.main, broken("noweights", lambda d: (d / "model.safetensors").unlink()),
+                    "model.safetensors is missing")
+    _one_line_error(capsys, generate.main, broken("notok", lambda d: (d / "tokenizer.json").unlink()),
+                    "tokenizer.json is missing")
+    _one_line_error(capsys, generate.main, broken("truncated", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000])), "not a readable safetensors file")
+
+    def wider(d):
+        config = json.loads((d / "config.json").read_text())
+        config["dim"] = 128
+        (d / "config.json").write_text(json.dumps(config))
+
+    _one_line_error(capsys, generate.main, broken("mismatch", wider), "does not match config.json")
+
+    def other_vocab(d):
+        (d / "tokenizer.json").write_text(json.dumps({"type": "char", "chars": "abc"}))
+
+    _one_line_error(capsys, generate.main, broken("vocab", other_vocab), "has 4 tokens but config.json says")
+
+
+def test_console_scripts_error_without_traceback(tmp_path):
+    proc = subprocess.run(["mlx_dlm.train", "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: data file {tmp_path / 'missing.txt'} does not exist"
+    proc = subprocess.run(["mlx_dlm", "nonsense"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown command" in proc.stderr

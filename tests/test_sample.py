@@ -1,0 +1,90 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_dlm
+from mlx_dlm.errors import UserError
+from mlx_dlm.sample import commit_schedule, stream_generate
+
+from reference import forward
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return mlx_dlm.load(tiny_model_dir)
+
+
+@pytest.mark.parametrize("n,steps", [(128, 16), (64, 7), (5, 5), (100, 1)])
+def test_commit_schedule(n, steps):
+    counts = commit_schedule(n, steps)
+    assert len(counts) == steps and sum(counts) == n and min(counts) >= 1
+    assert max(counts) - min(counts) <= 1  # linear: as even as integers allow
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "random"])
+def test_invariants(tiny, strategy):
+    model, tok = tiny
+    prompt = "ROMEO:"
+    states = list(stream_generate(model, tok, prompt, max_tokens=50, steps=8, strategy=strategy, seed=3))
+    assert len(states) == 8 and states[-1].nfe == 8
+    p = len(tok.encode(prompt))
+    schedule = commit_schedule(50, 8)
+    masked_before = np.ones(p + 50, bool)
+    masked_before[:p] = False
+    for state, count in zip(states, schedule):
+        row = state.tokens[0]
+        assert row[:p].tolist() == tok.encode(prompt)  # prompt never changes
+        assert state.committed[0].sum() == count  # exactly the scheduled number per step
+        assert not state.committed[0, :p].any()
+        assert (masked_before[state.committed[0]]).all()  # commits only hidden positions
+        masked_before = row == tok.mask_id
+    final = states[-1].tokens[0]
+    assert (final != tok.mask_id).all()  # every position filled
+    text = tok.decode(final)
+    assert text.startswith(prompt) and len(text) == len(prompt) + 50
+
+
+def test_same_seed_same_text(tiny):
+    model, tok = tiny
+    a = mlx_dlm.generate(model, tok, "KING", max_tokens=40, steps=10, seed=7)
+    b = mlx_dlm.generate(model, tok, "KING", max_tokens=40, steps=10, seed=7)
+    c = mlx_dlm.generate(model, tok, "KING", max_tokens=40, steps=10, seed=8)
+    assert a == b and a != c
+
+
+def test_confidence_commits_most_probable_positions(tiny):
+    """Greedy first step, checked against a numpy forward: the committed set is the top-k by max probability."""
+    model, tok = tiny
+    p_ids = tok.encode("First")
+    n, steps = 30, 6
+    first = next(iter(stream_generate(model, tok, "First", max_tokens=n, steps=steps, temp=0.0, seed=0)))
+    canvas = np.array([p_ids + [tok.mask_id] * n])
+    t = np.array([n / (len(p_ids) + n)])
+    logits = forward(model, canvas, t)[0]
+    logits[:, tok.mask_id] = -np.inf
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    conf = (probs / probs.sum(-1, keepdims=True)).max(-1)[len(p_ids):]
+    k = commit_schedule(n, steps)[0]
+    want = set((np.argsort(-conf)[:k] + len(p_ids)).tolist())
+    got = set(np.flatnonzero(first.committed[0]).tolist())
+    assert got == want
+    committed_ids = first.tokens[0][sorted(got)]
+    np.testing.assert_array_equal(committed_ids, logits[sorted(got)].argmax(-1))
+
+
+def test_steps_clamped_to_canvas(tiny):
+    model, tok = tiny
+    states = list(stream_generate(model, tok, "", max_tokens=4, steps=32, seed=0))
+    assert len(states) == 4 and all(s.committed.sum() == 1 for s in states)
+
+
+def test_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(UserError, match="exceeds the model's context of 256"):
+        mlx_dlm.generate(model, tok, "A" * 200, max_tokens=100)
+    with pytest.raises(UserError, match="'@'"):
+        mlx_dlm.generate(model, tok, "hi @ there", max_tokens=10)
+    with pytest.raises(UserError, match="unknown strategy"):
+        mlx_dlm.generate(model, tok, "", max_tokens=10, strategy="best")
+    with pytest.raises(UserError, match="--steps"):
+        mlx_dlm.generate(model, tok, "", max_tokens=10, steps=0)

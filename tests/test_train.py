@@ -1,0 +1,116 @@
+import json
+from functools import partial
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_dlm
+from mlx_dlm import train
+from mlx_dlm.diffusion import diffusion_loss
+from mlx_dlm.errors import UserError
+from mlx_dlm.model import init_model, preset_args
+
+from conftest import TINY_TRAIN
+
+
+def _params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_compiled_step_draws_fresh_masks():
+    model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
+    before = _params(model)
+    step = train.make_train_step(model, optim.SGD(learning_rate=0.0), partial(diffusion_loss, mask_id=0))
+    batch = mx.array(np.random.default_rng(0).integers(1, 12, size=(8, 32)).astype(np.int32))
+    mx.random.seed(0)
+    losses = [step(batch)[0].item() for _ in range(4)]
+    assert len(set(losses)) == 4  # same batch and weights: only fresh masks / t can change the loss
+    mx.random.seed(0)
+    assert step(batch)[0].item() == losses[0]  # and the draws follow the seeded random state
+    after = _params(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_compiled_step_learns():
+    model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
+    step = train.make_train_step(model, optim.AdamW(learning_rate=3e-3), partial(diffusion_loss, mask_id=0), 1.0)
+    batch = mx.array(np.tile(np.arange(1, 12, dtype=np.int32), (16, 3))[:, :32])
+    mx.random.seed(1)
+    first = np.mean([step(batch)[0].item() for _ in range(5)])
+    for _ in range(150):
+        step(batch)
+    last = np.mean([step(batch)[0].item() for _ in range(5)])
+    assert last < 0.5 * first
+
+
+def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
+    rows = [json.loads(line) for line in (tiny_model_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
+    assert len(val) == 2 and val[-1] < val[0]
+    assert {"lr", "it_per_sec", "tokens_per_sec", "grad_norm"} <= set(train_rows[0])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "state.json"):
+        assert (tiny_model_dir / name).exists()
+    assert not list(tiny_model_dir.glob(".*tmp*"))  # no temp files left behind
+    assert json.loads((tiny_model_dir / "state.json").read_text())["step"] == 40
+
+
+def test_save_load_identical_logits(tmp_path):
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    model = init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64), seed=3)
+    mlx_dlm.save_model(tmp_path / "m", model, tok)
+    back, back_tok = mlx_dlm.load(tmp_path / "m")
+    x = mx.array([tok.encode("abc hgfe"), tok.encode("deadbeef")])
+    t = mx.array([0.2, 0.7])
+    np.testing.assert_array_equal(np.array(model(x, t)), np.array(back(x, t)))
+    assert back_tok.chars == tok.chars and back.args == model.args
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, small_text_path):
+    common = ["--data", str(small_text_path), "--iters", "12", "--save-every", "4", "--eval-every", "6", *TINY_TRAIN]
+    straight = train.train(train.setup_arg_parser().parse_args([*common, "--out", str(tmp_path / "a")]))
+
+    def crash_at_8(step):
+        if step == 8:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train.train(train.setup_arg_parser().parse_args([*common, "--out", str(tmp_path / "b")]), crash_at_8)
+    resumed = train.train(train.setup_arg_parser().parse_args([*common, "--out", str(tmp_path / "b"), "--resume"]))
+
+    a, _ = mlx_dlm.load(straight)
+    b, _ = mlx_dlm.load(resumed)
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    steps_a = [json.loads(x)["step"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps_a == steps_b  # rows after the checkpoint were dropped, none duplicated
+
+
+def test_refuses_to_overwrite_and_resume_needs_checkpoint(tmp_path, small_text_path, tiny_model_dir):
+    parse = train.setup_arg_parser().parse_args
+    with pytest.raises(UserError, match="already holds a model"):
+        train.train(parse(["--data", str(small_text_path), "--out", str(tiny_model_dir), *TINY_TRAIN]))
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--resume", *TINY_TRAIN]))
+
+
+def test_sentencepiece_training_run(tmp_path, small_text_path):
+    out = tmp_path / "sp"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--tokenizer", "sp", "--vocab-size", "200",
+                "--iters", "4", "--eval-every", "4", *TINY_TRAIN])
+    model, tok = mlx_dlm.load(out)
+    assert tok.kind == "sp" and model.args.vocab_size == 200
+    text = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=16, steps=4, seed=0)
+    assert text.startswith("ROMEO:")
