@@ -243,6 +243,7 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
         _trim_metrics(out / METRICS_FILE, step)
     else:
         mx.random.seed(args.seed)
+        (out / METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that never saved a model
 
     stratified = args.t_sampling == "stratified"
     loss_fn = partial(diffusion_loss, mask_id=tokenizer.mask_id, loss=args.loss, stratified=stratified)
@@ -263,9 +264,25 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
 
         bar = tqdm(total=args.iters, initial=step, unit="it", dynamic_ncols=True, leave=False)
     metrics = open(out / METRICS_FILE, "a")
+
+    def validate(step: int) -> float:
+        t0 = time.perf_counter()
+        val = evaluate()
+        row = {"step": step, "val_loss": val, "val_bpc": val / math.log(2) / chars_per_token}
+        _log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char (ELBO), "
+             f"Val took {time.perf_counter() - t0:.2f}s", bar)
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if args.sample_tokens > 0 and step > 0:
+            n = min(args.sample_tokens, seq_len)
+            _log(f"Sample: {generate(model, tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=step)!r}", bar)
+        return val
+
     last_val = resume_state.get("val_loss") if resume_state else None
-    tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
     try:
+        if evaluate is not None and step == 0:
+            last_val = validate(0)  # the untrained baseline, as nanoGPT does
+        tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
         while step < args.iters:
             batch = mx.array(data.random_windows(train_tokens, args.batch_size, seq_len, rng))
             lr = optimizer.learning_rate.item()
@@ -289,17 +306,7 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
                 metrics.flush()
                 tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
             if evaluate is not None and (step % args.eval_every == 0 or step == args.iters):
-                t0 = time.perf_counter()
-                last_val = evaluate()
-                row = {"step": step, "val_loss": last_val, "val_bpc": last_val / math.log(2) / chars_per_token}
-                _log(f"Iter {step}: Val loss {last_val:.3f} nats/token, {row['val_bpc']:.3f} bits/char "
-                     f"(ELBO), Val took {time.perf_counter() - t0:.2f}s", bar)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if args.sample_tokens > 0:
-                    n = min(args.sample_tokens, seq_len)
-                    sample = generate(model, tokenizer, "", max_tokens=n, steps=max(1, n // 4), seed=step)
-                    _log(f"Sample: {sample!r}", bar)
+                last_val = validate(step)
                 tic = time.perf_counter()
             if step % save_every == 0 or step == args.iters:
                 state = {"step": step, "data_rng": rng.bit_generator.state, "mlx_rng": _random_state(),
