@@ -35,6 +35,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=STRATEGIES, default="confidence",
                    help="which masked positions to commit each step")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same text)")
     p.add_argument("--verbose", type=str2bool, default=True, help="print statistics (true/false)")
     return p
@@ -52,13 +54,16 @@ def _main(argv: list[str] | None) -> None:
     model, tokenizer = load(args.model)
     last = None
     for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,
-                                strategy=args.strategy, temp=args.temp, seed=args.seed):
+                                strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed):
         pass
     print(tokenizer.decode(last.tokens[0]))
     if args.verbose:
         print("=" * 10)
-        print(f"Prompt: {last.prompt_tokens} tokens")
-        print(f"Generation: {last.generated_tokens} tokens, {last.generated_tokens / last.elapsed:.3f} "
+        prompt_rate = f", {last.prompt_tokens / last.prompt_seconds:.3f} tokens-per-sec" if last.prompt_seconds else ""
+        print(f"Prompt: {last.prompt_tokens} tokens{prompt_rate}")
+        decode_seconds = last.elapsed - last.prompt_seconds
+        print(f"Generation: {last.generated_tokens} tokens, {last.generated_tokens / decode_seconds:.3f} "
               f"tokens-per-sec, {last.steps} steps")
         print(peak_memory_line())
 

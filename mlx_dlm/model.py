@@ -45,6 +45,8 @@ class ModelArgs:
             if getattr(self, field) not in allowed:
                 raise UserError(f"model config: {field} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, field)!r}")
+        if self.model_type == "ar":
+            self.time_cond = False  # an AR model is not told a mask ratio
         if self.dim % self.n_heads:
             raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
@@ -97,14 +99,19 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
         self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
         B, L, D = x.shape
         q, k, v = mx.split(self.qkv(x), 3, axis=-1)
         q, k, v = (a.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
+        offset = cache.offset if cache is not None else 0
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask="causal" if self.causal else None)
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is None:
+            mask = "causal" if self.causal else None
+        else:  # attend over the whole preallocated buffer; positions not yet written are masked out
+            k, v = cache.update(layer, k, v)
+            mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None]
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, D)
         return self.out_proj(out) if self.out_proj is not None else out
 
@@ -133,13 +140,49 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = _norm(args)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.attn(self.attn_norm(x))
+    def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
+        x = x + self.attn(self.attn_norm(x), cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
+class KVCache:
+    """Preallocated keys and values of every layer for `size` positions (fixed shapes: decode compiles once).
+
+    `state` (offset and buffers) is what a compiled decode step lists as inputs and outputs.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, size: int, dtype: mx.Dtype = mx.float32):
+        shape = (batch_size, args.n_heads, size, args.dim // args.n_heads)
+        self.state = {"offset": mx.array(0, dtype=mx.int32),
+                      "keys": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)],
+                      "values": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]}
+
+    @property
+    def offset(self) -> mx.array:
+        """Number of positions already written."""
+        return self.state["offset"]
+
+    @property
+    def size(self) -> int:
+        return self.state["keys"][0].shape[2]
+
+    def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write new keys/values at the offset; return the layer's full buffers."""
+        start = self.offset[None]
+        for name, new in (("keys", k), ("values", v)):
+            self.state[name][layer] = mx.slice_update(self.state[name][layer], new.astype(self.state[name][layer].dtype),
+                                                      start, axes=(2,))
+        return self.state["keys"][layer], self.state["values"][layer]
+
+    def advance(self, n: int) -> None:
+        self.state["offset"] = self.state["offset"] + n
+
+
 class Model(nn.Module):
-    """`model(tokens, t)` -> logits (B, L, V); t (B,) is the mask ratio, ignored by AR models."""
+    """`model(tokens, t)` -> logits (B, L, V); t (B,) is the mask ratio.
+
+    AR models: `model(tokens, cache=KVCache(...))` continues from the cache's offset and advances it.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -147,7 +190,7 @@ class Model(nn.Module):
         self.tok_emb = nn.Embedding(args.vocab_size, args.dim)
         if args.pos_emb == "learned":
             self.pos_emb = mx.random.normal((args.max_seq_len, args.dim)) * 0.02
-        if args.time_cond and args.model_type == "dlm":
+        if args.time_cond:
             self.t_proj = nn.Linear(1, args.dim)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         if args.final_norm:
@@ -155,18 +198,20 @@ class Model(nn.Module):
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=args.output_bias)
 
-    def __call__(self, tokens: mx.array, t: mx.array | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, t: mx.array | None = None, cache: KVCache | None = None) -> mx.array:
         args = self.args
         L = tokens.shape[1]
         x = self.tok_emb(tokens)
         if args.pos_emb == "learned":
-            x = x + self.pos_emb[:L]
+            x = x + (self.pos_emb[:L] if cache is None else mx.take(self.pos_emb, cache.offset + mx.arange(L), axis=0))
         if "t_proj" in self:
             if t is None:
                 raise ValueError("this diffusion model needs the mask ratio t (B,)")
             x = x + self.t_proj(t.astype(x.dtype).reshape(-1, 1, 1))
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        if cache is not None:
+            cache.advance(L)
         if args.final_norm:
             x = self.norm(x)
         return self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)

@@ -1,10 +1,14 @@
-"""Parallel unmasking: start from a masked canvas, commit a scheduled number of positions per step.
+"""Sampling: parallel unmasking for diffusion models, left-to-right decoding for AR models.
 
-Each step runs the model once over the whole sequence, proposes a token for every
-masked position, scores the proposals and commits the best-scored ones; the rest
-stay masked for the next step. Scores: "confidence" (probability of the proposed
-token: LLaDA's low-confidence remasking) or "random" (simple_dlm's random reveal).
-One compiled function does a whole step on the device; nothing loops over positions.
+Diffusion: start from a masked canvas; each step runs the model once over the whole
+sequence, proposes a token for every masked position, scores the proposals and
+commits the best-scored ones; the rest stay masked for the next step. Scores:
+"confidence" (probability of the proposed token: LLaDA's low-confidence remasking)
+or "random" (simple_dlm's random reveal). One compiled function does a whole step
+on the device; nothing loops over positions.
+
+AR: prefill the prompt into a preallocated KV cache, then one compiled decode step
+per token.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .model import KVCache
 
 STRATEGIES = ("confidence", "random")
 DEFAULT_MAX_TOKENS = 128
@@ -27,16 +32,17 @@ DEFAULT_TEMP = 1.0
 
 @dataclass
 class GenerationStep:
-    """The state after one denoising step."""
+    """The state after one step (a denoising round, or one AR token)."""
 
     step: int  # 1-based
     steps: int  # total steps of this run
-    tokens: np.ndarray  # (num_samples, prompt + max_tokens) canvas ids, mask id where still hidden
-    committed: np.ndarray  # bool, same shape: positions committed by this step
+    tokens: np.ndarray  # (num_samples, prompt + max_tokens) ids, mask id where still undecided
+    committed: np.ndarray  # bool, same shape: positions decided by this step
     prompt_tokens: int
     generated_tokens: int  # positions decided so far, over all samples
-    nfe: int  # forward passes so far
-    elapsed: float  # seconds since the first step started
+    nfe: int  # forward passes so far (the AR prefill counts as one)
+    elapsed: float  # seconds since generation started (prefill included)
+    prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
 
 
 def commit_schedule(n: int, steps: int) -> list[int]:
@@ -45,20 +51,38 @@ def commit_schedule(n: int, steps: int) -> list[int]:
     return [remaining[k] - remaining[k + 1] for k in range(steps)]
 
 
-def _make_step(model, mask_id: int, strategy: str, temp: float):
-    """Compiled step: (canvas, n_commit, key) -> (canvas, committed)."""
+def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0) -> mx.array:
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[..., -top_k, None]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        ranked = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(ranked, axis=-1)
+        drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p  # mass before this token already reaches top_p
+        ranked = mx.where(drop, -mx.inf, ranked)
+        logits = mx.take_along_axis(ranked, mx.argsort(order, axis=-1), axis=-1)
+    return logits
+
+
+def sample_tokens(logits: mx.array, key: mx.array, temp: float, top_k: int = 0, top_p: float = 1.0) -> mx.array:
+    """Draw one token per row of logits (..., V): greedy at temp 0, else categorical over filtered logits."""
+    if temp == 0:
+        return mx.argmax(logits, axis=-1)
+    return mx.random.categorical(filter_logits(logits / temp, top_k, top_p), key=key)
+
+
+def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float):
+    """Compiled diffusion step: (canvas, n_commit, key) -> (canvas, committed)."""
 
     def step(x: mx.array, n_commit: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         hidden = x == mask_id
         t = hidden.sum(axis=1).astype(mx.float32) / x.shape[1]
         logits = model(x, t).astype(mx.float32)
-        vocab = mx.arange(logits.shape[-1])
-        logits = mx.where(vocab == mask_id, -mx.inf, logits)  # never propose the mask itself
+        logits = mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits)  # never propose the mask
         sample_key, score_key = mx.random.split(key)
-        if temp == 0:
-            proposal = mx.argmax(logits, axis=-1)
-        else:
-            proposal = mx.random.categorical(logits / temp, key=sample_key)
+        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p)
         if strategy == "random":
             score = mx.random.uniform(shape=x.shape, key=score_key)
         else:
@@ -82,40 +106,83 @@ def _encode_prompt(tokenizer, prompt: str, max_tokens: int, context: int) -> lis
     return ids
 
 
-def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS,
-                    steps: int = DEFAULT_STEPS, strategy: str = "confidence", temp: float = DEFAULT_TEMP,
-                    seed: int | None = None, num_samples: int = 1) -> Iterator[GenerationStep]:
-    """Denoise a canvas of max_tokens positions after the prompt; yield the state after every step.
-
-    steps is clamped to max_tokens (a step commits at least one position). The same
-    seed gives the same output. The prompt positions are never changed.
-    """
+def _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p, keys, num_samples):
+    """Diffusion decoding; yields (canvas, committed, prompt seconds) per step."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    step_fn = _make_unmask_step(model, mask_id, strategy, temp, top_k, top_p)
+    canvas = np.concatenate([np.asarray(ids, dtype=np.int32), np.full(max_tokens, mask_id, dtype=np.int32)])
+    x = mx.array(np.tile(canvas, (num_samples, 1)))
+    for k, n_commit in enumerate(commit_schedule(max_tokens, steps)):
+        x, committed = step_fn(x, mx.array(n_commit, dtype=mx.int32), keys[k])
+        yield x, committed, 0.0
+
+
+def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples):
+    """Left-to-right decoding with a KV cache; yields (canvas, committed, prompt seconds) per token."""
+    P, total = len(ids), len(ids) + max_tokens
+    cache = KVCache(model.args, num_samples, total)
+    positions = mx.arange(total)
+    x = mx.array(np.tile(np.concatenate([ids, np.full(max_tokens, mask_id)]).astype(np.int32), (num_samples, 1)))
+
+    def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
+        token = sample_tokens(model(tokens, cache=cache)[:, -1].astype(mx.float32), key, temp, top_k, top_p)
+        committed = mx.broadcast_to(positions == at, x.shape)
+        return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
+
+    tic = time.perf_counter()
+    x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
+    mx.eval(x)
+    prompt_seconds = time.perf_counter() - tic
+    yield x, committed, prompt_seconds
+    step = mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
+    for k in range(1, max_tokens):
+        x, token, committed = step(token, x, keys[k])
+        yield x, committed, prompt_seconds
+
+
+def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS,
+                    steps: int = DEFAULT_STEPS, strategy: str = "confidence", temp: float = DEFAULT_TEMP,
+                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                    num_samples: int = 1) -> Iterator[GenerationStep]:
+    """Generate max_tokens after the prompt and yield the state after every step.
+
+    Diffusion models: `steps` denoising rounds (clamped to max_tokens: a round commits at least
+    one position). AR models: one step per token (`steps` and `strategy` do not apply).
+    The same seed gives the same output; the prompt positions are never changed.
+    """
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if temp < 0:
         raise UserError(f"--temp must be >= 0, got {temp}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise UserError("--top-k must be >= 0 and --top-p in (0, 1]")
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    if model.args.model_type != "dlm":
-        raise UserError("this is an autoregressive model; the diffusion sampler needs a dlm model")
+    if model.args.model_type == "ar" and not prompt:
+        prompt = "\n"  # an AR model needs context to start from; nanoGPT's sample.py starts from a newline
     ids = _encode_prompt(tokenizer, prompt, max_tokens, model.args.max_seq_len)
-    steps = min(steps, max_tokens)
-    mask_id = tokenizer.mask_id
-    canvas = np.concatenate([np.asarray(ids, dtype=np.int32), np.full(max_tokens, mask_id, dtype=np.int32)])
-    x = mx.array(np.tile(canvas, (num_samples, 1)))
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    keys = mx.random.split(mx.random.key(seed), steps)
-    step_fn = _make_step(model, mask_id, strategy, temp)
-    schedule = commit_schedule(max_tokens, steps)
+    mask_id = tokenizer.mask_id
+    if model.args.model_type == "ar":
+        steps = max_tokens
+        keys = mx.random.split(mx.random.key(seed), steps)
+        decoder = _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples)
+        per_step = [1] * steps
+    else:
+        steps = min(steps, max_tokens)
+        keys = mx.random.split(mx.random.key(seed), steps)
+        decoder = _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p, keys, num_samples)
+        per_step = commit_schedule(max_tokens, steps)
     start = time.perf_counter()
-    for k in range(steps):
-        x, committed = step_fn(x, mx.array(schedule[k], dtype=mx.int32), keys[k])
+    done = 0
+    for k, (x, committed, prompt_seconds) in enumerate(decoder):
         tokens, committed = np.array(x), np.array(committed)
+        done += per_step[k]
         yield GenerationStep(step=k + 1, steps=steps, tokens=tokens, committed=committed, prompt_tokens=len(ids),
-                             generated_tokens=num_samples * sum(schedule[:k + 1]), nfe=k + 1,
-                             elapsed=time.perf_counter() - start)
+                             generated_tokens=num_samples * done, nfe=k + 1, elapsed=time.perf_counter() - start,
+                             prompt_seconds=prompt_seconds)
 
 
 def generate(model, tokenizer, prompt: str = "", **options) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import blas, data
-from .diffusion import LOSSES, diffusion_loss
+from .diffusion import LOSSES, ar_loss, diffusion_loss
 from .errors import UserError, run_cli
 from .fileio import atomic_write, atomic_write_text
 from .io import CONFIG_FILE, load, save_model
@@ -67,7 +67,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    p.add_argument("--loss", choices=LOSSES, default="elbo")
+    p.add_argument("--objective", choices=("dlm", "ar"), default="dlm",
+                   help="masked diffusion, or the matched autoregressive baseline (same Transformer, causal)")
+    p.add_argument("--loss", choices=LOSSES, default="elbo", help="diffusion loss")
     p.add_argument("--t-sampling", choices=("stratified", "uniform"), default="stratified",
                    help="how mask ratios are drawn across a batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
@@ -127,10 +129,18 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
     return run
 
 
+def training_loss(model: Model, mask_id: int, loss: str = "elbo", stratified: bool = True) -> Callable:
+    """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, or next-token NLL for AR."""
+    if model.args.model_type == "ar":
+        return lambda model, batch, key=None: ar_loss(model, batch)
+    return partial(diffusion_loss, mask_id=mask_id, loss=loss, stratified=stratified)
+
+
 def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int) -> Callable[[], float]:
-    """Validation ELBO in nats/token over fixed windows with fixed masks (comparable across steps)."""
+    """Validation loss in nats/token over fixed windows (and fixed masks), comparable across steps:
+    the ELBO for diffusion models, the exact next-token NLL for AR models."""
     batches = [mx.array(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-    loss = mx.compile(partial(diffusion_loss, model, mask_id=mask_id, loss="elbo"), inputs=model.state)
+    loss = mx.compile(partial(training_loss(model, mask_id), model), inputs=model.state)
 
     def evaluate() -> float:
         total = mx.array(0.0)
@@ -210,7 +220,8 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
         if (out / STATE_FILE).exists() or (out / CONFIG_FILE).exists():
             raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
         tokenizer = _build_tokenizer(args, text)
-        model = init_model(preset_args(args.preset, vocab_size=tokenizer.vocab_size), seed=args.seed)
+        model = init_model(preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective),
+                           seed=args.seed)
     seq_len = args.seq_len
     if seq_len > model.args.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.args.max_seq_len}")
@@ -246,13 +257,14 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
         (out / METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that never saved a model
 
     stratified = args.t_sampling == "stratified"
-    loss_fn = partial(diffusion_loss, mask_id=tokenizer.mask_id, loss=args.loss, stratified=stratified)
+    loss_fn = training_loss(model, tokenizer.mask_id, args.loss, stratified)
     train_step = make_train_step(model, optimizer, loss_fn, args.grad_clip)
+    bound = "ELBO" if model.args.model_type == "dlm" else "NLL"
     save_every = args.save_every or args.eval_every
 
     out.mkdir(parents=True, exist_ok=True)
     n_params = model.num_params()
-    print(f"mlx_dlm.train: {args.preset} model, {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} "
+    print(f"mlx_dlm.train: {model.args.model_type} model ({args.preset} preset), {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} "
           f"({tokenizer.kind}), {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
           f"batch {args.batch_size} x {seq_len}, device {mx.default_device()}, blas {blas.status}", flush=True)
     if step:
@@ -269,7 +281,7 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
         t0 = time.perf_counter()
         val = evaluate()
         row = {"step": step, "val_loss": val, "val_bpc": val / math.log(2) / chars_per_token}
-        _log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char (ELBO), "
+        _log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
              f"Val took {time.perf_counter() - t0:.2f}s", bar)
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()

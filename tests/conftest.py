@@ -57,3 +57,14 @@ def _no_network(monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_dir(tmp_path_factory, small_text_path) -> Path:
+    """The matched autoregressive baseline: same preset and data, causal, 40 steps."""
+    from mlx_dlm import train
+
+    out = tmp_path_factory.mktemp("models") / "tiny_ar"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "40", "--eval-every", "20",
+                "--objective", "ar", *TINY_TRAIN])
+    return out

@@ -51,3 +51,35 @@ def test_bad_config():
         ModelArgs(norm="batchnorm")
     with pytest.raises(UserError, match="unknown preset"):
         preset_args("huge")
+
+
+def _ar_model(**overrides):
+    return init_model(preset_args("tiny", **{**SMALL, "model_type": "ar", **overrides}), seed=2)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_ar_matches_reference_and_cannot_see_the_future(pos):
+    model = _ar_model(pos_emb=pos)
+    assert "t_proj" not in model and not model.args.time_cond
+    tokens = np.random.default_rng(1).integers(0, 20, size=(2, 12)).astype(np.int32)
+    got = np.array(model(mx.array(tokens)))
+    np.testing.assert_allclose(got, forward(model, tokens, None), atol=2e-4, rtol=1e-4)
+    changed = tokens.copy()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 20
+    got2 = np.array(model(mx.array(changed)))
+    np.testing.assert_allclose(got2[:, :7], got[:, :7], atol=1e-6)  # positions before 7 never see it
+    assert not np.allclose(got2[:, 7:], got[:, 7:])
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_kv_cache_decode_matches_full_forward(pos):
+    from mlx_dlm.model import KVCache
+
+    model = _ar_model(pos_emb=pos)
+    tokens = mx.array(np.random.default_rng(2).integers(0, 20, size=(3, 15)).astype(np.int32))
+    full = np.array(model(tokens))
+    cache = KVCache(model.args, 3, 20)  # larger than needed: unwritten slots must be ignored
+    pieces = [model(tokens[:, :6], cache=cache)]  # prefill
+    pieces += [model(tokens[:, i:i + 1], cache=cache) for i in range(6, 15)]  # one token at a time
+    np.testing.assert_allclose(np.concatenate([np.array(p) for p in pieces], axis=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.offset.item() == 15
