@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "mlx_dlm.train",
     "generate": "mlx_dlm.generate",
     "benchmark": "mlx_dlm.benchmark.__main__",
+    "convert": "mlx_dlm.convert.__main__",
 }
 
 

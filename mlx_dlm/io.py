@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
-from .model import Model, ModelArgs
+from .model import Model, ModelArgs, quantize
 from .tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -83,6 +83,27 @@ def load(path: str | os.PathLike) -> tuple[Model, Tokenizer]:
         raise UserError(f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but config.json "
                         f"says vocab_size {args.vocab_size}")
     model = Model(args)
+    if config.get("quantization"):
+        q = config["quantization"]
+        quantize(model, group_size=int(q["group_size"]), bits=int(q["bits"]))
     load_weights(model, directory / WEIGHTS_FILE)
     model.eval()
     return model, tokenizer
+
+
+def write_model_card(directory: str | os.PathLike, args: ModelArgs, n_params: int, tokenizer: Tokenizer,
+                     source_lines: list[str]) -> None:
+    """A short README.md: what the model is, where it came from, how to sample it."""
+    a = args
+    kind = "masked diffusion LM" if a.model_type == "dlm" else "autoregressive LM"
+    lines = [
+        "---", "library_name: mlx", "tags: [mlx, mlx-dlm" + (", diffusion-language-model" if a.model_type == "dlm"
+                                                               else "") + "]", "---", "",
+        f"# {Path(directory).name}", "",
+        f"A {kind} for mlx-dlm ([MLX](https://github.com/ml-explore/mlx)): {a.n_layers} layers, width {a.dim}, "
+        f"{a.n_heads} head(s), context {a.max_seq_len}, {n_params / 1e6:.2f}M parameters, "
+        f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens.", "",
+        *source_lines, "",
+        "```bash", f"mlx_dlm.generate --model {Path(directory).name} --prompt \"ROMEO:\" --max-tokens 64", "```", "",
+    ]
+    atomic_write_text(Path(directory) / "README.md", "\n".join(lines))

@@ -239,3 +239,15 @@ def init_model(args: ModelArgs, seed: int | None = None) -> Model:
     mx.eval(model.parameters())
     return model
 
+
+
+def quantize(model: Model, group_size: int = 64, bits: int = 4) -> dict:
+    """Quantize, in place, every Linear/Embedding whose input width divides group_size (others stay float).
+
+    Returns the config entry that lets `load` rebuild the same quantized model.
+    """
+    def eligible(_path: str, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=eligible)
+    return {"group_size": group_size, "bits": bits}

@@ -73,14 +73,18 @@ def sample_tokens(logits: mx.array, key: mx.array, temp: float, top_k: int = 0, 
     return mx.random.categorical(filter_logits(logits / temp, top_k, top_p), key=key)
 
 
+def _without_mask(logits: mx.array, mask_id: int) -> mx.array:
+    """float32 logits in which the mask token can never be drawn."""
+    return mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits.astype(mx.float32))
+
+
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float):
     """Compiled diffusion step: (canvas, n_commit, key) -> (canvas, committed)."""
 
     def step(x: mx.array, n_commit: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         hidden = x == mask_id
         t = hidden.sum(axis=1).astype(mx.float32) / x.shape[1]
-        logits = model(x, t).astype(mx.float32)
-        logits = mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits)  # never propose the mask
+        logits = _without_mask(model(x, t), mask_id)
         sample_key, score_key = mx.random.split(key)
         proposal = sample_tokens(logits, sample_key, temp, top_k, top_p)
         if strategy == "random":
@@ -127,7 +131,7 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
-        token = sample_tokens(model(tokens, cache=cache)[:, -1].astype(mx.float32), key, temp, top_k, top_p)
+        token = sample_tokens(_without_mask(model(tokens, cache=cache)[:, -1], mask_id), key, temp, top_k, top_p)
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
 

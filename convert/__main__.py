@@ -1,0 +1,119 @@
+"""`mlx_dlm.convert SOURCE CHECKPOINT ...`: a PyTorch checkpoint -> an mlx-dlm model directory.
+
+    mlx_dlm.convert simple_dlm checkpoint.pt --text input.txt --out models/simple_dlm
+    mlx_dlm.convert nanogpt ckpt.pt --meta meta.pkl --out models/nanogpt -q --q-bits 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_dlm import data
+from mlx_dlm.errors import UserError, run_cli
+from mlx_dlm.io import WEIGHTS_FILE, save_model, write_model_card
+from mlx_dlm.model import Model, quantize
+from mlx_dlm.tokenizer import CharTokenizer
+
+from . import nanogpt, simple_dlm
+from .checkpoint import load_plain_pickle, load_torch, to_numpy
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Flags of mlx_dlm.convert."""
+    p = argparse.ArgumentParser(prog="mlx_dlm.convert", description="Convert a PyTorch checkpoint for MLX.")
+    p.add_argument("source", choices=("simple_dlm", "nanogpt"), help="what trained the checkpoint")
+    p.add_argument("checkpoint", help="the .pt file")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--text", help="simple_dlm: the training text (its characters are the vocabulary)")
+    p.add_argument("--meta", help="nanoGPT: the dataset's meta.pkl (stoi/itos)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def _replace_dir(out: Path, build) -> None:
+    """Build the directory under a temp name beside out, then swap it in (old one removed only after)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _main(argv: list[str] | None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if args.source == "simple_dlm":
+        if not args.text:
+            raise UserError("simple_dlm checkpoints hold no vocabulary: pass --text TRAIN.txt (the training text)")
+        tokenizer = CharTokenizer.from_text(data.read_corpus(args.text))
+        obj = load_torch(args.checkpoint)
+        model_args, weights = simple_dlm.convert(to_numpy(obj.get("model", obj)), tokenizer)
+    else:
+        if not args.meta:
+            raise UserError("nanoGPT checkpoints hold no vocabulary: pass --meta META.pkl from the dataset folder")
+        tokenizer, stoi = nanogpt.tokenizer_from_meta(load_plain_pickle(args.meta))
+        model_args, weights = nanogpt.convert(load_torch(args.checkpoint), tokenizer, stoi, to_numpy)
+
+    model = Model(model_args)
+    try:
+        model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    except ValueError as err:
+        raise UserError(f"converted weights do not fit the model: {str(err).splitlines()[0]}") from None
+    model.set_dtype(DTYPES[args.dtype])
+    mx.eval(model.parameters())
+    n_params = model.num_params()
+    float_bytes = n_params * DTYPES[args.dtype].size
+    extra = {"source": args.source, "dtype": args.dtype}
+    if args.quantize:
+        extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+
+    checkpoint_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+
+    def build(directory: Path) -> None:
+        save_model(directory, model, tokenizer, extra)
+        write_model_card(directory, model_args, n_params, tokenizer, source_lines=[
+            f"Converted from a {args.source} PyTorch checkpoint (`{Path(args.checkpoint).name}`, "
+            f"sha256 `{checkpoint_sha[:16]}…`) with `mlx_dlm.convert`.",
+            f"Weights: {args.dtype}" + (f", quantized to {args.q_bits} bits (group size {args.q_group_size})"
+                                        if args.quantize else "") + ".",
+        ])
+
+    _replace_dir(out, build)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    print(f"Converted {args.source} checkpoint {args.checkpoint} ({n_params / 1e6:.2f}M parameters, "
+          f"{model_args.model_type}) -> {out}")
+    print(f"model.safetensors: {size / 1e6:.2f} MB ({args.dtype} weights would be {float_bytes / 1e6:.2f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

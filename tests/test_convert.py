@@ -1,0 +1,186 @@
+"""Converter: exact logits parity with PyTorch models of the source layouts, safety, errors."""
+
+import importlib
+import json
+import pickle
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mlx_dlm  # noqa: E402
+
+from torch_models import NanoGPT, SimpleDLM  # noqa: E402
+
+convert = importlib.import_module("mlx_dlm.convert.__main__")
+generate_cli = importlib.import_module("mlx_dlm.generate")
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+def _converted(tmp_path, argv):
+    convert.main([*argv, "--out", str(tmp_path / "out")])
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-qkv"])
+def test_simple_dlm_parity(tmp_path, text_file, fused):
+    torch.manual_seed(0)
+    vocab = len(set(TEXT)) + 1
+    ref = SimpleDLM(vocab, fused=fused).eval()
+    torch.save(ref.state_dict(), tmp_path / "checkpoint.pt")  # as simple_dlm's trainer saves it
+    out = _converted(tmp_path, ["simple_dlm", str(tmp_path / "checkpoint.pt"), "--text", str(text_file)])
+    model, tok = mlx_dlm.load(out)
+    assert model.args.n_heads == 1 and model.args.max_seq_len == 64 and tok.vocab_size == vocab
+
+    x = np.random.default_rng(0).integers(0, vocab, size=(3, 40))
+    for t in ([0.05, 0.5, 0.95], [1.0, 0.3, 0.0]):
+        with torch.no_grad():
+            want = ref(torch.tensor(x), torch.tensor(t, dtype=torch.float32)).numpy()
+        got = np.array(model(mx.array(x.astype(np.int32)), mx.array(t, dtype=mx.float32)))
+        assert np.abs(got - want).max() <= 1e-4
+    card = (out / "README.md").read_text()
+    assert "simple_dlm PyTorch checkpoint" in card and "mlx_dlm.generate" in card
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("compiled_prefix", [False, True])
+def test_nanogpt_parity(tmp_path, bias, compiled_prefix):
+    torch.manual_seed(1)
+    chars = sorted(set(TEXT))
+    ref = NanoGPT(len(chars), bias=bias).eval()
+    state = ref.state_dict()
+    if compiled_prefix:
+        state = {f"_orig_mod.{k}": v for k, v in state.items()}
+    margs = dict(n_layer=2, n_head=4, n_embd=32, block_size=64, bias=bias, vocab_size=len(chars), dropout=0.0)
+    torch.save({"model": state, "model_args": margs, "iter_num": 5, "best_val_loss": torch.tensor(1.5),
+                "config": {"dataset": "shakespeare_char"}}, tmp_path / "ckpt.pt")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    out = _converted(tmp_path, ["nanogpt", str(tmp_path / "ckpt.pt"), "--meta", str(tmp_path / "meta.pkl")])
+    model, tok = mlx_dlm.load(out)
+    assert model.args.model_type == "ar" and model.args.tie_embeddings
+
+    x = np.random.default_rng(1).integers(0, len(chars), size=(4, 30))
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    # Our ids are nanoGPT's + 1 (id 0 is [MASK]); compare every real token's logit.
+    got = np.array(model(mx.array((x + 1).astype(np.int32))))[..., 1:]
+    assert np.abs(got - want).max() <= 1e-4
+    text = mlx_dlm.generate(model, tok, "Speak", max_tokens=20, seed=0)
+    assert text.startswith("Speak") and len(text) == 25 and "[MASK]" not in text
+
+
+def _nanogpt_files(tmp_path):
+    torch.manual_seed(2)
+    chars = sorted(set(TEXT))
+    ref = NanoGPT(len(chars), d=64, bias=False)
+    margs = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False, vocab_size=len(chars), dropout=0.0)
+    torch.save({"model": ref.state_dict(), "model_args": margs}, tmp_path / "ckpt.pt")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return ["nanogpt", str(tmp_path / "ckpt.pt"), "--meta", str(tmp_path / "meta.pkl")]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_conversion_samples(tmp_path, capsys, bits):
+    argv = _nanogpt_files(tmp_path)
+    convert.main([*argv, "--out", str(tmp_path / "fp32")])
+    convert.main([*argv, "--out", str(tmp_path / "q"), "-q", "--q-bits", str(bits), "--q-group-size", "32"])
+    printed = capsys.readouterr().out
+    assert "model.safetensors:" in printed
+    full, tok = mlx_dlm.load(tmp_path / "fp32")
+    quant, _ = mlx_dlm.load(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": bits}
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    x = mx.array(np.random.default_rng(3).integers(1, tok.vocab_size, size=(2, 20)).astype(np.int32))
+    a, b = np.array(full(x)), np.array(quant(x))
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < (0.5 if bits == 4 else 0.05) * np.abs(a).max()
+    generate_cli.main(["--model", str(tmp_path / "q"), "--prompt", "All", "--max-tokens", "16", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("All") and "Generation: 16 tokens" in out
+
+
+def test_generate_cli_on_converted_simple_dlm(tmp_path, text_file, capsys):
+    torch.manual_seed(0)
+    torch.save(SimpleDLM(len(set(TEXT)) + 1).state_dict(), tmp_path / "c.pt")
+    out = _converted(tmp_path, ["simple_dlm", str(tmp_path / "c.pt"), "--text", str(text_file), "--dtype", "bfloat16"])
+    assert "Converted simple_dlm checkpoint" in capsys.readouterr().out
+    generate_cli.main(["--model", str(out), "--prompt", "All:", "--max-tokens", "24", "--steps", "6", "--seed", "0"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("All:") and "Generation: 24 tokens" in printed and "6 steps" in printed
+
+
+class _Payload:
+    """Unpickling this runs os.system: the attack a checkpoint or meta.pkl can carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _one_line_error(capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        convert.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_malicious_checkpoint_does_not_run(tmp_path, text_file, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"token_emb": torch.zeros(3, 4), "evil": _Payload(marker)}, tmp_path / "evil.pt")
+    _one_line_error(capsys, ["simple_dlm", str(tmp_path / "evil.pt"), "--text", str(text_file),
+                             "--out", str(tmp_path / "o")], "refused by the safe loader")
+    argv = _nanogpt_files(tmp_path)[:2] + ["--meta", str(tmp_path / "evil.pkl"), "--out", str(tmp_path / "o")]
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"stoi": {"a": 0}, "evil": _Payload(marker)}, f)
+    _one_line_error(capsys, argv, "refusing to unpickle it")
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    with open(tmp_path / "evil.pkl", "rb") as f:
+        pickle.load(f)  # the plain unpickler would have run it: the payload is real
+    assert marker.exists()
+
+
+def test_conversion_errors(tmp_path, text_file, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "c.pt"
+    torch.save(SimpleDLM(len(set(TEXT)) + 1).state_dict(), ckpt)
+    out = ["--out", str(tmp_path / "o")]
+    _one_line_error(capsys, ["simple_dlm", str(ckpt), *out], "pass --text")
+    _one_line_error(capsys, ["nanogpt", str(ckpt), *out], "pass --meta")
+    _one_line_error(capsys, ["simple_dlm", str(tmp_path / "none.pt"), "--text", str(text_file), *out], "does not exist")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:500])
+    _one_line_error(capsys, ["simple_dlm", str(truncated), "--text", str(text_file), *out],
+                    "not a readable PyTorch checkpoint")
+    other = tmp_path / "other.txt"
+    other.write_text("abc")
+    _one_line_error(capsys, ["simple_dlm", str(ckpt), "--text", str(other), *out], "pass the text it was trained on")
+    state = torch.load(ckpt)
+    state["layers.0.9.weight"] = state.pop("layers.0.5.weight")
+    torch.save(state, tmp_path / "odd.pt")
+    _one_line_error(capsys, ["simple_dlm", str(tmp_path / "odd.pt"), "--text", str(text_file), *out],
+                    "unexpected keys: layers.0.9.weight; missing keys: layers.0.5.weight")
+    _one_line_error(capsys, [*_nanogpt_files(tmp_path)[:3], str(text_file), *out], "not a readable pickle")
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    _one_line_error(capsys, ["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing)],
+                    "pass --force")
+    assert (existing / "keep.txt").read_text() == "mine"
+    convert.main(["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing), "--force"])
+    assert not (existing / "keep.txt").exists() and (existing / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
