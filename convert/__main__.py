@@ -101,7 +101,7 @@ def _main(argv: list[str] | None) -> None:
             f"sha256 `{checkpoint_sha[:16]}…`) with `mlx_dlm.convert`.",
             f"Weights: {args.dtype}" + (f", quantized to {args.q_bits} bits (group size {args.q_group_size})"
                                         if args.quantize else "") + ".",
-        ])
+        ], name=out.name)
 
     _replace_dir(out, build)
     size = (out / WEIGHTS_FILE).stat().st_size

@@ -92,18 +92,21 @@ def load(path: str | os.PathLike) -> tuple[Model, Tokenizer]:
 
 
 def write_model_card(directory: str | os.PathLike, args: ModelArgs, n_params: int, tokenizer: Tokenizer,
-                     source_lines: list[str]) -> None:
-    """A short README.md: what the model is, where it came from, how to sample it."""
+                     source_lines: list[str], name: str | None = None) -> None:
+    """A short README.md: what the model is, where it came from, how to sample it.
+
+    name: what the model is called (default: the directory's name)."""
     a = args
-    kind = "masked diffusion LM" if a.model_type == "dlm" else "autoregressive LM"
+    name = name or Path(directory).name
+    kind = "a masked diffusion LM" if a.model_type == "dlm" else "an autoregressive LM"
     lines = [
         "---", "library_name: mlx", "tags: [mlx, mlx-dlm" + (", diffusion-language-model" if a.model_type == "dlm"
                                                                else "") + "]", "---", "",
-        f"# {Path(directory).name}", "",
-        f"A {kind} for mlx-dlm ([MLX](https://github.com/ml-explore/mlx)): {a.n_layers} layers, width {a.dim}, "
+        f"# {name}", "",
+        f"{kind[0].upper()}{kind[1:]} for mlx-dlm ([MLX](https://github.com/ml-explore/mlx)): {a.n_layers} layers, width {a.dim}, "
         f"{a.n_heads} head(s), context {a.max_seq_len}, {n_params / 1e6:.2f}M parameters, "
         f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens.", "",
         *source_lines, "",
-        "```bash", f"mlx_dlm.generate --model {Path(directory).name} --prompt \"ROMEO:\" --max-tokens 64", "```", "",
+        "```bash", f"mlx_dlm.generate --model {name} --prompt \"ROMEO:\" --max-tokens 64", "```", "",
     ]
     atomic_write_text(Path(directory) / "README.md", "\n".join(lines))

@@ -48,7 +48,7 @@ def test_simple_dlm_parity(tmp_path, text_file, fused):
         got = np.array(model(mx.array(x.astype(np.int32)), mx.array(t, dtype=mx.float32)))
         assert np.abs(got - want).max() <= 1e-4
     card = (out / "README.md").read_text()
-    assert "simple_dlm PyTorch checkpoint" in card and "mlx_dlm.generate" in card
+    assert card.count("# out") == 1 and "simple_dlm PyTorch checkpoint" in card and "--model out " in card
 
 
 @pytest.mark.parametrize("bias", [True, False])
