@@ -1,4 +1,4 @@
-"""`mlx_dlm.benchmark <what>`: train (training speed)."""
+"""`mlx_dlm.benchmark [train] ...`: decode throughput (DLM vs AR), or training speed with `train`."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ import sys
 
 from mlx_dlm.errors import run_cli
 
-from . import train_speed
-
-COMMANDS = {"train": train_speed.main}
-USAGE = f"usage: mlx_dlm.benchmark {{{','.join(COMMANDS)}}} [options]"
+from . import throughput, train_speed
 
 
 def _main(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] == "train":
+        train_speed.main(argv[1:])
+    else:
+        throughput.main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

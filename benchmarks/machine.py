@@ -35,3 +35,19 @@ def describe(info: dict) -> str:
     """One line naming the machine."""
     return (f"{info['platform']}, {info['cores']} cores, mlx {info['mlx']} ({info['backend']} backend), "
             f"BLAS {info['blas']}")
+
+
+def matmul_gflops(m: int = 4096, k: int = 1024, n: int = 1024, trials: int = 5) -> float:
+    """This machine's attainable fp32 matmul rate (median of trials): the roofline for compute-bound rows."""
+    import statistics
+    import time
+
+    a = mx.random.normal((m, k), key=mx.random.key(0))
+    b = mx.random.normal((k, n), key=mx.random.key(1))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(trials):
+        tic = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - tic)
+    return 2 * m * k * n / statistics.median(times) / 1e9

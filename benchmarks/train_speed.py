@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -30,7 +31,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=66, help="65 characters of Tiny Shakespeare + mask")
-    p.add_argument("--loss", choices=LOSSES, default="elbo")
+    p.add_argument("--loss", choices=LOSSES, default="masked-mean", help="masked-mean is simple_dlm's step")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side (run when torch imports)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
@@ -66,6 +68,28 @@ def measure(preset: str, batch_size: int, seq_len: int, vocab_size: int, loss: s
             "gflops_per_sec": flops / sec / 1e9}
 
 
+def measure_torch(args: argparse.Namespace, mlx_row: dict) -> dict | None:
+    """simple_dlm's own PyTorch step at the same size, batch and length (None when torch or the layout is missing)."""
+    try:
+        import torch
+
+        from .torch_simple_dlm import seconds_per_step
+    except ImportError:
+        print("torch not installed: no PyTorch side-by-side (pip install torch)")
+        return None
+    p = preset_args(args.preset, vocab_size=args.vocab_size)
+    if (p.mlp, p.norm, p.pos_emb, p.n_heads, p.attn_out_proj) != ("relu", "layernorm", "learned", 1, False):
+        print(f"no PyTorch side-by-side: the {args.preset} preset is not simple_dlm's layout")
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    times = seconds_per_step(args.vocab_size, p.dim, p.n_layers, args.batch_size, args.seq_len,
+                             args.steps * args.trials, args.warmup)
+    sec = statistics.median(times)
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps_per_sec": 1 / sec,
+            "tokens_per_sec": args.batch_size * args.seq_len / sec, "ms_per_step": sec * 1e3,
+            "mlx_over_torch": mlx_row["steps_per_sec"] * sec}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the training benchmark and print one result line."""
     args = setup_arg_parser().parse_args(argv)
@@ -79,5 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train {r['preset']} ({r['params'] / 1e6:.2f}M params), batch {r['batch_size']} x {r['seq_len']}: "
           f"{r['steps_per_sec']:.2f} steps/s, {r['tokens_per_sec']:,.0f} tokens/s, {r['ms_per_step']:.1f} ms/step "
           f"(min {r['ms_per_step_min']:.1f}, max {r['ms_per_step_max']:.1f}), ~{r['gflops_per_sec']:.1f} GFLOP/s")
+    results = {"machine": info, "train": r}
+    torch_row = None if args.no_torch else measure_torch(args, r)
+    if torch_row is not None:
+        results["torch"] = torch_row
+        print(f"torch {torch_row['torch']} same step ({torch_row['threads']} threads): "
+              f"{torch_row['steps_per_sec']:.2f} steps/s, {torch_row['tokens_per_sec']:,.0f} tokens/s, "
+              f"{torch_row['ms_per_step']:.1f} ms/step; MLX / torch speed: {torch_row['mlx_over_torch']:.2f}x")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"machine": info, "train": r}, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")

@@ -174,6 +174,10 @@ class KVCache:
                                                       start, axes=(2,))
         return self.state["keys"][layer], self.state["values"][layer]
 
+    def reset(self) -> None:
+        """Start over (stale buffer contents are masked out by the offset)."""
+        self.state["offset"] = mx.array(0, dtype=mx.int32)
+
     def advance(self, n: int) -> None:
         self.state["offset"] = self.state["offset"] + n
 

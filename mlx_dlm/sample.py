@@ -78,6 +78,16 @@ def _without_mask(logits: mx.array, mask_id: int) -> mx.array:
     return mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits.astype(mx.float32))
 
 
+def _memo(model, key: tuple, build):
+    """Build compiled sampling functions (and AR caches) once per model and options; reuse them after.
+
+    They take the model's weights as compiled inputs, so later weight updates are seen."""
+    store = model.__dict__.setdefault("_mlx_dlm_sampling", {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float):
     """Compiled diffusion step: (canvas, n_commit, key) -> (canvas, committed)."""
 
@@ -114,7 +124,8 @@ def _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p
     """Diffusion decoding; yields (canvas, committed, prompt seconds) per step."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    step_fn = _make_unmask_step(model, mask_id, strategy, temp, top_k, top_p)
+    step_fn = _memo(model, ("unmask", mask_id, strategy, temp, top_k, top_p),
+                    lambda: _make_unmask_step(model, mask_id, strategy, temp, top_k, top_p))
     canvas = np.concatenate([np.asarray(ids, dtype=np.int32), np.full(max_tokens, mask_id, dtype=np.int32)])
     x = mx.array(np.tile(canvas, (num_samples, 1)))
     for k, n_commit in enumerate(commit_schedule(max_tokens, steps)):
@@ -122,12 +133,10 @@ def _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p
         yield x, committed, 0.0
 
 
-def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples):
-    """Left-to-right decoding with a KV cache; yields (canvas, committed, prompt seconds) per token."""
-    P, total = len(ids), len(ids) + max_tokens
-    cache = KVCache(model.args, num_samples, total)
+def _make_ar_decoder(model, mask_id: int, batch: int, total: int, temp: float, top_k: int, top_p: float):
+    """A KV cache for `total` positions, the decode function (prefill, eager) and its compiled form (per token)."""
+    cache = KVCache(model.args, batch, total)
     positions = mx.arange(total)
-    x = mx.array(np.tile(np.concatenate([ids, np.full(max_tokens, mask_id)]).astype(np.int32), (num_samples, 1)))
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
@@ -135,12 +144,21 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
 
+    return cache, decode, mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
+
+
+def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples):
+    """Left-to-right decoding with a KV cache; yields (canvas, committed, prompt seconds) per token."""
+    P, total = len(ids), len(ids) + max_tokens
+    cache, decode, step = _memo(model, ("ar", mask_id, num_samples, total, temp, top_k, top_p),
+                                lambda: _make_ar_decoder(model, mask_id, num_samples, total, temp, top_k, top_p))
+    cache.reset()
+    x = mx.array(np.tile(np.concatenate([ids, np.full(max_tokens, mask_id)]).astype(np.int32), (num_samples, 1)))
     tic = time.perf_counter()
     x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
     mx.eval(x)
     prompt_seconds = time.perf_counter() - tic
     yield x, committed, prompt_seconds
-    step = mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
     for k in range(1, max_tokens):
         x, token, committed = step(token, x, keys[k])
         yield x, committed, prompt_seconds

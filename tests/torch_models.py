@@ -1,51 +1,28 @@
 """PyTorch models with the exact state-dict layouts of simple_dlm (both revisions) and nanoGPT.
 
-Written from the layouts the converter documents, so parity tests compare against an
-independent implementation. Random init; scaled so activations stay well conditioned.
+Written from the layouts the converter documents, independent of the MLX code, so parity
+tests compare two implementations. simple_dlm's lives in the benchmarks (its training step is
+timed there); here its LayerNorms get random affine parameters so every tensor's mapping is checked.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mlx_dlm.benchmark.torch_simple_dlm import SimpleDLM as _SimpleDLM
 
-class SimpleDLM(nn.Module):
-    """simple_dlm's Transformer: fused (current) or separate (older) Q/K/V."""
 
-    def __init__(self, vocab: int, d: int = 32, layers: int = 2, max_len: int = 64, fused: bool = True):
-        super().__init__()
-        self.fused = fused
-        self.token_emb = nn.Parameter(torch.randn(vocab, d))
-        self.pos_emb = nn.Parameter(torch.randn(max_len, d))
-        self.mask_prob_emb = nn.Linear(1, d)
-        attn = [nn.Linear(d, 3 * d)] if fused else [nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)]
-        self.layers = nn.ModuleList([
-            nn.ModuleList([nn.LayerNorm(d), *attn, nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d)])
-            for _ in range(layers)])
-        self.output = nn.Linear(d, vocab)
-        with torch.no_grad():  # random LayerNorm affine too, so the mapping of every tensor is checked
-            for layer in self.layers:
-                for m in layer:
-                    if isinstance(m, nn.LayerNorm):
-                        m.weight.uniform_(0.5, 1.5)
-                        m.bias.normal_(0, 0.1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.token_emb[x] + self.pos_emb[: x.shape[-1]] + self.mask_prob_emb(t.view(-1, 1, 1))
-        for layer in self.layers:
-            if self.fused:
-                ln1, qkv, ln2, fc1, act, fc2 = layer
-                q, k, v = qkv(ln1(h)).chunk(3, dim=-1)
-            else:
-                ln1, wq, wk, wv, ln2, fc1, act, fc2 = layer
-                q, k, v = wq(ln1(h)), wk(ln1(h)), wv(ln1(h))
-            h = h + torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1]), dim=-1) @ v
-            h = h + fc2(act(fc1(ln2(h))))
-        return self.output(h)
+def SimpleDLM(vocab: int, d: int = 32, layers: int = 2, max_len: int = 64, fused: bool = True) -> nn.Module:
+    """simple_dlm's Transformer (small by default) with random LayerNorm affine parameters."""
+    model = _SimpleDLM(vocab, d, layers, max_len, fused)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
 
 
 class LayerNorm(nn.Module):

@@ -1,0 +1,65 @@
+"""simple_dlm's model and training step in PyTorch, for side-by-side training speed (needs torch).
+
+The layer list follows simple_dlm's current revision; `fused=False` gives the older separate Q/K/V.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+
+class SimpleDLM(nn.Module):
+    """simple_dlm's Transformer with its state-dict layout."""
+
+    def __init__(self, vocab: int, d: int = 256, layers: int = 10, max_len: int = 1024, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        self.token_emb = nn.Parameter(torch.randn(vocab, d))
+        self.pos_emb = nn.Parameter(torch.randn(max_len, d))
+        self.mask_prob_emb = nn.Linear(1, d)
+        attn = [nn.Linear(d, 3 * d)] if fused else [nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)]
+        self.layers = nn.ModuleList([
+            nn.ModuleList([nn.LayerNorm(d), *attn, nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.ReLU(),
+                           nn.Linear(4 * d, d)])
+            for _ in range(layers)])
+        self.output = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.token_emb[x] + self.pos_emb[: x.shape[-1]] + self.mask_prob_emb(t.view(-1, 1, 1))
+        for layer in self.layers:
+            if self.fused:
+                ln1, qkv, ln2, fc1, act, fc2 = layer
+                q, k, v = qkv(ln1(h)).chunk(3, dim=-1)
+            else:
+                ln1, wq, wk, wv, ln2, fc1, act, fc2 = layer
+                q, k, v = wq(ln1(h)), wk(ln1(h)), wv(ln1(h))
+            h = h + torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1]), dim=-1) @ v
+            h = h + fc2(act(fc1(ln2(h))))
+        return self.output(h)
+
+
+def seconds_per_step(vocab: int, d: int, layers: int, batch_size: int, seq_len: int, steps: int, warmup: int,
+                     grad_clip: float = 1.0) -> list[float]:
+    """Time simple_dlm's training step (mask at a random ratio per sequence, masked-mean loss, AdamW)."""
+    torch.manual_seed(0)
+    model = SimpleDLM(vocab, d, layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    times = []
+    for i in range(warmup + steps):
+        batch = torch.randint(1, vocab, (batch_size, seq_len))
+        tic = time.perf_counter()
+        t = torch.rand(batch_size)
+        hidden = torch.rand(batch_size, seq_len) < t[:, None]
+        logits = model(torch.where(hidden, 0, batch), t)
+        loss = nn.functional.cross_entropy(logits[hidden], batch[hidden])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return times
