@@ -103,14 +103,14 @@ def _run(model, tokenizer, prompt, trials, **options) -> tuple[dict, list[str]]:
 
     once(0)  # warm-up: compilation
     runs = [once(1 + i) for i in range(trials)]
-    decode = [r.elapsed - r.prompt_seconds for r in runs]
-    rates = [r.generated_tokens / d for r, d in zip(runs, decode)]
+    decode = [r.decode_seconds for r in runs]
+    rates = [r.tokens_per_sec for r in runs]
     last = runs[-1]
     n = options["max_tokens"]
     return {
         "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
         "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
-        "ms_per_forward": statistics.median(decode) / last.nfe * 1e3,
+        "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
         "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
         "decode_ms": statistics.median(decode) * 1e3,
     }, [tokenizer.decode(row) for row in last.tokens]
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
             row["gflops_per_sec"] = flops / (stats["ms_per_forward"] / 1e3) / 1e9
             row["roofline_fraction"] = row["gflops_per_sec"] / info["matmul_gflops"]
         else:
-            row["ms_per_token"] = stats["decode_ms"] / max(args.max_tokens - 1, 1)
+            row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
         if trained:
             try:
                 row["gen_ppl"] = generative_perplexity(ar, ar_tok, texts, args.prompt)

@@ -62,8 +62,7 @@ def _main(argv: list[str] | None) -> None:
         print("=" * 10)
         prompt_rate = f", {last.prompt_tokens / last.prompt_seconds:.3f} tokens-per-sec" if last.prompt_seconds else ""
         print(f"Prompt: {last.prompt_tokens} tokens{prompt_rate}")
-        decode_seconds = last.elapsed - last.prompt_seconds
-        print(f"Generation: {last.generated_tokens} tokens, {last.generated_tokens / decode_seconds:.3f} "
+        print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} "
               f"tokens-per-sec, {last.steps} steps")
         print(peak_memory_line())
 

@@ -43,6 +43,18 @@ class GenerationStep:
     nfe: int  # forward passes so far (the AR prefill counts as one)
     elapsed: float  # seconds since generation started (prefill included)
     prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
+    prompt_pass_tokens: int  # tokens produced by the prompt pass (AR: the first token per sample; 0 for diffusion)
+
+    @property
+    def decode_seconds(self) -> float:
+        """Seconds since the prompt pass."""
+        return self.elapsed - self.prompt_seconds
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Generation speed after the prompt pass (the AR prefill and the token it yields are left out)."""
+        decoded = self.generated_tokens - self.prompt_pass_tokens
+        return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
 
 
 def commit_schedule(n: int, steps: int) -> list[int]:
@@ -204,7 +216,8 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
         done += per_step[k]
         yield GenerationStep(step=k + 1, steps=steps, tokens=tokens, committed=committed, prompt_tokens=len(ids),
                              generated_tokens=num_samples * done, nfe=k + 1, elapsed=time.perf_counter() - start,
-                             prompt_seconds=prompt_seconds)
+                             prompt_seconds=prompt_seconds,
+                             prompt_pass_tokens=num_samples if model.args.model_type == "ar" else 0)
 
 
 def generate(model, tokenizer, prompt: str = "", **options) -> str:
