@@ -44,6 +44,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _strategy_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in STRATEGIES]
@@ -63,7 +70,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--steps", type=_int_list, default=_int_list(DEFAULT_STEPS), help="DLM steps to sweep")
-    p.add_argument("--strategies", type=_strategy_list, default=list(STRATEGIES))
+    p.add_argument("--strategies", type=_strategy_list, default=["confidence", "random"],
+                   help=f"DLM strategies to sweep ({', '.join(STRATEGIES)})")
+    p.add_argument("--thresholds", type=_float_list, default=[], help="also confidence-threshold rows, e.g. 0.9,0.7")
+    p.add_argument("--block-lengths", type=_int_list, default=[],
+                   help="also semi-autoregressive rows per block length, each without and with the prefix cache")
+    p.add_argument("--remask", type=_float_list, default=[], help="also revision rows per fraction, e.g. 0.1")
+    p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
     p.add_argument("--temp", type=float, default=1.0)
@@ -107,7 +120,7 @@ def _run(model, tokenizer, prompt, trials, **options) -> tuple[dict, list[str]]:
     rates = [r.tokens_per_sec for r in runs]
     last = runs[-1]
     n = options["max_tokens"]
-    return {
+    return {"forward_tokens": last.forward_tokens,
         "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
         "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
         "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
@@ -134,23 +147,18 @@ def run(args: argparse.Namespace) -> dict:
     peak_ok = backend() != "cpu"
     rows = []
     common = dict(max_tokens=args.max_tokens, temp=args.temp)
-    plan = [("ar", None, 1, b) for b in args.batch_size]
-    plan += [("dlm", s, k, b) for b in args.batch_size for s in args.strategies for k in args.steps]
-    for kind, strategy, steps, batch in plan:
+    for kind, batch, options, variant in _plan(args):
         model, tok = (dlm, dlm_tok) if kind == "dlm" else (ar, ar_tok)
         if peak_ok:
             mx.reset_peak_memory()
-        options = dict(common, num_samples=batch)
-        if kind == "dlm":
-            options.update(steps=steps, strategy=strategy)
-        stats, texts = _run(model, tok, args.prompt, args.trials, **options)
-        row = {"model": kind, "strategy": strategy or "kv-cache", "steps": stats["nfe"] if kind == "dlm" else None,
-               "batch_size": batch, "max_tokens": args.max_tokens, **stats,
-               "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
+        stats, texts = _run(model, tok, args.prompt, args.trials, **common, num_samples=batch, **options)
+        row = {"model": kind, "strategy": options.get("strategy", "kv-cache"), "variant": variant,
+               "steps": stats["nfe"] if kind == "dlm" else None, "batch_size": batch, "max_tokens": args.max_tokens,
+               **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
         if kind == "dlm":  # compute-bound: achieved FLOP/s against the measured matmul rate
             length = len(tok.encode(args.prompt)) + args.max_tokens
-            flops = model.flops_per_token(length) * length * batch
-            row["gflops_per_sec"] = flops / (stats["ms_per_forward"] / 1e3) / 1e9
+            flops = model.flops_per_token(length) * stats["forward_tokens"]
+            row["gflops_per_sec"] = flops / (stats["decode_ms"] / 1e3) / 1e9
             row["roofline_fraction"] = row["gflops_per_sec"] / info["matmul_gflops"]
         else:
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
@@ -167,8 +175,25 @@ def run(args: argparse.Namespace) -> dict:
     return {"machine": info, "quality": quality, "args": {k: v for k, v in vars(args).items()}, "rows": rows}
 
 
+def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
+    """(model, batch size, sampler options, variant label) of every row."""
+    plan = []
+    for b in args.batch_size:
+        plan.append(("ar", b, {}, "-"))
+        plan += [("dlm", b, dict(strategy=s, steps=k), "-") for s in args.strategies for k in args.steps]
+        plan += [("dlm", b, dict(strategy="confidence", threshold=p), f"thr{p:g}") for p in args.thresholds]
+        for n in args.block_lengths:
+            for cache in (False, True):
+                plan.append(("dlm", b, dict(strategy="confidence", steps=args.variant_steps, block_length=n,
+                                            cache=cache), f"blk{n}" + ("+cache" if cache else "")))
+        plan += [("dlm", b, dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
+                 for r in args.remask]
+    return plan
+
+
 # (row key, header, width, format spec)
-COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("steps", "steps", 5, ""),
+COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("variant", "variant", 11, ""),
+           ("steps", "steps", 5, ""),
            ("batch_size", "batch", 5, ""), ("tokens_per_sec", "tok/s", 9, ".1f"), ("tokens_per_sec_min", "min", 9, ".1f"),
            ("tokens_per_sec_max", "max", 9, ".1f"), ("nfe", "NFE", 5, ""), ("tokens_per_forward", "tok/fw", 6, ".2f"),
            ("ms_per_forward", "ms/fw", 8, ".2f"), ("prompt_ms", "prompt_ms", 9, ".2f"),

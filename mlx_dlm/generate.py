@@ -11,7 +11,8 @@ import mlx.core as mx
 
 from .errors import run_cli
 from .io import load
-from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, STRATEGIES, stream_generate
+from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, stream_generate
+from .view import TerminalView, save_frames
 
 DEFAULT_MODEL = "checkpoints"
 
@@ -30,15 +31,28 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
+    p.add_argument("--suffix", default="", help="text the sample ends with (never changed; diffusion models)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="positions to generate")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (forward passes)")
     p.add_argument("--strategy", choices=STRATEGIES, default="confidence",
                    help="which masked positions to commit each step")
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="how many to commit per step")
+    p.add_argument("--threshold", type=float,
+                   help="commit every proposal with probability >= P (at least one per step) instead of a schedule")
+    p.add_argument("--block-length", type=int, default=0, help="semi-autoregressive blocks of this many positions")
+    p.add_argument("--cache", action="store_true", help="reuse keys/values of earlier blocks (with --block-length)")
+    p.add_argument("--cache-refresh", type=int, default=0,
+                   help="with --cache, also recompute the cache every N steps (0: at block starts only)")
+    p.add_argument("--remask", type=float, default=0.0,
+                   help="re-mask up to this fraction of committed tokens per step, lowest confidence first")
+    p.add_argument("--num-samples", type=int, default=1, help="decode this many canvases in one batch")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same text)")
     p.add_argument("--verbose", type=str2bool, default=True, help="print statistics (true/false)")
+    p.add_argument("--show", action="store_true", help="draw the denoising live (plain frames when not a terminal)")
+    p.add_argument("--save-frames", help="write every step to FILE.html (or FILE.gif with Pillow)")
     return p
 
 
@@ -52,18 +66,29 @@ def peak_memory_line() -> str:
 def _main(argv: list[str] | None) -> None:
     args = setup_arg_parser().parse_args(argv)
     model, tokenizer = load(args.model)
-    last = None
+    view = TerminalView(tokenizer) if args.show else None
+    frames = []
     for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,
                                 strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed):
-        pass
-    print(tokenizer.decode(last.tokens[0]))
+                                seed=args.seed, num_samples=args.num_samples, suffix=args.suffix,
+                                schedule=args.schedule, threshold=args.threshold, block_length=args.block_length,
+                                cache=args.cache, cache_refresh=args.cache_refresh, remask=args.remask):
+        if view is not None:
+            view.draw(last)
+        if args.save_frames:
+            frames.append(last)
+    if args.save_frames:
+        save_frames(args.save_frames, frames, tokenizer)
+    for i, row in enumerate(last.tokens):
+        if len(last.tokens) > 1:
+            print(f"--- sample {i + 1}")
+        print(tokenizer.decode(row))
     if args.verbose:
         print("=" * 10)
         prompt_rate = f", {last.prompt_tokens / last.prompt_seconds:.3f} tokens-per-sec" if last.prompt_seconds else ""
         print(f"Prompt: {last.prompt_tokens} tokens{prompt_rate}")
         print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} "
-              f"tokens-per-sec, {last.steps} steps")
+              f"tokens-per-sec, {last.nfe} steps ({last.nfe} forward passes)")
         print(peak_memory_line())
 
 

@@ -108,9 +108,9 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is None:
             mask = "causal" if self.causal else None
-        else:  # attend over the whole preallocated buffer; positions not yet written are masked out
-            k, v = cache.update(layer, k, v)
-            mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None]
+        else:  # attend over the preallocated buffer: causal models mask what is not yet written,
+            k, v = cache.update(layer, k, v)  # a diffusion model's buffer holds exactly its sequence
+            mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None] if self.causal else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, D)
         return self.out_proj(out) if self.out_proj is not None else out

@@ -1,18 +1,25 @@
 """Sampling: parallel unmasking for diffusion models, left-to-right decoding for AR models.
 
-Diffusion: start from a masked canvas; each step runs the model once over the whole
-sequence, proposes a token for every masked position, scores the proposals and
-commits the best-scored ones; the rest stay masked for the next step. Scores:
-"confidence" (probability of the proposed token: LLaDA's low-confidence remasking)
-or "random" (simple_dlm's random reveal). One compiled function does a whole step
-on the device; nothing loops over positions.
+Diffusion. The canvas is the given text with masked positions to fill (after a prompt, before a
+suffix, or wherever a template puts `[MASK]`). Each step runs the model once, proposes a token for
+every masked position, scores the proposals and commits some of them:
+- scores (`strategy`): "confidence" (probability of the proposal: LLaDA's low-confidence remasking),
+  "margin" (top-1 minus top-2 probability), "entropy" (lowest entropy first), "random" (simple_dlm);
+- commit rule: a schedule of how many per step over `steps` (`schedule` linear or cosine), or
+  `threshold` P: every proposal with probability >= P, at least one per step (Fast-dLLM);
+- `block_length`: semi-autoregressive blocks, left to right, steps split across blocks; with `cache`,
+  keys/values of everything before the current block are computed once at the block's start and
+  reused while it is denoised (Fast-dLLM's prefix cache), refreshed when a block completes;
+- `remask` R: after each step but a block's last, re-mask up to a fraction R of the block's already
+  committed tokens, those committed with the lowest confidence (ReMDM-style revision).
+One compiled function does a step on the device; nothing loops over positions or samples.
 
-AR: prefill the prompt into a preallocated KV cache, then one compiled decode step
-per token.
+AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,8 +30,10 @@ import numpy as np
 
 from .errors import UserError
 from .model import KVCache
+from .tokenizer import MASK_TOKEN
 
-STRATEGIES = ("confidence", "random")
+STRATEGIES = ("confidence", "margin", "entropy", "random")
+SCHEDULES = ("linear", "cosine")
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_STEPS = 32
 DEFAULT_TEMP = 1.0
@@ -35,15 +44,21 @@ class GenerationStep:
     """The state after one step (a denoising round, or one AR token)."""
 
     step: int  # 1-based
-    steps: int  # total steps of this run
-    tokens: np.ndarray  # (num_samples, prompt + max_tokens) ids, mask id where still undecided
-    committed: np.ndarray  # bool, same shape: positions decided by this step
-    prompt_tokens: int
-    generated_tokens: int  # positions decided so far, over all samples
+    tokens: np.ndarray  # (num_samples, length) ids, the mask id where still undecided
+    editable: np.ndarray  # (length,) bool: positions the sampler fills (the rest is given text)
+    committed: np.ndarray  # (num_samples, length) bool: positions decided by this step
+    remasked: np.ndarray  # (num_samples, length) bool: positions this step hid again for revision
+    generated_tokens: int  # fillable positions decided so far, over all samples
     nfe: int  # forward passes so far (the AR prefill counts as one)
+    forward_tokens: int  # positions run through the model so far, over all samples (a FLOP count proxy)
     elapsed: float  # seconds since generation started (prefill included)
     prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
     prompt_pass_tokens: int  # tokens produced by the prompt pass (AR: the first token per sample; 0 for diffusion)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Given (not generated) positions."""
+        return int((~self.editable).sum())
 
     @property
     def decode_seconds(self) -> float:
@@ -57,9 +72,18 @@ class GenerationStep:
         return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
 
 
-def commit_schedule(n: int, steps: int) -> list[int]:
-    """How many positions to commit at each step (linear): sums to n, each >= 1 when steps <= n."""
-    remaining = [n - (n * k) // steps for k in range(steps + 1)]
+def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
+    """How many positions to commit at each step: sums to n, each >= 1 when steps <= n.
+
+    linear: even shares; cosine (MaskGIT): few early, many late (masked fraction cos(pi/2 * k/steps))."""
+    if kind not in SCHEDULES:
+        raise UserError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)})")
+    if kind == "linear":
+        remaining = [n - (n * k) // steps for k in range(steps + 1)]
+    else:
+        remaining = [math.floor(n * math.cos(math.pi / 2 * k / steps)) for k in range(steps + 1)]
+        for k in range(1, steps + 1):  # at least one commit per step, and room for one in each step left
+            remaining[k] = max(min(remaining[k], remaining[k - 1] - 1), steps - k)
     return [remaining[k] - remaining[k + 1] for k in range(steps)]
 
 
@@ -91,7 +115,7 @@ def _without_mask(logits: mx.array, mask_id: int) -> mx.array:
 
 
 def _memo(model, key: tuple, build):
-    """Build compiled sampling functions (and AR caches) once per model and options; reuse them after.
+    """Build compiled sampling functions (and caches) once per model and options; reuse them after.
 
     They take the model's weights as compiled inputs, so later weight updates are seen."""
     store = model.__dict__.setdefault("_mlx_dlm_sampling", {})
@@ -100,49 +124,125 @@ def _memo(model, key: tuple, build):
     return store[key]
 
 
-def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float):
-    """Compiled diffusion step: (canvas, n_commit, key) -> (canvas, committed)."""
+def _rank(score: mx.array) -> mx.array:
+    """0 for the highest score of each row, 1 for the next, ..."""
+    return mx.argsort(mx.argsort(-score, axis=-1), axis=-1)
 
-    def step(x: mx.array, n_commit: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
-        hidden = x == mask_id
-        t = hidden.sum(axis=1).astype(mx.float32) / x.shape[1]
-        logits = _without_mask(model(x, t), mask_id)
+
+def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) -> tuple[mx.array, mx.array]:
+    """(score used to order commits, probability of the proposal) per position."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    prob = mx.exp(mx.take_along_axis(logp, proposal[..., None], axis=-1).squeeze(-1))
+    if strategy == "confidence":
+        return prob, prob
+    if strategy == "margin":
+        top2 = mx.topk(logp, 2, axis=-1)  # unsorted pair
+        return mx.exp(top2.max(axis=-1)) - mx.exp(top2.min(axis=-1)), prob
+    if strategy == "entropy":
+        p = mx.exp(logp)
+        return (p * mx.where(p > 0, logp, 0.0)).sum(axis=-1), prob  # -H: low entropy scores high
+    return mx.random.uniform(shape=proposal.shape, key=key), prob
+
+
+def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
+                      threshold: float | None, start: int, cache: KVCache | None):
+    """Compiled step over the window x[:, start:] (start > 0 only with a prefix cache).
+
+    (x, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). active marks the
+    positions this step may fill; conf holds each committed token's confidence (for revision).
+    """
+
+    def step(x, active, conf, target, remask_frac, key):
+        t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
+        xs, act, cs = x[:, start:], active[:, start:], conf[:, start:]
+        logits = model(xs, t, cache=cache) if cache is not None else model(x, t)
+        logits = _without_mask(logits, mask_id)
         sample_key, score_key = mx.random.split(key)
-        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p)
-        if strategy == "random":
-            score = mx.random.uniform(shape=x.shape, key=score_key)
+        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(x.dtype)
+        score, prob = _scores(logits, proposal, strategy, score_key)
+        hidden = (xs == mask_id) & act
+        rank = _rank(mx.where(hidden, score, -mx.inf))
+        if threshold is None:
+            n_commit = hidden.sum(axis=1, keepdims=True) - target
+            committed = hidden & (rank < n_commit)
         else:
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            score = mx.take_along_axis(logp, proposal[..., None], axis=-1).squeeze(-1)
-        score = mx.where(hidden, score, -mx.inf)
-        rank = mx.argsort(mx.argsort(-score, axis=-1), axis=-1)
-        committed = hidden & (rank < n_commit)
-        return mx.where(committed, proposal.astype(x.dtype), x), committed
+            committed = hidden & ((prob >= threshold) | (rank == 0))
+        xs = mx.where(committed, proposal, xs)
+        cs = mx.where(committed, prob, cs)
+        # Revision: hide again the lowest-confidence tokens committed by earlier steps.
+        earlier = act & (xs != mask_id) & ~committed
+        n_remask = mx.floor(remask_frac * earlier.sum(axis=1, keepdims=True))
+        remasked = earlier & (_rank(mx.where(earlier, -cs, -mx.inf)) < n_remask)
+        xs = mx.where(remasked, mask_id, xs)
+        pad = mx.zeros((x.shape[0], start), dtype=mx.bool_)
+        return (mx.concatenate([x[:, :start], xs], axis=1), mx.concatenate([conf[:, :start], cs], axis=1),
+                mx.concatenate([pad, committed], axis=1), mx.concatenate([pad, remasked], axis=1))
 
-    return mx.compile(step, inputs=model.state)
-
-
-def _encode_prompt(tokenizer, prompt: str, max_tokens: int, context: int) -> list[int]:
-    ids = tokenizer.encode(prompt)
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if len(ids) + max_tokens > context:
-        raise UserError(f"prompt ({len(ids)} tokens) + --max-tokens {max_tokens} exceeds the model's context "
-                        f"of {context} tokens; shorten the prompt or lower --max-tokens")
-    return ids
+    state = [model.state] + ([cache.state] if cache is not None else [])
+    return mx.compile(step, inputs=state, outputs=[cache.state] if cache is not None else [])
 
 
-def _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p, keys, num_samples):
-    """Diffusion decoding; yields (canvas, committed, prompt seconds) per step."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    step_fn = _memo(model, ("unmask", mask_id, strategy, temp, top_k, top_p),
-                    lambda: _make_unmask_step(model, mask_id, strategy, temp, top_k, top_p))
-    canvas = np.concatenate([np.asarray(ids, dtype=np.int32), np.full(max_tokens, mask_id, dtype=np.int32)])
-    x = mx.array(np.tile(canvas, (num_samples, 1)))
-    for k, n_commit in enumerate(commit_schedule(max_tokens, steps)):
-        x, committed = step_fn(x, mx.array(n_commit, dtype=mx.int32), keys[k])
-        yield x, committed, 0.0
+def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS, suffix: str = "",
+                 template: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, editable) of the canvas: prompt + max_tokens masks + suffix, or a template whose
+    `[MASK]` placeholders are the positions to fill (one token each)."""
+    mask_id = tokenizer.mask_id
+    if template is not None:
+        if prompt or suffix:
+            raise UserError("pass either a template or a prompt/suffix, not both")
+        parts = [tokenizer.encode(part) for part in template.split(MASK_TOKEN)]
+    else:
+        if max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+        parts = [tokenizer.encode(prompt)] + [[] for _ in range(max_tokens - 1)] + [tokenizer.encode(suffix)]
+    ids, editable = list(parts[0]), [False] * len(parts[0])
+    for part in parts[1:]:
+        ids += [mask_id] + list(part)
+        editable += [True] + [False] * len(part)
+    if not any(editable):
+        raise UserError(f"the template has no {MASK_TOKEN} placeholder to fill")
+    return np.asarray(ids, dtype=np.int32), np.asarray(editable)
+
+
+def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
+            block_length, use_cache, cache_refresh, remask, key, num_samples):
+    """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step."""
+    L = len(ids)
+    positions = np.flatnonzero(editable)
+    size = block_length or len(positions)
+    blocks = [positions[i:i + size] for i in range(0, len(positions), size)]
+    cache = _memo(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
+        if use_cache else None
+
+    def step_fn(start):
+        options = (mask_id, strategy, temp, top_k, top_p, threshold)
+        return _memo(model, ("unmask", *options, start, (num_samples, L) if use_cache else None),
+                     lambda: _make_unmask_step(model, *options, start, cache))
+
+    x = mx.array(np.tile(ids, (num_samples, 1)))
+    conf = mx.full(x.shape, mx.inf)  # given text is never revised
+    per_block = max(1, steps // len(blocks))
+    for block in blocks:
+        active = np.zeros(L, dtype=bool)
+        active[block] = True
+        active = mx.array(np.tile(active, (num_samples, 1)))
+        if threshold is None:
+            counts = commit_schedule(len(block), min(per_block, len(block)), schedule)
+            targets = [len(block) - sum(counts[:j + 1]) for j in range(len(counts))]
+        else:
+            targets = [0] * len(block)  # at most one pass per position; stops when the block is full
+        for j, target in enumerate(targets):
+            refresh = cache is None or j == 0 or (cache_refresh and j % cache_refresh == 0)
+            start = 0 if refresh else int(block[0])
+            if cache is not None:
+                cache.state["offset"] = mx.array(start, dtype=mx.int32)
+            key, step_key = mx.random.split(key)
+            frac = remask if j < len(targets) - 1 else 0.0
+            x, conf, committed, remasked = step_fn(start)(
+                x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
+            yield x, committed, remasked, num_samples * (L - start)
+            if threshold is not None and not (np.array(x)[:, block] == mask_id).any():
+                break
 
 
 def _make_ar_decoder(model, mask_id: int, batch: int, total: int, temp: float, top_k: int, top_p: float):
@@ -176,53 +276,85 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
         yield x, committed, prompt_seconds
 
 
+def _check_options(o: dict) -> None:
+    if o["steps"] < 1:
+        raise UserError(f"--steps must be at least 1, got {o['steps']}")
+    if o["temp"] < 0:
+        raise UserError(f"--temp must be >= 0, got {o['temp']}")
+    if o["top_k"] < 0 or not 0.0 < o["top_p"] <= 1.0:
+        raise UserError("--top-k must be >= 0 and --top-p in (0, 1]")
+    if o["num_samples"] < 1:
+        raise UserError(f"--num-samples must be at least 1, got {o['num_samples']}")
+    if o["strategy"] not in STRATEGIES:
+        raise UserError(f"unknown strategy {o['strategy']!r} (choose from {', '.join(STRATEGIES)})")
+    if o["threshold"] is not None and not 0.0 < o["threshold"] <= 1.0:
+        raise UserError(f"--threshold must be in (0, 1], got {o['threshold']}")
+    if not 0.0 <= o["remask"] < 1.0:
+        raise UserError(f"--remask must be in [0, 1), got {o['remask']}")
+    if o["remask"] and o["threshold"] is not None:
+        raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
+    if o["block_length"] < 0 or o["cache_refresh"] < 0:
+        raise UserError("--block-length and --cache-refresh must be >= 0")
+    if o["cache"] and not o["block_length"]:
+        raise UserError("--cache needs --block-length (the cache holds the blocks before the current one)")
+
+
 def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS,
                     steps: int = DEFAULT_STEPS, strategy: str = "confidence", temp: float = DEFAULT_TEMP,
-                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                    num_samples: int = 1) -> Iterator[GenerationStep]:
-    """Generate max_tokens after the prompt and yield the state after every step.
+                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
+                    suffix: str = "", template: str | None = None, schedule: str = "linear",
+                    threshold: float | None = None, block_length: int = 0, cache: bool = False,
+                    cache_refresh: int = 0, remask: float = 0.0) -> Iterator[GenerationStep]:
+    """Generate and yield the state after every step (see the module docstring for the options).
 
-    Diffusion models: `steps` denoising rounds (clamped to max_tokens: a round commits at least
-    one position). AR models: one step per token (`steps` and `strategy` do not apply).
-    The same seed gives the same output; the prompt positions are never changed.
+    Diffusion models fill max_tokens positions between prompt and suffix (or a template's
+    `[MASK]` placeholders) in `steps` rounds (at most one round per position), or by `threshold`.
+    AR models: one step per token after the prompt (no suffix or template). The same seed gives
+    the same output; given text is never changed.
     """
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    if temp < 0:
-        raise UserError(f"--temp must be >= 0, got {temp}")
-    if top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise UserError("--top-k must be >= 0 and --top-p in (0, 1]")
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    if model.args.model_type == "ar" and not prompt:
-        prompt = "\n"  # an AR model needs context to start from; nanoGPT's sample.py starts from a newline
-    ids = _encode_prompt(tokenizer, prompt, max_tokens, model.args.max_seq_len)
+    options = dict(steps=steps, temp=temp, top_k=top_k, top_p=top_p, num_samples=num_samples, strategy=strategy,
+                   threshold=threshold, remask=remask, block_length=block_length, cache=cache,
+                   cache_refresh=cache_refresh)
+    _check_options(options)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
-    if model.args.model_type == "ar":
-        steps = max_tokens
-        keys = mx.random.split(mx.random.key(seed), steps)
-        decoder = _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples)
-        per_step = [1] * steps
-    else:
-        steps = min(steps, max_tokens)
-        keys = mx.random.split(mx.random.key(seed), steps)
-        decoder = _unmask(model, mask_id, ids, max_tokens, steps, strategy, temp, top_k, top_p, keys, num_samples)
-        per_step = commit_schedule(max_tokens, steps)
+    is_ar = model.args.model_type == "ar"
+    if is_ar and (suffix or template is not None):
+        raise UserError("a suffix or template needs a diffusion model; this one is autoregressive")
+    if is_ar and not prompt:
+        prompt = "\n"  # an AR model needs context to start from; nanoGPT's sample.py starts from a newline
+    ids, editable = build_canvas(tokenizer, prompt, max_tokens, suffix, template)
+    if len(ids) > model.args.max_seq_len:
+        raise UserError(f"the canvas ({len(ids)} tokens: given text + --max-tokens) exceeds the model's context "
+                        f"of {model.args.max_seq_len} tokens; shorten the text or lower --max-tokens")
     start = time.perf_counter()
-    done = 0
-    for k, (x, committed, prompt_seconds) in enumerate(decoder):
+    if is_ar:
+        P = int((~editable).sum())
+        keys = mx.random.split(mx.random.key(seed), max_tokens)
+        steps_iter = ((x, c, None, num_samples * (P if k == 0 else 1), ps) for k, (x, c, ps) in enumerate(
+            _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples)))
+    else:
+        steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
+            model, mask_id, ids, editable, min(steps, int(editable.sum())), schedule, strategy, temp, top_k, top_p,
+            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples))
+    forwarded = 0
+    for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)
-        done += per_step[k]
-        yield GenerationStep(step=k + 1, steps=steps, tokens=tokens, committed=committed, prompt_tokens=len(ids),
-                             generated_tokens=num_samples * done, nfe=k + 1, elapsed=time.perf_counter() - start,
-                             prompt_seconds=prompt_seconds,
-                             prompt_pass_tokens=num_samples if model.args.model_type == "ar" else 0)
+        forwarded += n_forward
+        yield GenerationStep(
+            step=k + 1, tokens=tokens, editable=editable, committed=committed,
+            remasked=np.array(remasked) if remasked is not None else np.zeros_like(committed),
+            generated_tokens=int((editable & (tokens != mask_id)).sum()), nfe=k + 1, forward_tokens=forwarded,
+            elapsed=time.perf_counter() - start, prompt_seconds=prompt_seconds,
+            prompt_pass_tokens=num_samples if is_ar else 0)
 
 
-def generate(model, tokenizer, prompt: str = "", **options) -> str:
-    """Generate and return the text (prompt included) of the first sample. Options: see stream_generate."""
+def generate(model, tokenizer, prompt: str = "", **options) -> str | list[str]:
+    """Generate and return the whole text (given text included); a list when num_samples > 1.
+
+    Options: see stream_generate."""
     last = None
     for last in stream_generate(model, tokenizer, prompt, **options):
         pass
-    return tokenizer.decode(last.tokens[0])
+    texts = [tokenizer.decode(row) for row in last.tokens]
+    return texts[0] if options.get("num_samples", 1) == 1 else texts

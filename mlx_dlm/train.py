@@ -215,7 +215,7 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
         resume_state = _read_state(out)
         model, tokenizer = load(out)
         if resume_state.get("data_sha256") != data_sha:
-            print(f"warning: --data differs from the corpus this checkpoint was trained on", file=sys.stderr)
+            print("warning: --data differs from the corpus this checkpoint was trained on", file=sys.stderr)
     else:
         if (out / STATE_FILE).exists() or (out / CONFIG_FILE).exists():
             raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")

@@ -18,6 +18,7 @@ quality = importlib.import_module("mlx_dlm.benchmark.quality")
 def test_random_pair_sweep(tmp_path, capsys):
     out = tmp_path / "r.json"
     bench.main(["--preset", "tiny", "--trials", "1", "--steps", "4,8", "--batch-size", "1,2", "--max-tokens", "16",
+                "--thresholds", "0.5", "--block-lengths", "8", "--remask", "0.2", "--variant-steps", "4",
                 "--out", str(out)])
     results = json.loads(out.read_text())
     rows = results["rows"]
@@ -27,7 +28,12 @@ def test_random_pair_sweep(tmp_path, capsys):
     ar = [r for r in rows if r["model"] == "ar"]
     dlm = [r for r in rows if r["model"] == "dlm"]
     assert sorted(r["batch_size"] for r in ar) == [1, 2]
-    assert len(dlm) == 2 * 2 * 2  # batch sizes x strategies x steps
+    sweep = [r for r in dlm if r["variant"] == "-"]
+    assert len(sweep) == 2 * 2 * 2  # batch sizes x strategies x steps
+    assert sorted(r["variant"] for r in dlm if r["batch_size"] == 1 and r["variant"] != "-") == \
+        ["blk8", "blk8+cache", "remask0.2", "thr0.5"]
+    cached = {r["variant"]: r for r in dlm if r["batch_size"] == 2 and r["variant"].startswith("blk")}
+    assert cached["blk8+cache"]["forward_tokens"] < cached["blk8"]["forward_tokens"]
     for r in dlm:
         assert r["nfe"] == r["steps"] and r["tokens_per_forward"] == 16 / r["steps"]
         assert 0 < r["roofline_fraction"] and r["tokens_per_sec_min"] <= r["tokens_per_sec"] <= r["tokens_per_sec_max"]

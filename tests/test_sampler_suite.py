@@ -1,0 +1,183 @@
+"""Sampler suite: strategies, schedules, threshold, blocks and cache, remasking, infilling, live view."""
+
+import importlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+import mlx_dlm
+from mlx_dlm.errors import UserError
+from mlx_dlm.sample import STRATEGIES, build_canvas, commit_schedule, stream_generate
+from mlx_dlm.view import TerminalView, save_frames
+
+from reference import forward
+
+generate_cli = importlib.import_module("mlx_dlm.generate")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return mlx_dlm.load(tiny_model_dir)
+
+
+def _run(model, tok, prompt="ROMEO:", **options):
+    return list(stream_generate(model, tok, prompt, **options))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_each_strategy_commits_the_scheduled_count(tiny, strategy, schedule):
+    model, tok = tiny
+    states = _run(model, tok, max_tokens=40, steps=9, strategy=strategy, schedule=schedule, seed=1, num_samples=2)
+    counts = commit_schedule(40, 9, schedule)
+    assert [int(s.committed[0].sum()) for s in states] == counts
+    assert [int(s.committed[1].sum()) for s in states] == counts
+    assert (states[-1].tokens != tok.mask_id).all()
+
+
+def test_cosine_schedule_shape():
+    counts = commit_schedule(100, 10, "cosine")
+    assert sum(counts) == 100 and min(counts) >= 1 and counts[0] < counts[-1]
+
+
+def _first_step_reference(model, tok, prompt, n):
+    ids = tok.encode(prompt)
+    logits = forward(model, np.array([ids + [tok.mask_id] * n]), np.array([n / (len(ids) + n)]))[0][len(ids):]
+    logits[:, tok.mask_id] = -np.inf
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True), len(ids)
+
+
+@pytest.mark.parametrize("strategy", ["margin", "entropy"])
+def test_margin_and_entropy_order_against_numpy(tiny, strategy):
+    model, tok = tiny
+    probs, p = _first_step_reference(model, tok, "First", 24)
+    if strategy == "margin":
+        top = np.sort(probs, axis=-1)
+        score = top[:, -1] - top[:, -2]
+    else:
+        score = (probs * np.log(np.where(probs > 0, probs, 1))).sum(-1)  # -entropy
+    k = commit_schedule(24, 6)[0]
+    first = _run(model, tok, "First", max_tokens=24, steps=6, strategy=strategy, temp=0.0, seed=0)[0]
+    assert set(np.flatnonzero(first.committed[0]) - p) == set(np.argsort(-score)[:k].tolist())
+
+
+def test_threshold_commits_every_confident_position(tiny):
+    model, tok = tiny
+    probs, p = _first_step_reference(model, tok, "First", 30)
+    best = probs.max(-1)
+    P = float(np.sort(best)[-4]) - 1e-6  # a threshold that four positions reach
+    first = _run(model, tok, "First", max_tokens=30, threshold=P, temp=0.0, seed=0)[0]
+    assert set(np.flatnonzero(first.committed[0]) - p) == set(np.flatnonzero(best >= P).tolist())
+    states = _run(model, tok, max_tokens=30, threshold=0.999999, seed=0)
+    assert all(s.committed.sum() >= 1 for s in states) and (states[-1].tokens != tok.mask_id).all()
+    assert len(states) <= 30
+    assert len(_run(model, tok, max_tokens=30, threshold=1e-9, seed=0)) == 1  # everything at once
+
+
+def test_prompt_and_suffix_are_kept(tiny):
+    model, tok = tiny
+    text = mlx_dlm.generate(model, tok, "ROMEO:", suffix=" thee.", max_tokens=20, steps=5, seed=2)
+    assert text.startswith("ROMEO:") and text.endswith(" thee.") and len(text) == 6 + 20 + 6
+    assert "[MASK]" not in text
+
+
+def test_template_fills_only_placeholders(tiny):
+    model, tok = tiny
+    template = "To be, or [MASK][MASK][MASK] to be: that is the [MASK][MASK][MASK][MASK]."
+    ids, editable = build_canvas(tok, template=template)
+    assert editable.sum() == 7
+    text = mlx_dlm.generate(model, tok, template=template, steps=7, seed=3)
+    assert text.startswith("To be, or ") and text[13:] .startswith(" to be: that is the ") and text.endswith(".")
+    assert len(text) == len(template) - 7 * (len("[MASK]") - 1) and "[MASK]" not in text
+    with pytest.raises(UserError, match="no \\[MASK\\] placeholder"):
+        mlx_dlm.generate(model, tok, template="nothing to fill")
+
+
+def test_same_seed_same_output_with_every_option(tiny):
+    model, tok = tiny
+    opts = dict(max_tokens=32, steps=8, strategy="margin", schedule="cosine", block_length=8, cache=True,
+                remask=0.2, top_k=10, top_p=0.9, seed=11, num_samples=3)
+    a = mlx_dlm.generate(model, tok, "KING", **opts)
+    b = mlx_dlm.generate(model, tok, "KING", **opts)
+    assert a == b and len(a) == 3 and len(set(a)) > 1  # samples of one batch differ
+
+
+def test_remask_zero_is_the_plain_sampler_and_remask_revises(tiny):
+    model, tok = tiny
+    plain = _run(model, tok, max_tokens=40, steps=10, seed=4)
+    zero = _run(model, tok, max_tokens=40, steps=10, seed=4, remask=0.0)
+    assert all((a.tokens == b.tokens).all() for a, b in zip(plain, zero))
+    revised = _run(model, tok, max_tokens=40, steps=10, seed=4, remask=0.3)
+    p = len(tok.encode("ROMEO:"))
+    assert sum(int(s.remasked.sum()) for s in revised) > 0
+    assert not any(s.remasked[:, :p].any() for s in revised)  # never the given text
+    assert not revised[-1].remasked.any() and (revised[-1].tokens != tok.mask_id).all()
+    assert (revised[-1].tokens[:, :p] == tok.encode("ROMEO:")).all()
+
+
+def test_blocks_fill_left_to_right(tiny):
+    model, tok = tiny
+    states = _run(model, tok, "", max_tokens=32, steps=8, block_length=8, seed=5)
+    assert len(states) == 8
+    for k, s in enumerate(states):  # two steps per block: block k // 2 only
+        block = k // 2
+        assert s.committed[0, block * 8:(block + 1) * 8].sum() == s.committed[0].sum()
+
+
+def test_cache_refreshed_every_step_equals_uncached_and_saves_work(tiny):
+    model, tok = tiny
+    opts = dict(max_tokens=48, steps=12, block_length=16, seed=6, num_samples=2)
+    plain = _run(model, tok, **opts)
+    refreshed = _run(model, tok, cache=True, cache_refresh=1, **opts)
+    cached = _run(model, tok, cache=True, **opts)
+    assert all((a.tokens == b.tokens).all() for a, b in zip(plain, refreshed))
+    assert refreshed[-1].forward_tokens == plain[-1].forward_tokens
+    assert cached[-1].forward_tokens < 0.75 * plain[-1].forward_tokens  # fewer positions through the model
+    assert (cached[-1].tokens != tok.mask_id).all()
+
+
+def test_option_errors(tiny):
+    model, tok = tiny
+    for options, message in [(dict(cache=True), "--cache needs --block-length"),
+                             (dict(threshold=0.9, remask=0.1), "cannot be combined"),
+                             (dict(threshold=1.5), "--threshold must be in"),
+                             (dict(remask=1.0), "--remask must be in"),
+                             (dict(strategy="best"), "unknown strategy"),
+                             (dict(schedule="exp"), "unknown schedule")]:
+        with pytest.raises(UserError, match=message):
+            mlx_dlm.generate(model, tok, "A", max_tokens=8, **options)
+
+
+def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
+    model, tok = tiny
+    states = _run(model, tok, max_tokens=12, steps=3, seed=0)
+    plain = TerminalView(tok, io.StringIO())
+    plain.draw(states[0])
+    assert plain.stream.getvalue().startswith("--- step 1:") and "\u2591" in plain.stream.getvalue()
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    live = TerminalView(tok, Tty())
+    live.draw(states[0])
+    live.draw(states[1])
+    out = live.stream.getvalue()
+    assert "\x1b[1;32m" in out and "\x1b[2F\x1b[J" in out  # highlighted commits, redrawn in place
+
+    generate_cli.main(["--model", str(tiny_model_dir), "--prompt", "ROMEO:", "--suffix", " thee.",
+                       "--max-tokens", "64", "--threshold", "0.9", "--show", "--save-frames",
+                       str(tmp_path / "f.html"), "--seed", "0"])
+    printed = capsys.readouterr().out
+    n_frames = printed.count("--- step")
+    assert n_frames >= 1 and "Generation: 64 tokens" in printed and f"{n_frames} forward passes" in printed
+    text = printed.split("\n==========\n")[0].split("\n")[-1]
+    assert text.startswith("ROMEO:") and text.endswith(" thee.")
+    html = (tmp_path / "f.html").read_text()
+    frames = json.loads(html.split("const frames = ")[1].split(";\n")[0])
+    assert len(frames) == n_frames and 'class="new"' in frames[0] and 'class="given"' in frames[-1]
+    with pytest.raises(UserError, match="use a .html or .gif"):
+        save_frames(tmp_path / "f.txt", states, tok)
