@@ -27,9 +27,15 @@ def sample_t(batch_size: int, stratified: bool = True, key: mx.array | None = No
     return T_MIN + (1.0 - T_MIN) * u
 
 
-def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """Hide each token with probability t of its row. Returns (noisy tokens, boolean mask of hidden positions)."""
-    hidden = mx.random.uniform(shape=tokens.shape, key=key) < t[:, None]
+def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = None,
+            shard: tuple[int, int] = (0, 1)) -> tuple[mx.array, mx.array]:
+    """Hide each token with probability t of its row. Returns (noisy tokens, boolean mask of hidden positions).
+
+    shard=(rank, size): the uniforms are drawn for size times as many rows and this rank's rows kept."""
+    rank, size = shard
+    B = tokens.shape[0]
+    u = mx.random.uniform(shape=(B * size, tokens.shape[1]), key=key)[rank * B:(rank + 1) * B]
+    hidden = u < t[:, None]
     return mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens), hidden
 
 
@@ -45,15 +51,19 @@ def masked_loss(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.arr
 
 
 def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", stratified: bool = True,
-                   key: mx.array | None = None) -> mx.array:
+                   key: mx.array | None = None, shard: tuple[int, int] = (0, 1)) -> mx.array:
     """Draw t and masks, run the model on the corrupted tokens and return the loss.
 
     With key=None the global random state is used (the training step lists it as
     compiled state, so every call draws fresh masks); a fixed key gives a fixed draw.
+    shard=(rank, size): tokens are rows rank*B..(rank+1)*B of a global batch of size*B; t and
+    masks are drawn for the global batch and sliced, so N processes see exactly the draws of one.
     """
+    rank, size = shard
+    B = tokens.shape[0]
     t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
-    t = sample_t(tokens.shape[0], stratified, key=t_key)
-    noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key)
+    t = sample_t(B * size, stratified, key=t_key)[rank * B:(rank + 1) * B]
+    noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
     return masked_loss(model(noisy, t), tokens, hidden, t, loss)
 
 

@@ -22,18 +22,21 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_weights(path: str | os.PathLike, model: Model) -> None:
-    """Write a model's parameters to a safetensors file, atomically."""
+def save_weights(path: str | os.PathLike, model: Model, metadata: dict[str, str] | None = None) -> None:
+    """Write a model's parameters (and string metadata) to a safetensors file, atomically."""
     weights = dict(tree_flatten(model.parameters()))
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights))
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=metadata or {}))
 
 
-def save_model(directory: str | os.PathLike, model: Model, tokenizer: Tokenizer, extra: dict | None = None) -> None:
-    """Write a complete model directory (tokenizer, weights, then config.json last)."""
+def save_model(directory: str | os.PathLike, model: Model, tokenizer: Tokenizer, extra: dict | None = None,
+               metadata: dict[str, str] | None = None) -> None:
+    """Write a complete model directory (tokenizer, weights, then config.json last).
+
+    extra: more config.json entries; metadata: strings stored in model.safetensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(directory)
-    save_weights(directory / WEIGHTS_FILE, model)
+    save_weights(directory / WEIGHTS_FILE, model, metadata)
     config = {**model.args.to_dict(), "tokenizer": tokenizer.kind, "mask_id": tokenizer.mask_id, **(extra or {})}
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 

@@ -21,12 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import blas, data
+from . import blas, checkpoint, data
 from .diffusion import LOSSES, ar_loss, diffusion_loss
 from .errors import UserError, run_cli
-from .fileio import atomic_write, atomic_write_text
 from .io import CONFIG_FILE, load, save_model
 from .model import PRESETS, Model, init_model, preset_args
 from .sample import generate
@@ -42,9 +41,6 @@ DEFAULT_WARMUP = 100
 DEFAULT_REPORT_EVERY = 10
 DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -80,6 +76,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of the sample shown at eval (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) updates whose loss or gradient is not finite instead of stopping")
     return p
 
 
@@ -105,26 +103,50 @@ def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
     return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
 
 
-def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0):
-    """One compiled step: loss, gradients, clipping and update; random state is compiled state,
-    so masks and mask ratios are fresh on every call. Returns step(batch) -> (loss, grad_norm)."""
+def _assign(tree, values) -> None:
+    """Write values into the arrays of a nested dict/list state in place (compiled state stays the same object)."""
+    for k in (tree.keys() if isinstance(tree, dict) else range(len(tree))):
+        if isinstance(tree[k], (dict, list)):
+            _assign(tree[k], values[k])
+        else:
+            tree[k] = values[k]
+
+
+def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0,
+                    skip_nonfinite: bool = False, distributed: bool = False):
+    """One compiled step: loss, gradients (averaged over processes when distributed), clipping and update.
+
+    Random state is compiled state, so masks and mask ratios are fresh on every call. With
+    skip_nonfinite, an update whose loss or gradient norm is not finite leaves weights and optimizer
+    untouched. Returns step(batch) -> (loss, grad_norm, applied)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
+    optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state; fills the rest
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array) -> tuple[mx.array, mx.array]:
+    def step(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         loss, grads = loss_and_grad(model, batch)
+        if distributed:
+            grads = nn.average_gradients(grads)
+            loss = mx.distributed.all_sum(loss) / mx.distributed.init().size()
         if grad_clip > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, grad_clip)
         else:
             grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-        optimizer.update(model, grads)
-        return loss, grad_norm
+        ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
+        if not skip_nonfinite:
+            optimizer.update(model, grads)
+            return loss, grad_norm, ok
+        old_params, old_opt = model.trainable_parameters(), tree_map(lambda a: a, optimizer.state)
+        new_params = optimizer.apply_gradients(grads, old_params)
+        model.update(tree_map(lambda new, old: mx.where(ok, new, old), new_params, old_params))
+        _assign(optimizer.state, tree_map(lambda new, old: mx.where(ok, new, old), optimizer.state, old_opt))
+        return loss, grad_norm, ok
 
-    def run(batch: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grad_norm = step(batch)
-        mx.eval(state, loss, grad_norm)
-        return loss, grad_norm
+    def run(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        out = step(batch)
+        mx.eval(state, out)
+        return out
 
     return run
 
@@ -136,17 +158,23 @@ def training_loss(model: Model, mask_id: int, loss: str = "elbo", stratified: bo
     return partial(diffusion_loss, mask_id=mask_id, loss=loss, stratified=stratified)
 
 
-def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int) -> Callable[[], float]:
+def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int,
+                   shard: tuple[int, int] = (0, 1)) -> Callable[[], float]:
     """Validation loss in nats/token over fixed windows (and fixed masks), comparable across steps:
-    the ELBO for diffusion models, the exact next-token NLL for AR models."""
-    batches = [mx.array(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    the ELBO for diffusion models, the exact next-token NLL for AR models. With shard=(rank, size)
+    each process takes every size-th batch and the totals are summed over processes."""
+    rank, size = shard
+    batches = [(i, mx.array(windows[i:i + batch_size])) for i in range(0, len(windows), batch_size)]
+    mine = batches[rank::size]
     loss = mx.compile(partial(training_loss(model, mask_id), model), inputs=model.state)
 
     def evaluate() -> float:
         total = mx.array(0.0)
-        for i, batch in enumerate(batches):
+        for i, batch in mine:
             total = total + loss(batch, key=mx.random.key(i)) * batch.size
-        return (total / sum(b.size for b in batches)).item()
+        if size > 1:
+            total = mx.distributed.all_sum(total)
+        return (total / sum(b.size for _, b in batches)).item()
 
     return evaluate
 
@@ -156,36 +184,36 @@ def _random_state() -> int:
     return (hi << 32) | lo
 
 
-def save_checkpoint(out: Path, model: Model, optimizer: optim.Optimizer, tokenizer, state: dict) -> None:
-    """Model directory plus optimizer state and state.json, each written atomically; state.json last."""
-    save_model(out, model, tokenizer)
-    opt_state = dict(tree_flatten(optimizer.state))
-    atomic_write(out / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, opt_state))
-    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT aborts."""
 
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
 
-def _read_state(out: Path) -> dict:
-    try:
-        return json.loads((out / STATE_FILE).read_text())
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint to resume in {out} ({STATE_FILE} is missing)") from None
-    except ValueError as err:
-        raise UserError(f"{out / STATE_FILE} is not valid JSON ({err})") from None
+    def __enter__(self):
+        import signal
 
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric rows written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn last line from a killed run
-        if row.get("step", 0) <= step:
-            rows.append(line)
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _build_tokenizer(args: argparse.Namespace, text: str):
@@ -204,20 +232,30 @@ def _log(line: str, bar) -> None:
 def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None = None) -> Path:
     """Run training as configured by parsed flags; returns the output directory.
 
+    Under `mlx.launch -n N`, N processes train one model (data parallel): each takes its rows of a
+    global batch of N x --batch-size, gradients are averaged, and only rank 0 prints and writes.
     on_checkpoint(step) is called after each checkpoint is written.
     """
     _check_args(args)
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    main_rank = rank == 0
     out = Path(args.out)
     text = data.read_corpus(args.data)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
     resume_state = None
     if args.resume:
-        resume_state = _read_state(out)
+        if main_rank:
+            resume_state = checkpoint.restore(out)  # may repair a checkpoint torn by a kill
+        if size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others read only after rank 0 is done
+        if not main_rank:
+            resume_state = checkpoint.restore(out)
         model, tokenizer = load(out)
-        if resume_state.get("data_sha256") != data_sha:
+        if resume_state.get("data_sha256") != data_sha and main_rank:
             print("warning: --data differs from the corpus this checkpoint was trained on", file=sys.stderr)
     else:
-        if (out / STATE_FILE).exists() or (out / CONFIG_FILE).exists():
+        if (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
             raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
         tokenizer = _build_tokenizer(args, text)
         model = init_model(preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective),
@@ -234,104 +272,135 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
     evaluate = None
     if len(val_tokens) >= seq_len:
         val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, seq_len)
-        evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size)
+        evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size, (rank, size))
         chars_per_token = len(tokenizer.decode(val_tokens)) / len(val_tokens)
-    else:
+    elif main_rank:
         print(f"note: validation split has fewer than {seq_len} tokens; skipping validation", file=sys.stderr)
 
     optimizer = make_optimizer(args)
+    # Every process draws the same global batch and masks (same seeds) and keeps its own rows.
     rng = np.random.default_rng(args.seed)
-    step = 0
+    step, skipped = 0, 0
     if resume_state is not None:
         optimizer.init(model.trainable_parameters())
-        try:
-            optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
-        except (RuntimeError, ValueError, OSError) as err:
-            raise UserError(f"cannot read {out / OPTIMIZER_FILE} ({err})") from None
-        step = int(resume_state["step"])
+        optimizer.state = tree_unflatten(checkpoint.load_optimizer_state(out))
+        step, skipped = int(resume_state["step"]), int(resume_state.get("skipped", 0))
         rng.bit_generator.state = resume_state["data_rng"]
         mx.random.seed(int(resume_state["mlx_rng"]))
-        _trim_metrics(out / METRICS_FILE, step)
+        if main_rank:
+            checkpoint.trim_metrics(out / checkpoint.METRICS_FILE, step)
     else:
         mx.random.seed(args.seed)
-        (out / METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that never saved a model
+        if main_rank:
+            (out / checkpoint.METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that saved no model
 
     stratified = args.t_sampling == "stratified"
     loss_fn = training_loss(model, tokenizer.mask_id, args.loss, stratified)
-    train_step = make_train_step(model, optimizer, loss_fn, args.grad_clip)
+    if model.args.model_type == "dlm" and size > 1:
+        loss_fn = partial(loss_fn, shard=(rank, size))
+    train_step = make_train_step(model, optimizer, loss_fn, args.grad_clip, args.skip_nonfinite, size > 1)
     bound = "ELBO" if model.args.model_type == "dlm" else "NLL"
     save_every = args.save_every or args.eval_every
+    rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 
-    out.mkdir(parents=True, exist_ok=True)
-    n_params = model.num_params()
-    print(f"mlx_dlm.train: {model.args.model_type} model ({args.preset} preset), {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} "
-          f"({tokenizer.kind}), {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
-          f"batch {args.batch_size} x {seq_len}, device {mx.default_device()}, blas {blas.status}", flush=True)
-    if step:
-        print(f"Resuming from step {step}", flush=True)
+    def log(line: str) -> None:
+        if main_rank:
+            _log(line, bar)
 
     bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"mlx_dlm.train: {model.args.model_type} model ({args.preset} preset), "
+              f"{model.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} ({tokenizer.kind}), "
+              f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens, batch {args.batch_size} x {seq_len}"
+              + (f" per process x {size} processes = effective batch {args.batch_size * size}" if size > 1 else "")
+              + f", device {mx.default_device()}, blas {blas.status}", flush=True)
+        if step:
+            print(f"Resuming from step {step}", flush=True)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        bar = tqdm(total=args.iters, initial=step, unit="it", dynamic_ncols=True, leave=False)
-    metrics = open(out / METRICS_FILE, "a")
+            bar = tqdm(total=args.iters, initial=step, unit="it", dynamic_ncols=True, leave=False)
+    metrics = open(out / checkpoint.METRICS_FILE, "a") if main_rank else None
+
+    def write_metrics(row: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
 
     def validate(step: int) -> float:
         t0 = time.perf_counter()
         val = evaluate()
         row = {"step": step, "val_loss": val, "val_bpc": val / math.log(2) / chars_per_token}
-        _log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
-             f"Val took {time.perf_counter() - t0:.2f}s", bar)
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if args.sample_tokens > 0 and step > 0:
+        log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
+            f"Val took {time.perf_counter() - t0:.2f}s")
+        write_metrics(row)
+        if args.sample_tokens > 0 and step > 0 and main_rank:
             n = min(args.sample_tokens, seq_len)
-            _log(f"Sample: {generate(model, tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=step)!r}", bar)
+            log(f"Sample: {generate(model, tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=step)!r}")
         return val
+
+    def save() -> None:
+        state = {"step": step, "data_rng": rng.bit_generator.state, "mlx_rng": _random_state(),
+                 "data_sha256": data_sha, "val_loss": last_val, "skipped": skipped, "processes": size,
+                 "args": vars(args)}
+        if main_rank:
+            checkpoint.save(out, model, optimizer, tokenizer, state)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
 
     last_val = resume_state.get("val_loss") if resume_state else None
     try:
-        if evaluate is not None and step == 0:
-            last_val = validate(0)  # the untrained baseline, as nanoGPT does
-        tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
-        while step < args.iters:
-            batch = mx.array(data.random_windows(train_tokens, args.batch_size, seq_len, rng))
-            lr = optimizer.learning_rate.item()
-            loss, grad_norm = train_step(batch)
-            step += 1
-            window_steps += 1
-            window_loss += loss.item()
-            if not math.isfinite(loss.item()):
-                raise UserError(f"loss became {loss.item()} at step {step}; lower --learning-rate "
-                                f"(last checkpoint kept in {out})")
-            if bar is not None:
-                bar.update(1)
-            if step % args.report_every == 0 or step == args.iters:
-                elapsed = time.perf_counter() - tic
-                row = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
-                       "grad_norm": grad_norm.item(), "it_per_sec": window_steps / elapsed,
-                       "tokens_per_sec": window_steps * args.batch_size * seq_len / elapsed}
-                _log(f"Iter {step}: Train loss {row['train_loss']:.3f}, Learning Rate {lr:.3e}, "
-                     f"It/sec {row['it_per_sec']:.2f}, Tokens/sec {row['tokens_per_sec']:.0f}", bar)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            if evaluate is not None and (step % args.eval_every == 0 or step == args.iters):
-                last_val = validate(step)
-                tic = time.perf_counter()
-            if step % save_every == 0 or step == args.iters:
-                state = {"step": step, "data_rng": rng.bit_generator.state, "mlx_rng": _random_state(),
-                         "data_sha256": data_sha, "val_loss": last_val, "args": vars(args)}
-                save_checkpoint(out, model, optimizer, tokenizer, state)
-                if on_checkpoint is not None:
-                    on_checkpoint(step)
-                tic = time.perf_counter()
+        with _StopRequest() as stop:
+            if evaluate is not None and step == 0:
+                last_val = validate(0)  # the untrained baseline, as nanoGPT does
+            tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            while step < args.iters:
+                batch = mx.array(data.random_windows(train_tokens, args.batch_size * size, seq_len, rng)[rows])
+                lr = optimizer.learning_rate.item()
+                loss, grad_norm, applied = train_step(batch)
+                step += 1
+                if not applied.item():
+                    if not args.skip_nonfinite:
+                        raise UserError(f"loss or gradient became non-finite at step {step} (loss {loss.item()}); "
+                                        f"last good checkpoint kept in {out}; lower --learning-rate or pass "
+                                        "--skip-nonfinite")
+                    skipped += 1
+                    log(f"Iter {step}: skipped a non-finite update ({skipped} so far)")
+                else:
+                    window_steps += 1
+                    window_loss += loss.item()
+                if bar is not None:
+                    bar.update(1)
+                if (step % args.report_every == 0 or step == args.iters) and window_steps:
+                    elapsed = time.perf_counter() - tic
+                    row = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
+                           "grad_norm": grad_norm.item(), "it_per_sec": window_steps / elapsed,
+                           "tokens_per_sec": window_steps * args.batch_size * size * seq_len / elapsed,
+                           "skipped": skipped}
+                    log(f"Iter {step}: Train loss {row['train_loss']:.3f}, Learning Rate {lr:.3e}, "
+                        f"It/sec {row['it_per_sec']:.2f}, Tokens/sec {row['tokens_per_sec']:.0f}")
+                    write_metrics(row)
+                    tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
+                if evaluate is not None and (step % args.eval_every == 0 or step == args.iters):
+                    last_val = validate(step)
+                    tic = time.perf_counter()
+                stopping = stop.signal is not None
+                if size > 1:  # every process stops at the same step
+                    stopping = mx.distributed.all_sum(mx.array(float(stopping))).item() > 0
+                if step % save_every == 0 or step == args.iters or stopping:
+                    save()
+                    tic = time.perf_counter()
+                if stopping:
+                    log(f"Stopped by {stop.signal or 'a signal'} at step {step}; checkpoint saved in {out}. "
+                        f"Resume with: mlx_dlm.train --resume --out {out} --iters {args.iters} (and the same --data)")
+                    return out
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if bar is not None:
             bar.close()
-    print(f"Saved model to {out} (step {step})", flush=True)
+    log(f"Saved model to {out} (step {step})")
     return out
 
 

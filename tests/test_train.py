@@ -102,7 +102,7 @@ def test_refuses_to_overwrite_and_resume_needs_checkpoint(tmp_path, small_text_p
     parse = train.setup_arg_parser().parse_args
     with pytest.raises(UserError, match="already holds a model"):
         train.train(parse(["--data", str(small_text_path), "--out", str(tiny_model_dir), *TINY_TRAIN]))
-    with pytest.raises(UserError, match="no checkpoint to resume"):
+    with pytest.raises(UserError, match="no complete checkpoint to resume"):
         train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--resume", *TINY_TRAIN]))
 
 
