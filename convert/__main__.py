@@ -40,6 +40,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--upload-repo", help="then upload the model directory to this Hugging Face repo (user/name)")
     return p
 
 
@@ -108,6 +109,10 @@ def _main(argv: list[str] | None) -> None:
     print(f"Converted {args.source} checkpoint {args.checkpoint} ({n_params / 1e6:.2f}M parameters, "
           f"{model_args.model_type}) -> {out}")
     print(f"model.safetensors: {size / 1e6:.2f} MB ({args.dtype} weights would be {float_bytes / 1e6:.2f} MB)")
+    if args.upload_repo:
+        from mlx_dlm.hub import upload
+
+        print(f"Uploaded to {upload(out, args.upload_repo)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,8 @@ def str2bool(value: str) -> bool:
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.generate."""
     p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hugging Face repo (user/name)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) with a repo id")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
     p.add_argument("--suffix", default="", help="text the sample ends with (never changed; diffusion models)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="positions to generate")
@@ -65,7 +66,7 @@ def peak_memory_line() -> str:
 
 def _main(argv: list[str] | None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.revision)
     view = TerminalView(tokenizer) if args.show else None
     frames = []
     for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,

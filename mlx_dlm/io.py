@@ -71,9 +71,11 @@ def load_weights(model: Model, path: str | os.PathLike) -> None:
     mx.eval(model.parameters())
 
 
-def load(path: str | os.PathLike) -> tuple[Model, Tokenizer]:
-    """Load (model, tokenizer) from a model directory."""
-    directory = Path(path)
+def load(path: str | os.PathLike, revision: str | None = None) -> tuple[Model, Tokenizer]:
+    """Load (model, tokenizer) from a model directory or a Hugging Face repo id ("user/repo")."""
+    from .hub import resolve
+
+    directory = resolve(path, revision)
     if not directory.is_dir():
         raise UserError(f"model directory {directory} does not exist")
     config = read_config(directory)

@@ -76,6 +76,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of the sample shown at eval (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--upload-repo", help="upload the final model to this Hugging Face repo (user/name)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) updates whose loss or gradient is not finite instead of stopping")
     return p
@@ -400,8 +401,23 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
             metrics.close()
         if bar is not None:
             bar.close()
+    if size > 1:
+        fingerprints = np.array(mx.distributed.all_gather(_fingerprint(model)[None]))
+        same = bool((fingerprints == fingerprints[0]).all())
+        log(f"Parameters identical on all {size} processes: {'yes' if same else 'NO'}")
     log(f"Saved model to {out} (step {step})")
+    if args.upload_repo and main_rank:
+        from .hub import upload
+
+        log(f"Uploaded to {upload(out, args.upload_repo)}")
     return out
+
+
+def _fingerprint(model: Model) -> mx.array:
+    """A few float64-free sums over all parameters: equal on replicas that hold identical weights."""
+    leaves = [v.astype(mx.float32).reshape(-1) for _, v in tree_flatten(model.parameters())]
+    flat = mx.concatenate(leaves)
+    return mx.stack([flat.sum(), (flat * flat).sum(), (flat * mx.arange(flat.size) % 97).sum()])
 
 
 def _main(argv: list[str] | None) -> None:

@@ -1,0 +1,70 @@
+"""Hub: repo ids resolve through the Hugging Face cache offline; model cards; upload calls (no network)."""
+
+import importlib
+import shutil
+
+import pytest
+
+import mlx_dlm
+from mlx_dlm import hub
+from mlx_dlm.errors import UserError
+
+generate_cli = importlib.import_module("mlx_dlm.generate")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_model_dir):
+    """A Hub-format cache holding user/tiny at commit abc123 (as snapshot_download leaves it)."""
+    snapshot = tmp_path / "hub" / "models--user--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(tiny_model_dir / name, snapshot / name)
+    (tmp_path / "hub" / "models--user--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--user--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return snapshot
+
+
+def test_repo_id_loads_from_cache_offline(hub_cache, tiny_model_dir, capsys):
+    model, tok = mlx_dlm.load("user/tiny")
+    local, _ = mlx_dlm.load(tiny_model_dir)
+    assert model.args == local.args and tok.chars == mlx_dlm.load(tiny_model_dir)[1].chars
+    generate_cli.main(["--model", "user/tiny", "--prompt", "A", "--max-tokens", "8", "--steps", "2", "--seed", "0"])
+    assert "Generation: 8 tokens" in capsys.readouterr().out
+
+
+def test_unknown_repo_offline_is_a_clear_error(hub_cache, capsys):
+    with pytest.raises(UserError, match="user/nothing is not a local directory and not in the Hugging Face cache"):
+        mlx_dlm.load("user/nothing")
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main(["--model", "user/nothing"])
+    assert exc.value.code == 1 and "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_upload_writes_card_and_uploads_model_files(tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, **kw):
+            calls.append(("create", repo, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    directory = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, directory)
+    url = hub.upload(directory, "someone/tiny-dlm")
+    assert url.endswith("someone/tiny-dlm")
+    assert calls[0] == ("create", "someone/tiny-dlm", {"private": False, "exist_ok": True})
+    upload = calls[1][1]
+    assert upload["repo_id"] == "someone/tiny-dlm" and upload["folder_path"] == str(directory)
+    assert "optimizer.safetensors" not in upload["allow_patterns"] and "model.safetensors" in upload["allow_patterns"]
+    card = (directory / "README.md").read_text()
+    for text in ("library_name: mlx", "tags: [mlx, mlx-dlm, diffusion-language-model]", "masked diffusion LM",
+                 "for 40 steps", "Final validation loss", "mlx_dlm.generate --model someone/tiny-dlm"):
+        assert text in card, text
