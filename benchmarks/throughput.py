@@ -223,13 +223,18 @@ def plot(results: dict, path: str) -> None:
         color = f"C{i}"
         for j, strategy in enumerate(sorted({r["strategy"] for r in rows if r["model"] == "dlm"})):
             sel = sorted((r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch
-                          and r["strategy"] == strategy), key=lambda r: r["steps"])
+                          and r["strategy"] == strategy and r.get("variant", "-") == "-"), key=lambda r: r["steps"])
             style = ["-", "--", ":"][j % 3]
             ax.plot([r["steps"] for r in sel], [r["tokens_per_sec"] for r in sel], style, marker="o", color=color,
                     label=f"DLM {strategy}, batch {batch}")
             if ax2 is not None and all(r.get("gen_ppl") for r in sel):
                 ax2.plot([r["steps"] for r in sel], [r["gen_ppl"] for r in sel], style, marker="x", color=color,
                          alpha=0.4)
+        for r in rows:  # thresholds, blocks, cache, remasking: single points, labelled
+            if r["model"] == "dlm" and r["batch_size"] == batch and r.get("variant", "-") != "-":
+                ax.scatter([r["steps"]], [r["tokens_per_sec"]], marker="s", color=color, zorder=3)
+                ax.annotate(r["variant"], (r["steps"], r["tokens_per_sec"]), fontsize=7, color=color,
+                            xytext=(4, 2), textcoords="offset points")
         for r in rows:
             if r["model"] == "ar" and r["batch_size"] == batch:
                 ax.axhline(r["tokens_per_sec"], color=color, linewidth=1, label=f"AR (KV cache), batch {batch}")

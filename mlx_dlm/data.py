@@ -43,7 +43,7 @@ def tiny_shakespeare_path() -> Path:
         raise UserError(f"cannot download Tiny Shakespeare ({getattr(err, 'reason', err)}); "
                         f"pass --data PATH, or place the file at {path}") from None
     if _sha256(data) != TINY_SHAKESPEARE_SHA256:
-        raise UserError(f"downloaded Tiny Shakespeare fails its sha256 check; pass --data PATH")
+        raise UserError("downloaded Tiny Shakespeare fails its sha256 check; pass --data PATH")
     atomic_write_bytes(path, data)
     return path
 

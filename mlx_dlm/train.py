@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import blas, checkpoint, data
 from .diffusion import LOSSES, ar_loss, diffusion_loss
 from .errors import UserError, run_cli
-from .io import CONFIG_FILE, load, save_model
+from .io import CONFIG_FILE, load
 from .model import PRESETS, Model, init_model, preset_args
 from .sample import generate
 from .tokenizer import CharTokenizer, SentencePieceTokenizer
