@@ -241,7 +241,7 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
             x, conf, committed, remasked = step_fn(start)(
                 x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
             yield x, committed, remasked, num_samples * (L - start)
-            if threshold is not None and not (np.array(x)[:, block] == mask_id).any():
+            if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
 
 
