@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
         row["sample"] = texts[0][:80]
         rows.append(row)
         _print_row(row, header=len(rows) == 1)
-    return {"machine": info, "quality": quality, "args": {k: v for k, v in vars(args).items()}, "rows": rows}
+    return {"machine": info, "quality": quality, "args": vars(args), "rows": rows}
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
