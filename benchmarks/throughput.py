@@ -17,7 +17,9 @@ import statistics
 
 import mlx.core as mx
 
+from mlx_dlm import data
 from mlx_dlm.errors import UserError
+from mlx_dlm.eval import ar_nll, char_entropy, dlm_elbo, generative_perplexity, val_windows
 from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
@@ -25,11 +27,11 @@ from mlx_dlm.sample import STRATEGIES, stream_generate
 from mlx_dlm.tokenizer import CharTokenizer
 
 from .machine import backend, describe, machine_info, matmul_gflops
-from .quality import char_entropy, generative_perplexity, validation_loss
 
 DEFAULT_STEPS = "8,16,32,64,128"
 DEFAULT_BATCH_SIZES = "1,8"
 DEFAULT_PROMPT = "ROMEO:"
+VAL_WINDOWS, VAL_DRAWS = 64, 2  # validation beside speed: 64 held-out windows of 128 tokens (mlx_dlm.eval for more)
 # For random-weight pairs: the 65 characters of Tiny Shakespeare (newline, space, punctuation, letters).
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -141,8 +143,11 @@ def run(args: argparse.Namespace) -> dict:
           f"{'trained' if trained else 'random weights'}; {args.max_tokens} tokens after {args.prompt!r}")
     quality = {}
     if trained:
-        quality = {"dlm_val_elbo": validation_loss(dlm, dlm_tok, args.data),
-                   "ar_val_nll": validation_loss(ar, ar_tok, args.data)}
+        text = data.read_corpus(args.data)
+        windows = [val_windows(tok.encode_array(text), min(128, m.args.max_seq_len), max_windows=VAL_WINDOWS)
+                   for m, tok in ((dlm, dlm_tok), (ar, ar_tok))]
+        quality = {"dlm_val_elbo": dlm_elbo(dlm, windows[0], dlm_tok.mask_id, draws=VAL_DRAWS).mean,
+                   "ar_val_nll": ar_nll(ar, windows[1]).mean}
         print(f"Validation (nats/token): DLM ELBO {quality['dlm_val_elbo']:.3f}, AR NLL {quality['ar_val_nll']:.3f}")
     peak_ok = backend() != "cpu"
     rows = []

@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": "mlx_dlm.train",
     "generate": "mlx_dlm.generate",
+    "eval": "mlx_dlm.eval",
     "benchmark": "mlx_dlm.benchmark.__main__",
     "convert": "mlx_dlm.convert.__main__",
     "upload": "mlx_dlm.upload",

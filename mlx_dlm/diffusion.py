@@ -16,14 +16,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 LOSSES = ("elbo", "masked-mean")
+T_SAMPLING = ("stratified", "uniform", "batch")
 T_MIN = 1e-3  # keeps the 1/t weight of the ELBO bounded
 
 
-def sample_t(batch_size: int, stratified: bool = True, key: mx.array | None = None) -> mx.array:
-    """Mask ratios in [T_MIN, 1), shape (B,). Stratified: one draw in each of B equal bins (lower variance)."""
-    u = mx.random.uniform(shape=(batch_size,), key=key)
-    if stratified:
+def sample_t(batch_size: int, mode: str = "stratified", key: mx.array | None = None) -> mx.array:
+    """Mask ratios in [T_MIN, 1), shape (B,).
+
+    mode (see T_SAMPLING): "stratified", one draw in each of B equal bins (lower variance); "uniform",
+    independent draws; "batch", one draw shared by the whole batch (simple_dlm)."""
+    if mode == "batch":
+        u = mx.broadcast_to(mx.random.uniform(shape=(1,), key=key), (batch_size,))
+    else:
+        u = mx.random.uniform(shape=(batch_size,), key=key)
+    if mode == "stratified":
         u = (mx.arange(batch_size) + u) / batch_size
+    elif mode not in T_SAMPLING:
+        raise ValueError(f"unknown t sampling {mode!r} (choose from {', '.join(T_SAMPLING)})")
     return T_MIN + (1.0 - T_MIN) * u
 
 
@@ -39,18 +48,27 @@ def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = 
     return mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens), hidden
 
 
+def _hidden_ce(logits: mx.array, targets: mx.array, hidden: mx.array) -> mx.array:
+    """Cross-entropy (B, L) in float32 at hidden positions, 0 elsewhere."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    return ce * hidden.astype(mx.float32)
+
+
+def elbo_per_sequence(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array) -> mx.array:
+    """The MDLM bound of each sequence in nats/token (B,): hidden cross-entropy weighted by 1/t, over L."""
+    return (_hidden_ce(logits, targets, hidden) / t[:, None]).sum(axis=1) / targets.shape[1]
+
+
 def masked_loss(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array, loss: str = "elbo") -> mx.array:
     """Cross-entropy over hidden positions, reduced as the chosen loss (see module docstring)."""
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
-    weight = hidden.astype(mx.float32)
     if loss == "masked-mean":
-        return (ce * weight).sum() / mx.maximum(weight.sum(), 1.0)
+        return _hidden_ce(logits, targets, hidden).sum() / mx.maximum(hidden.sum().astype(mx.float32), 1.0)
     if loss == "elbo":
-        return (ce * weight / t[:, None]).sum() / ce.size
+        return elbo_per_sequence(logits, targets, hidden, t).mean()
     raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
 
 
-def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", stratified: bool = True,
+def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified",
                    key: mx.array | None = None, shard: tuple[int, int] = (0, 1)) -> mx.array:
     """Draw t and masks, run the model on the corrupted tokens and return the loss.
 
@@ -62,7 +80,7 @@ def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", st
     rank, size = shard
     B = tokens.shape[0]
     t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
-    t = sample_t(B * size, stratified, key=t_key)[rank * B:(rank + 1) * B]
+    t = sample_t(B * size, t_sampling, key=t_key)[rank * B:(rank + 1) * B]
     noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
     return masked_loss(model(noisy, t), tokens, hidden, t, loss)
 

@@ -206,8 +206,10 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
 
 def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
             block_length, use_cache, cache_refresh, remask, key, num_samples):
-    """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step."""
-    L = len(ids)
+    """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
+
+    ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout."""
+    L = ids.shape[-1]
     positions = np.flatnonzero(editable)
     size = block_length or len(positions)
     blocks = [positions[i:i + size] for i in range(0, len(positions), size)]
@@ -219,7 +221,7 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
         return _memo(model, ("unmask", *options, start, (num_samples, L) if use_cache else None),
                      lambda: _make_unmask_step(model, *options, start, cache))
 
-    x = mx.array(np.tile(ids, (num_samples, 1)))
+    x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
     conf = mx.full(x.shape, mx.inf)  # given text is never revised
     per_block = max(1, steps // len(blocks))
     for block in blocks:
@@ -274,6 +276,21 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
     for k in range(1, max_tokens):
         x, token, committed = step(token, x, keys[k])
         yield x, committed, prompt_seconds
+
+
+def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps: int, strategy: str = "confidence",
+         temp: float = 0.0, seed: int = 0, schedule: str = "linear") -> np.ndarray:
+    """Fill the editable positions of many canvases (N, L) that share one layout, in one batch.
+
+    Returns the filled canvases; given positions are unchanged. Greedy at temp 0 (infill evaluation)."""
+    _check_options(dict(steps=steps, temp=temp, top_k=0, top_p=1.0, num_samples=len(canvases), strategy=strategy,
+                        threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0))
+    canvases = np.where(editable, mask_id, canvases).astype(np.int32)
+    x = mx.array(canvases)
+    for x, *_ in _unmask(model, mask_id, canvases, editable, min(steps, int(editable.sum())), schedule, strategy,
+                         temp, 0, 1.0, None, 0, False, 0, 0.0, mx.random.key(seed), len(canvases)):
+        pass
+    return np.array(x)
 
 
 def _check_options(o: dict) -> None:

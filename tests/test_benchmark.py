@@ -2,17 +2,10 @@
 
 import importlib
 import json
-import math
 
-import numpy as np
 import pytest
 
-import mlx_dlm
-
-from reference import forward, log_softmax
-
 bench = importlib.import_module("mlx_dlm.benchmark.__main__")
-quality = importlib.import_module("mlx_dlm.benchmark.quality")
 
 
 def test_random_pair_sweep(tmp_path, capsys):
@@ -52,21 +45,6 @@ def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small
     assert results["quality"]["dlm_val_elbo"] > 0 and results["quality"]["ar_val_nll"] > 0
     for r in results["rows"]:
         assert 1 < r["gen_ppl"] < 100 and 0 < r["entropy_bits"] < 7
-
-
-def test_generative_perplexity_matches_numpy(tiny_ar_dir):
-    model, tok = mlx_dlm.load(tiny_ar_dir)
-    texts = ["ROMEO: what say you", "ROMEO: to be or not"]
-    got = quality.generative_perplexity(model, tok, texts, "ROMEO:")
-    nll, chars = 0.0, 0
-    for text in texts:
-        ids = np.array([tok.encode(text)])
-        logp = log_softmax(forward(model, ids[:, :-1], None))[0]
-        token_nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]
-        nll += token_nll[len("ROMEO:") - 1:].sum()
-        chars += len(text) - len("ROMEO:")
-    assert math.isclose(got, math.exp(nll / chars), rel_tol=1e-4)
-    assert quality.char_entropy(["Paaaa", "Pbbbb"], "P") == pytest.approx(1.0)
 
 
 def test_plot(tmp_path):

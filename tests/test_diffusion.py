@@ -28,10 +28,10 @@ def test_masks_are_independent_across_positions():
 
 def test_stratified_t_has_one_draw_per_bin():
     B = 64
-    t = np.array(sample_t(B, stratified=True, key=mx.random.key(1)))
+    t = np.array(sample_t(B, "stratified", key=mx.random.key(1)))
     bins = np.floor((t - T_MIN) / (1 - T_MIN) * B).astype(int)
     assert sorted(bins.tolist()) == list(range(B))
-    u = np.array(sample_t(20_000, stratified=False, key=mx.random.key(2)))
+    u = np.array(sample_t(20_000, "uniform", key=mx.random.key(2)))
     assert T_MIN <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
 
 
@@ -45,7 +45,7 @@ def test_loss_matches_numpy_reference(loss):
 
     # Recompute the same draw (same key split) and the loss by hand in float64.
     t_key, mask_key = mx.random.split(key)
-    t = np.array(sample_t(4, True, key=t_key), dtype=np.float64)
+    t = np.array(sample_t(4, "stratified", key=t_key), dtype=np.float64)
     noisy, hidden = (np.array(a) for a in corrupt(mx.array(targets), mx.array(t, dtype=mx.float32), 0, key=mask_key))
     logp = log_softmax(forward(model, noisy, t))
     nll = -np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
