@@ -1,18 +1,30 @@
-"""`mlx_dlm.train`: train a masked diffusion language model.
+"""`mlx_dlm.train`: train a masked diffusion language model (or its matched AR baseline).
 
     mlx_dlm.train --data input.txt --preset tiny --iters 300 --out runs/tiny
 
-With no arguments it trains the simple_dlm preset on Tiny Shakespeare into ./checkpoints.
+With no arguments it trains the default preset and recipe on Tiny Shakespeare into ./checkpoints.
+
+A map of the module:
+- flags: `setup_arg_parser`; which flags define a run (`RUN_SETTINGS`) and how `--resume` takes them
+  from the checkpoint (`resume_settings`);
+- the step: `make_optimizer`, `training_loss`, `make_train_step` (one compiled function: masks, loss,
+  gradients, clipping, update), `make_evaluator` (validation over fixed windows and masks);
+- the run: `prepare` (data, model, optimizer, resumed state) -> `_loop` (steps, reports, validation,
+  checkpoints, signals) -> `train`, which ties them together.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -24,14 +36,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import blas, checkpoint, data
-from .diffusion import LOSSES, ar_loss, diffusion_loss
+from .diffusion import LOSSES, T_SAMPLING, ar_loss, diffusion_loss
 from .errors import UserError, run_cli
 from .io import CONFIG_FILE, load
-from .model import PRESETS, Model, init_model, preset_args
+from .model import INIT_SCHEMES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
 from .tokenizer import CharTokenizer, SentencePieceTokenizer
 
-DEFAULT_PRESET = "simple_dlm"
+DEFAULT_PRESET = "base"
+DEFAULT_INIT = "local"
 DEFAULT_OUT = "checkpoints"
 DEFAULT_ITERS = 5000
 DEFAULT_BATCH_SIZE = 64
@@ -42,32 +55,51 @@ DEFAULT_REPORT_EVERY = 10
 DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
 
+# What defines a run: --resume takes these from the checkpoint, and refuses a flag that contradicts it.
+RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
+                "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
+                "t_sampling", "dtype", "val_fraction", "seed")
+# Flags that may change on resume, with what changing them does.
+CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
+                        "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
+                                        "across the change"}
+
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.train."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.train", description="Train a masked diffusion language model.")
+    p = argparse.ArgumentParser(prog="mlx_dlm.train", description="Train a masked diffusion language model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: Tiny Shakespeare, cached)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--arch", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one architecture field of the preset, e.g. --arch n_layers=6 --arch "
+                        "time_cond=false (repeatable; fields: see config.json)")
+    p.add_argument("--init", choices=INIT_SCHEMES, default=DEFAULT_INIT,
+                   help="initialisation: local (unit-scale tables, sinusoidal positions, keys start as queries: "
+                        "attention is local from step 0) or simple_dlm (its N(0, 1) tables)")
     p.add_argument("--tokenizer", choices=("char", "sp"), default="char",
                    help="characters (simple_dlm) or a SentencePiece model trained on the data")
     p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
     p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--out", default=DEFAULT_OUT, help="model directory for checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings it was started with")
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                    help="training window length (at most the model's context)")
     p.add_argument("--learning-rate", type=float, default=DEFAULT_LR, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="final lr as a fraction of the peak (1 with --warmup 0: constant)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--objective", choices=("dlm", "ar"), default="dlm",
                    help="masked diffusion, or the matched autoregressive baseline (same Transformer, causal)")
     p.add_argument("--loss", choices=LOSSES, default="elbo", help="diffusion loss")
-    p.add_argument("--t-sampling", choices=("stratified", "uniform"), default="stratified",
-                   help="how mask ratios are drawn across a batch")
+    p.add_argument("--t-sampling", choices=T_SAMPLING, default="stratified",
+                   help="how mask ratios are drawn: one per bin across the batch, independently, or one for the "
+                        "whole batch (simple_dlm)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
     p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION)
     p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY)
@@ -82,16 +114,69 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_arch(items: list[str]) -> dict:
+    """--arch KEY=VALUE items as ModelArgs overrides (values read as JSON: numbers, true/false, or strings)."""
+    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise UserError(f"--arch {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def explicit_settings(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
+                      argv: list[str] | None = None) -> set[str]:
+    """Names of the flags given on the command line (argv), or, for parsed args alone, of those that differ
+    from their defaults."""
+    parser = parser or setup_arg_parser()
+    if argv is None:
+        return {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_settings(args: argparse.Namespace, explicit: set[str], saved: dict, verbose: bool = True) -> argparse.Namespace:
+    """The args of a resumed run: every setting from the checkpoint unless given on the command line.
+
+    A run-defining flag (RUN_SETTINGS) given with another value than the checkpoint's is a UserError; the
+    others may change (the effect of a changed --iters or --eval-batches is printed)."""
+    merged = vars(args).copy()
+    for name, value in saved.items():
+        if name in ("out", "resume") or name not in merged:
+            continue
+        if name not in explicit:
+            merged[name] = value
+        elif merged[name] != value and name in RUN_SETTINGS:
+            raise UserError(f"{_flag(name)} {merged[name]} contradicts the checkpoint in {args.out}, which was "
+                            f"trained with {value!r}; drop the flag to continue that run")
+        elif merged[name] != value and name in CHANGEABLE_ON_RESUME and verbose:
+            effect = CHANGEABLE_ON_RESUME[name].format(new=merged[name], old=value)
+            print(f"note: {_flag(name)} changed on resume: {effect}", file=sys.stderr)
+    return argparse.Namespace(**merged)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("iters", "batch_size", "report_every", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"{_flag(name)} must be at least 1")
     if args.seq_len < 2:
         raise UserError("--seq-len must be at least 2")
     if args.learning_rate <= 0:
         raise UserError("--learning-rate must be positive")
-    if not args.resume and args.preset not in PRESETS:
+    if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
+    parse_arch(args.arch)
 
 
 def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
@@ -152,11 +237,11 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
     return run
 
 
-def training_loss(model: Model, mask_id: int, loss: str = "elbo", stratified: bool = True) -> Callable:
+def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified") -> Callable:
     """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, or next-token NLL for AR."""
     if model.args.model_type == "ar":
         return lambda model, batch, key=None: ar_loss(model, batch)
-    return partial(diffusion_loss, mask_id=mask_id, loss=loss, stratified=stratified)
+    return partial(diffusion_loss, mask_id=mask_id, loss=loss, t_sampling=t_sampling)
 
 
 def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int,
@@ -186,34 +271,71 @@ def _random_state() -> int:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT aborts at once.
 
-    def __init__(self):
+    Python runs signal handlers only between bytecodes of the main thread, so a Ctrl-C that lands inside a
+    long MLX computation waits for it, and two of them merge into one. Instead the signal's C handler writes
+    each signal number to a pipe (`signal.set_wakeup_fd`), and a watchdog thread reads it: MLX releases the
+    GIL while it computes, so the watchdog acts at once."""
+
+    def __init__(self, out: Path | None = None):
         self.signal = None
+        self.out = out
         self._previous = {}
+        self._pipe = None
+        self._old_wakeup = -1
 
     def __enter__(self):
         import signal
+        import threading
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: None)  # the watchdog decides
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread (or no pipes): leave signals alone
+            self.__exit__()
+            return self
+        self._pipe = (read_fd, write_fd)
+        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="mlx_dlm-signals").start()
         return self
 
-    def _handle(self, signum, frame):
+    def _watch(self, read_fd: int) -> None:
         import signal
 
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        while True:
+            try:
+                received = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not received:
+                return
+            for signum in received:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                if signum == signal.SIGINT and self.signal == "SIGINT":
+                    where = f"; the last checkpoint in {self.out} is kept" if self.out else ""
+                    print(f"Aborted by a second Ctrl-C{where}", file=sys.stderr, flush=True)
+                    os._exit(130)
+                if self.signal is None:
+                    self.signal = signal.Signals(signum).name
+                    print(f"{self.signal}: stopping after this step and saving a checkpoint"
+                          + (" (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""),
+                          file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         import signal
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in reversed(self._pipe):
+                os.close(fd)
+            self._pipe = None
         return False
 
 
@@ -230,187 +352,289 @@ def _log(line: str, bar) -> None:
         print(line, flush=True)
 
 
-def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None = None) -> Path:
-    """Run training as configured by parsed flags; returns the output directory.
+@dataclass
+class Progress:
+    """Counters a checkpoint carries: optimizer steps, skipped updates, training seconds and FLOPs so far
+    (validation and saving excluded), and the last validation loss."""
 
-    Under `mlx.launch -n N`, N processes train one model (data parallel): each takes its rows of a
-    global batch of N x --batch-size, gradients are averaged, and only rank 0 prints and writes.
-    on_checkpoint(step) is called after each checkpoint is written.
-    """
+    step: int = 0
+    skipped: int = 0
+    train_seconds: float = 0.0
+    flops: float = 0.0
+    val_loss: float | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training run works with, built by `prepare`."""
+
+    args: argparse.Namespace
+    out: Path
+    model: Model
+    tokenizer: object
+    optimizer: optim.Optimizer
+    train_tokens: np.ndarray
+    evaluate: Callable[[], float] | None
+    chars_per_token: float
+    data_sha: str
+    rng: np.random.Generator
+    progress: Progress
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def flops_per_step(self) -> float:
+        """Forward + backward (~3x forward) FLOPs of one step over the global batch."""
+        a = self.args
+        predicted = a.seq_len - (self.model.args.model_type == "ar")
+        return 3 * self.model.flops_per_token(a.seq_len) * a.batch_size * self.size * predicted
+
+
+def _restore(out: Path, rank: int, size: int) -> dict:
+    """Rank 0 repairs and reads the checkpoint; the others read it after rank 0 is done."""
+    state = checkpoint.restore(out) if rank == 0 else None
+    if size > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))
+    return state if state is not None else checkpoint.restore(out)
+
+
+def _new_model(args: argparse.Namespace, tokenizer) -> Model:
+    model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective,
+                             **parse_arch(args.arch))
+    return init_model(model_args, seed=args.seed, init=args.init)
+
+
+def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
+    """Read the data, build or restore model, optimizer and random states, set up validation.
+
+    On --resume the run's settings come from the checkpoint (see `resume_settings`)."""
     _check_args(args)
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
-    main_rank = rank == 0
     out = Path(args.out)
-    text = data.read_corpus(args.data)
-    data_sha = hashlib.sha256(text.encode()).hexdigest()
     resume_state = None
     if args.resume:
-        if main_rank:
-            resume_state = checkpoint.restore(out)  # may repair a checkpoint torn by a kill
-        if size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the others read only after rank 0 is done
-        if not main_rank:
-            resume_state = checkpoint.restore(out)
+        resume_state = _restore(out, rank, size)
+        args = resume_settings(args, explicit_settings(args) if explicit is None else explicit,
+                               resume_state.get("args", {}), rank == 0)
+        _check_args(args)
+    elif (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
+        raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
+    text = data.read_corpus(args.data)
+    data_sha = hashlib.sha256(text.encode()).hexdigest()
+    if resume_state is not None:
+        if resume_state.get("data_sha256", data_sha) != data_sha:
+            raise UserError(f"the data ({args.data or 'Tiny Shakespeare'}) differs from the corpus this checkpoint "
+                            "was trained on (sha256 mismatch)")
         model, tokenizer = load(out)
-        if resume_state.get("data_sha256") != data_sha and main_rank:
-            print("warning: --data differs from the corpus this checkpoint was trained on", file=sys.stderr)
     else:
-        if (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
-            raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
         tokenizer = _build_tokenizer(args, text)
-        model = init_model(preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective),
-                           seed=args.seed)
-    seq_len = args.seq_len
-    if seq_len > model.args.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.args.max_seq_len}")
+        model = _new_model(args, tokenizer)
+    if args.seq_len > model.args.max_seq_len:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
     if args.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
 
     tokens = tokenizer.encode_array(text)
     train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction)
-    data.check_window(train_tokens, seq_len, "training")
-    evaluate = None
-    if len(val_tokens) >= seq_len:
-        val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, seq_len)
+    data.check_window(train_tokens, args.seq_len, "training")
+    evaluate, chars_per_token = None, 1.0
+    if len(val_tokens) >= args.seq_len:
+        val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, args.seq_len)
         evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size, (rank, size))
         chars_per_token = len(tokenizer.decode(val_tokens)) / len(val_tokens)
-    elif main_rank:
-        print(f"note: validation split has fewer than {seq_len} tokens; skipping validation", file=sys.stderr)
+    elif rank == 0:
+        print(f"note: validation split has fewer than {args.seq_len} tokens; skipping validation", file=sys.stderr)
 
     optimizer = make_optimizer(args)
-    # Every process draws the same global batch and masks (same seeds) and keeps its own rows.
-    rng = np.random.default_rng(args.seed)
-    step, skipped = 0, 0
+    rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
+    progress = Progress()
     if resume_state is not None:
         optimizer.init(model.trainable_parameters())
         optimizer.state = tree_unflatten(checkpoint.load_optimizer_state(out))
-        step, skipped = int(resume_state["step"]), int(resume_state.get("skipped", 0))
+        progress = Progress(**{k: resume_state[k] for k in ("step", "skipped", "train_seconds", "flops", "val_loss")
+                               if resume_state.get(k) is not None})
         rng.bit_generator.state = resume_state["data_rng"]
         mx.random.seed(int(resume_state["mlx_rng"]))
-        if main_rank:
-            checkpoint.trim_metrics(out / checkpoint.METRICS_FILE, step)
+        if rank == 0:
+            checkpoint.trim_metrics(out / checkpoint.METRICS_FILE, progress.step)
     else:
         mx.random.seed(args.seed)
-        if main_rank:
+        if rank == 0:
             (out / checkpoint.METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that saved no model
+    return Run(args, out, model, tokenizer, optimizer, train_tokens, evaluate, chars_per_token, data_sha, rng,
+               progress, rank, size)
 
-    stratified = args.t_sampling == "stratified"
-    loss_fn = training_loss(model, tokenizer.mask_id, args.loss, stratified)
-    if model.args.model_type == "dlm" and size > 1:
-        loss_fn = partial(loss_fn, shard=(rank, size))
-    train_step = make_train_step(model, optimizer, loss_fn, args.grad_clip, args.skip_nonfinite, size > 1)
-    bound = "ELBO" if model.args.model_type == "dlm" else "NLL"
-    save_every = args.save_every or args.eval_every
-    rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 
-    def log(line: str) -> None:
-        if main_rank:
-            _log(line, bar)
+def _banner(run: Run) -> str:
+    a, m = run.args, run.model
+    arch = f", arch {a.arch}" if a.arch else ""
+    return (f"mlx_dlm.train: {m.args.model_type} model ({a.preset} preset{arch}, {a.init} init), "
+            f"{m.num_params() / 1e6:.2f}M parameters, vocab {run.tokenizer.vocab_size} ({run.tokenizer.kind}), "
+            f"{len(run.train_tokens):,} train tokens, batch {a.batch_size} x {a.seq_len}"
+            + (f" per process x {run.size} processes = effective batch {a.batch_size * run.size}"
+               if run.size > 1 else "")
+            + f", device {mx.default_device()}, blas {blas.status}")
 
-    bar = None
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"mlx_dlm.train: {model.args.model_type} model ({args.preset} preset), "
-              f"{model.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size} ({tokenizer.kind}), "
-              f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens, batch {args.batch_size} x {seq_len}"
-              + (f" per process x {size} processes = effective batch {args.batch_size * size}" if size > 1 else "")
-              + f", device {mx.default_device()}, blas {blas.status}", flush=True)
-        if step:
-            print(f"Resuming from step {step}", flush=True)
+
+class _Logger:
+    """Rank 0's output: lines on stdout (above the progress bar on a terminal) and rows in metrics.jsonl."""
+
+    def __init__(self, run: Run):
+        self.bar = self.metrics = None
+        if not run.main_rank:
+            return
+        run.out.mkdir(parents=True, exist_ok=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=args.iters, initial=step, unit="it", dynamic_ncols=True, leave=False)
-    metrics = open(out / checkpoint.METRICS_FILE, "a") if main_rank else None
+            self.bar = tqdm(total=run.args.iters, initial=run.progress.step, unit="it", dynamic_ncols=True,
+                            leave=False)
+        self.metrics = open(run.out / checkpoint.METRICS_FILE, "a")
+        self.enabled = True
 
-    def write_metrics(row: dict) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+    def line(self, text: str) -> None:
+        if self.metrics is not None:
+            _log(text, self.bar)
 
-    def validate(step: int) -> float:
-        t0 = time.perf_counter()
-        val = evaluate()
-        row = {"step": step, "val_loss": val, "val_bpc": val / math.log(2) / chars_per_token}
-        log(f"Iter {step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
-            f"Val took {time.perf_counter() - t0:.2f}s")
-        write_metrics(row)
-        if args.sample_tokens > 0 and step > 0 and main_rank:
-            n = min(args.sample_tokens, seq_len)
-            log(f"Sample: {generate(model, tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=step)!r}")
-        return val
+    def row(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
-    def save() -> None:
-        state = {"step": step, "data_rng": rng.bit_generator.state, "mlx_rng": _random_state(),
-                 "data_sha256": data_sha, "val_loss": last_val, "skipped": skipped, "processes": size,
-                 "args": vars(args)}
-        if main_rank:
-            checkpoint.save(out, model, optimizer, tokenizer, state)
-            if on_checkpoint is not None:
-                on_checkpoint(step)
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
-    last_val = resume_state.get("val_loss") if resume_state else None
+    def close(self) -> None:
+        for f in (self.metrics, self.bar):
+            if f is not None:
+                f.close()
+
+
+def _validate(run: Run, log: _Logger) -> float:
+    t0 = time.perf_counter()
+    p = run.progress
+    val = run.evaluate()
+    bound = "ELBO" if run.model.args.model_type == "dlm" else "NLL"
+    row = {"step": p.step, "val_loss": val, "val_bpc": val / math.log(2) / run.chars_per_token,
+           "train_seconds": p.train_seconds, "flops": p.flops}
+    log.line(f"Iter {p.step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
+             f"Val took {time.perf_counter() - t0:.2f}s")
+    log.row(row)
+    n = min(run.args.sample_tokens, run.args.seq_len)
+    if n > 0 and p.step > 0 and run.main_rank:
+        log.line(f"Sample: {generate(run.model, run.tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=p.step)!r}")
+    return val
+
+
+def _save(run: Run, on_checkpoint: Callable[[int], None] | None) -> None:
+    p = run.progress
+    state = {"step": p.step, "data_rng": run.rng.bit_generator.state, "mlx_rng": _random_state(),
+             "data_sha256": run.data_sha, "val_loss": p.val_loss, "skipped": p.skipped,
+             "train_seconds": p.train_seconds, "flops": p.flops, "processes": run.size, "args": vars(run.args)}
+    if run.main_rank:
+        checkpoint.save(run.out, run.model, run.optimizer, run.tokenizer, state)
+        if on_checkpoint is not None:
+            on_checkpoint(p.step)
+
+
+def _stopping(run: Run, stop: _StopRequest) -> bool:
+    stopping = stop.signal is not None
+    if run.size > 1:  # every process stops at the same step
+        stopping = mx.distributed.all_sum(mx.array(float(stopping))).item() > 0
+    return stopping
+
+
+def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
+    """Train until --iters or a stop signal; returns True when stopped by a signal."""
+    a, p = run.args, run.progress
+    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling)
+    if run.model.args.model_type == "dlm" and run.size > 1:
+        loss_fn = partial(loss_fn, shard=(run.rank, run.size))
+    train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1)
+    rows = slice(run.rank * a.batch_size, (run.rank + 1) * a.batch_size)
+    save_every = a.save_every or a.eval_every
+    if run.evaluate is not None and p.step == 0:
+        p.val_loss = _validate(run, log)  # the untrained baseline, as nanoGPT does
+    window_steps, window_loss, window_seconds = 0, 0.0, 0.0
+    while p.step < a.iters:
+        tic = time.perf_counter()
+        batch = mx.array(data.random_windows(run.train_tokens, a.batch_size * run.size, a.seq_len, run.rng)[rows])
+        lr = run.optimizer.learning_rate.item()
+        loss, grad_norm, applied = train_step(batch)
+        p.step += 1
+        if not applied.item():
+            if not a.skip_nonfinite:
+                raise UserError(f"loss or gradient became non-finite at step {p.step} (loss {loss.item()}); "
+                                f"last good checkpoint kept in {run.out}; lower --learning-rate or pass "
+                                "--skip-nonfinite")
+            p.skipped += 1
+            log.line(f"Iter {p.step}: skipped a non-finite update ({p.skipped} so far)")
+        else:
+            window_steps += 1
+            window_loss += loss.item()
+        elapsed = time.perf_counter() - tic
+        p.train_seconds += elapsed
+        p.flops += run.flops_per_step
+        window_seconds += elapsed
+        log.tick()
+        if (p.step % a.report_every == 0 or p.step == a.iters) and window_steps:
+            row = {"step": p.step, "train_loss": window_loss / window_steps, "lr": lr,
+                   "grad_norm": grad_norm.item(), "it_per_sec": window_steps / window_seconds,
+                   "tokens_per_sec": window_steps * a.batch_size * run.size * a.seq_len / window_seconds,
+                   "skipped": p.skipped, "train_seconds": p.train_seconds, "flops": p.flops}
+            log.line(f"Iter {p.step}: Train loss {row['train_loss']:.3f}, Learning Rate {lr:.3e}, "
+                     f"It/sec {row['it_per_sec']:.2f}, Tokens/sec {row['tokens_per_sec']:.0f}")
+            log.row(row)
+            window_steps, window_loss, window_seconds = 0, 0.0, 0.0
+        if run.evaluate is not None and (p.step % a.eval_every == 0 or p.step == a.iters):
+            p.val_loss = _validate(run, log)
+        stopping = _stopping(run, stop)
+        if p.step % save_every == 0 or p.step == a.iters or stopping:
+            _save(run, on_checkpoint)
+        if stopping:
+            log.line(f"Stopped by {stop.signal or 'a signal'} at step {p.step}; checkpoint saved in {run.out}. "
+                     f"Resume with: mlx_dlm.train --resume --out {run.out}")
+            return True
+    return False
+
+
+def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None = None,
+          explicit: set[str] | None = None) -> Path:
+    """Run training as configured by parsed flags; returns the output directory.
+
+    Under `mlx.launch -n N`, N processes train one model (data parallel): each takes its rows of a
+    global batch of N x --batch-size, gradients are averaged, and only rank 0 prints and writes.
+    on_checkpoint(step) is called after each checkpoint is written. explicit: the flags the user gave
+    (resume refuses those that contradict the checkpoint); by default, those that differ from the defaults.
+    """
+    run = prepare(args, explicit)
+    log = _Logger(run)
+    log.line(_banner(run))
+    if run.progress.step:
+        log.line(f"Resuming from step {run.progress.step}")
     try:
-        with _StopRequest() as stop:
-            if evaluate is not None and step == 0:
-                last_val = validate(0)  # the untrained baseline, as nanoGPT does
-            tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            while step < args.iters:
-                batch = mx.array(data.random_windows(train_tokens, args.batch_size * size, seq_len, rng)[rows])
-                lr = optimizer.learning_rate.item()
-                loss, grad_norm, applied = train_step(batch)
-                step += 1
-                if not applied.item():
-                    if not args.skip_nonfinite:
-                        raise UserError(f"loss or gradient became non-finite at step {step} (loss {loss.item()}); "
-                                        f"last good checkpoint kept in {out}; lower --learning-rate or pass "
-                                        "--skip-nonfinite")
-                    skipped += 1
-                    log(f"Iter {step}: skipped a non-finite update ({skipped} so far)")
-                else:
-                    window_steps += 1
-                    window_loss += loss.item()
-                if bar is not None:
-                    bar.update(1)
-                if (step % args.report_every == 0 or step == args.iters) and window_steps:
-                    elapsed = time.perf_counter() - tic
-                    row = {"step": step, "train_loss": window_loss / window_steps, "lr": lr,
-                           "grad_norm": grad_norm.item(), "it_per_sec": window_steps / elapsed,
-                           "tokens_per_sec": window_steps * args.batch_size * size * seq_len / elapsed,
-                           "skipped": skipped}
-                    log(f"Iter {step}: Train loss {row['train_loss']:.3f}, Learning Rate {lr:.3e}, "
-                        f"It/sec {row['it_per_sec']:.2f}, Tokens/sec {row['tokens_per_sec']:.0f}")
-                    write_metrics(row)
-                    tic, window_steps, window_loss = time.perf_counter(), 0, 0.0
-                if evaluate is not None and (step % args.eval_every == 0 or step == args.iters):
-                    last_val = validate(step)
-                    tic = time.perf_counter()
-                stopping = stop.signal is not None
-                if size > 1:  # every process stops at the same step
-                    stopping = mx.distributed.all_sum(mx.array(float(stopping))).item() > 0
-                if step % save_every == 0 or step == args.iters or stopping:
-                    save()
-                    tic = time.perf_counter()
-                if stopping:
-                    log(f"Stopped by {stop.signal or 'a signal'} at step {step}; checkpoint saved in {out}. "
-                        f"Resume with: mlx_dlm.train --resume --out {out} --iters {args.iters} (and the same --data)")
-                    return out
+        with _StopRequest(run.out) as stop:
+            stopped = _loop(run, log, stop, on_checkpoint)
     finally:
-        if metrics is not None:
-            metrics.close()
-        if bar is not None:
-            bar.close()
-    if size > 1:
-        fingerprints = np.array(mx.distributed.all_gather(_fingerprint(model)[None]))
+        log.close()
+    if stopped:
+        return run.out
+    if run.size > 1:
+        fingerprints = np.array(mx.distributed.all_gather(_fingerprint(run.model)[None]))
         same = bool((fingerprints == fingerprints[0]).all())
-        log(f"Parameters identical on all {size} processes: {'yes' if same else 'NO'}")
-    log(f"Saved model to {out} (step {step})")
-    if args.upload_repo and main_rank:
-        from .hub import upload
+        log.line(f"Parameters identical on all {run.size} processes: {'yes' if same else 'NO'}")
+    log.line(f"Saved model to {run.out} (step {run.progress.step})")
+    if run.args.upload_repo and run.main_rank:
+        from .upload import upload
 
-        log(f"Uploaded to {upload(out, args.upload_repo)}")
-    return out
+        log.line(f"Uploaded to {upload(run.out, run.args.upload_repo)}")
+    return run.out
 
 
 def _fingerprint(model: Model) -> mx.array:
@@ -421,7 +645,9 @@ def _fingerprint(model: Model) -> mx.array:
 
 
 def _main(argv: list[str] | None) -> None:
-    train(setup_arg_parser().parse_args(argv))
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    train(args, explicit=explicit_settings(args, parser, argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,3 +97,26 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, small_text_path, capsys):
     assert state["step"] == 12 and state["skipped"] > 0
     model, _ = mlx_dlm.load(tmp_path / "skip")
     assert _finite(model)
+
+
+def test_second_sigint_aborts_at_once_even_mid_step(tmp_path, small_text_path):
+    # Steps of ~1 s or more: the second Ctrl-C lands inside MLX's computation, where no Python handler runs.
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_dlm.train", "--data", str(small_text_path), "--out", str(out),
+                             "--preset", "simple_dlm", "--batch-size", "32", "--iters", "1000", "--report-every", "1",
+                             "--eval-every", "1000", "--sample-tokens", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Iter 2:"):
+            break
+    tic = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    waited = time.perf_counter() - tic
+    step_seconds = 1 / float(line.split("It/sec ")[1].split(",")[0])
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "Aborted by a second Ctrl-C" in err and "Ctrl-C again to abort" in err
+    assert waited < 0.3 + step_seconds / 2  # at once, not after finishing the step
+    assert not (out / checkpoint.STATE_FILE).exists()  # aborted: no save after the second Ctrl-C

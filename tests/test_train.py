@@ -114,3 +114,39 @@ def test_sentencepiece_training_run(tmp_path, small_text_path):
     assert tok.kind == "sp" and model.args.vocab_size == 200
     text = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=16, steps=4, seed=0)
     assert text.startswith("ROMEO:")
+
+
+def test_resume_takes_the_runs_settings_from_the_checkpoint(tmp_path, small_text_path, capsys):
+    flags = [*TINY_TRAIN, "--data", str(small_text_path), "--iters", "10", "--save-every", "5", "--eval-every", "5",
+             "--batch-size", "4", "--learning-rate", "3e-3", "--warmup", "2", "--arch", "n_layers=1"]
+    straight = train.train(train.setup_arg_parser().parse_args([*flags, "--out", str(tmp_path / "a")]))
+
+    def crash_at_5(step):
+        if step == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train.train(train.setup_arg_parser().parse_args([*flags, "--out", str(tmp_path / "b")]), crash_at_5)
+    train.main(["--resume", "--out", str(tmp_path / "b")])  # nothing else: data, batch, lr, arch from the checkpoint
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["step"] == 10 and state["args"]["batch_size"] == 4 and state["args"]["learning_rate"] == 3e-3
+    assert state["args"]["preset"] == "tiny" and state["args"]["arch"] == ["n_layers=1"]
+    pa, pb = _params(mlx_dlm.load(straight)[0]), _params(mlx_dlm.load(tmp_path / "b")[0])
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa)  # bit-identical to the uninterrupted run
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # a run-defining flag that contradicts the checkpoint
+        train.main(["--resume", "--out", str(tmp_path / "b"), "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "--batch-size 8 contradicts the checkpoint" in err and len(err.splitlines()) == 1
+    train.main(["--resume", "--out", str(tmp_path / "b"), "--iters", "12", "--batch-size", "4"])  # same value: fine
+    assert "--iters changed on resume: the cosine schedule now ends at step 12 (was 10)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 12
+
+
+def test_arch_overrides_are_checked(tmp_path, small_text_path):
+    parse = train.setup_arg_parser().parse_args
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--arch", "depth=3"]))
+    assert train.parse_arch(["time_cond=false", "n_heads=2", "pos_emb=rope"]) == \
+        {"time_cond": False, "n_heads": 2, "pos_emb": "rope"}
