@@ -110,7 +110,7 @@ def _main(argv: list[str] | None) -> None:
           f"{model_args.model_type}) -> {out}")
     print(f"model.safetensors: {size / 1e6:.2f} MB ({args.dtype} weights would be {float_bytes / 1e6:.2f} MB)")
     if args.upload_repo:
-        from mlx_dlm.hub import upload
+        from mlx_dlm.upload import upload
 
         print(f"Uploaded to {upload(out, args.upload_repo)}")
 

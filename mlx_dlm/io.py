@@ -15,11 +15,14 @@ from mlx.utils import tree_flatten
 
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
+from .hub import resolve
 from .model import Model, ModelArgs, quantize
 from .tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar")  # reference models trained here, in ASSETS_DIR
 
 
 def save_weights(path: str | os.PathLike, model: Model, metadata: dict[str, str] | None = None) -> None:
@@ -71,11 +74,22 @@ def load_weights(model: Model, path: str | os.PathLike) -> None:
     mx.eval(model.parameters())
 
 
-def load(path: str | os.PathLike, revision: str | None = None) -> tuple[Model, Tokenizer]:
-    """Load (model, tokenizer) from a model directory or a Hugging Face repo id ("user/repo")."""
-    from .hub import resolve
+def shipped_model(name: str | os.PathLike) -> Path | None:
+    """The directory of a reference model shipped in the package (SHIPPED_MODELS), or None for other names.
 
-    directory = resolve(path, revision)
+    A local directory of the same name takes precedence."""
+    if str(name) not in SHIPPED_MODELS or Path(name).is_dir():
+        return None
+    directory = ASSETS_DIR / str(name)
+    if not (directory / CONFIG_FILE).exists():
+        raise UserError(f"the reference model {name} is not in this installation of mlx-dlm ({directory} is missing)")
+    return directory
+
+
+def load(path: str | os.PathLike, revision: str | None = None) -> tuple[Model, Tokenizer]:
+    """Load (model, tokenizer) from a model directory, a shipped model's name (SHIPPED_MODELS) or a
+    Hugging Face repo id ("user/repo")."""
+    directory = shipped_model(path) or resolve(path, revision)
     if not directory.is_dir():
         raise UserError(f"model directory {directory} does not exist")
     config = read_config(directory)

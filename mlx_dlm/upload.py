@@ -1,11 +1,58 @@
-"""`mlx_dlm.upload --path DIR --repo user/repo`: share a model directory on the Hugging Face Hub."""
+"""`mlx_dlm.upload --path DIR --repo user/repo`: share a model directory on the Hugging Face Hub.
+
+`upload` writes the model card (with `training_summary` of a trained directory) and pushes the model files;
+`mlx_dlm.train --upload-repo` and `mlx_dlm.convert --upload-repo` call it too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 from .errors import run_cli
-from .hub import upload
+from .hub import MODEL_FILES
+from .io import load, read_config, write_model_card
+from .model import Model
+
+
+def training_summary(directory: Path) -> list[str]:
+    """Model-card lines about training, from state.json and metrics.jsonl when present."""
+    lines = []
+    state_path, metrics_path = directory / "state.json", directory / "metrics.jsonl"
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        args = state.get("args", {})
+        data = args.get("data") or "Tiny Shakespeare"
+        lines.append(f"Trained with `mlx_dlm.train` for {state['step']} steps on {Path(str(data)).name} "
+                     f"(batch {args.get('batch_size')} x {args.get('seq_len')}, {args.get('loss', 'elbo')} loss, "
+                     f"{state.get('processes', 1)} process(es)).")
+    if metrics_path.exists():
+        vals = [json.loads(x) for x in metrics_path.read_text().splitlines() if '"val_loss"' in x]
+        if vals:
+            lines.append(f"Final validation loss: {vals[-1]['val_loss']:.4f} nats/token "
+                         f"({vals[-1]['val_bpc']:.4f} bits/char) at step {vals[-1]['step']}.")
+    return lines
+
+
+def upload(directory: str | os.PathLike, repo: str, private: bool = False, revision: str | None = None) -> str:
+    """Write the model card, create the repo if needed and upload the model files; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    directory = Path(directory)
+    model, tokenizer = load(directory)  # refuse to upload a broken directory
+    summary = training_summary(directory)
+    if summary or not (directory / "README.md").exists():  # a converter's card is kept as it is
+        source = summary or [f"Source: {read_config(directory).get('source', 'unknown')}."]
+        n_params = Model(model.args).num_params()  # the float count, also for quantized models
+        write_model_card(directory, model.args, n_params, tokenizer, source, name=repo)
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(directory), repo_id=repo, revision=revision,
+                      allow_patterns=MODEL_FILES, commit_message="Upload mlx-dlm model")
+    return f"https://huggingface.co/{repo}"
+
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import mlx_dlm
-from mlx_dlm import hub
+from mlx_dlm import upload as upload_module
 from mlx_dlm.errors import UserError
 
 generate_cli = importlib.import_module("mlx_dlm.generate")
@@ -58,7 +58,7 @@ def test_upload_writes_card_and_uploads_model_files(tmp_path, tiny_model_dir, mo
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     directory = tmp_path / "m"
     shutil.copytree(tiny_model_dir, directory)
-    url = hub.upload(directory, "someone/tiny-dlm")
+    url = upload_module.upload(directory, "someone/tiny-dlm")
     assert url.endswith("someone/tiny-dlm")
     assert calls[0] == ("create", "someone/tiny-dlm", {"private": False, "exist_ok": True})
     upload = calls[1][1]
