@@ -1,4 +1,5 @@
-"""`mlx_dlm.benchmark [train] ...`: decode throughput (DLM vs AR), or training speed with `train`."""
+"""`mlx_dlm.benchmark [train|learn] ...`: decode throughput (DLM vs AR), training speed (`train`), or
+learning speed of recipes (`learn`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import sys
 
 from mlx_dlm.errors import run_cli
 
-from . import throughput, train_speed
+from . import learn, throughput, train_speed
 
 
 def _main(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
         train_speed.main(argv[1:])
+    elif argv and argv[0] == "learn":
+        learn.main(argv[1:])
     else:
         throughput.main(argv)
 

@@ -1,12 +1,19 @@
-"""simple_dlm's model and training step in PyTorch, for side-by-side training speed (needs torch).
+"""simple_dlm's model, training step and training loop in PyTorch, for side-by-side benchmarks (needs torch).
 
 The layer list follows simple_dlm's current revision; `fused=False` gives the older separate Q/K/V.
+- `seconds_per_step`: the step (per-sequence mask ratios, AdamW, clipping) timed at a given size;
+- `train_loop`: simple_dlm's own recipe (Adam 1e-4 constant, one mask ratio for the whole batch,
+  masked-mean loss, no clipping) on given token windows, for a time budget, with a callback at
+  checkpoints so the caller can measure the weights.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Callable
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -63,3 +70,36 @@ def seconds_per_step(vocab: int, d: int, layers: int, batch_size: int, seq_len: 
         if i >= warmup:
             times.append(time.perf_counter() - tic)
     return times
+
+
+def train_loop(tokens: np.ndarray, vocab: int, batch_size: int, seq_len: int, seconds: float, eval_every: int,
+               on_checkpoint: Callable[[int, float, dict], None], seed: int = 0, d: int = 256, layers: int = 10,
+               lr: float = 1e-4) -> None:
+    """simple_dlm's training loop: train for `seconds` of step time, calling on_checkpoint(step, seconds,
+    state_dict as numpy) at step 0, every eval_every steps and at the end (checkpoint time is not counted)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SimpleDLM(vocab, d, layers)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        on_checkpoint(step, elapsed, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
+
+    checkpoint(0, 0.0)
+    step, elapsed = 0, 0.0
+    while elapsed < seconds:
+        starts = rng.integers(0, len(tokens) - seq_len + 1, size=batch_size)
+        batch = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len)].astype(np.int64))
+        tic = time.perf_counter()
+        t = float(rng.uniform())  # one mask ratio for the whole batch
+        hidden = torch.rand(batch_size, seq_len) < t
+        logits = model(torch.where(hidden, 0, batch), torch.full((batch_size,), t))
+        loss = nn.functional.cross_entropy(logits[hidden], batch[hidden]) if hidden.any() else logits.sum() * 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed += time.perf_counter() - tic
+        step += 1
+        if step % eval_every == 0 and elapsed < seconds:
+            checkpoint(step, elapsed)
+    checkpoint(step, elapsed)
