@@ -1,7 +1,11 @@
-"""Corpus resolution, train/validation split and random batch windows."""
+"""Corpus resolution, train/validation split and random batch windows.
+
+Without --data the corpus is Tiny Shakespeare: the gzipped copy shipped in the package (works offline), or,
+in an installation without it, the cached download."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import urllib.request
@@ -16,6 +20,8 @@ TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/mast
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 CACHE_ENV = "MLX_DLM_CACHE"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the shipped corpus (and reference models: io.py)
+PACKAGED_CORPUS = "tinyshakespeare.txt.gz"
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -57,11 +63,23 @@ def _read_utf8(path: Path) -> str:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
+def packaged_tiny_shakespeare() -> str | None:
+    """Tiny Shakespeare from the copy shipped in the package (gzipped, sha256-checked); None if absent."""
+    path = ASSETS_DIR / PACKAGED_CORPUS
+    if not path.exists():
+        return None
+    raw = gzip.decompress(path.read_bytes())
+    if _sha256(raw) != TINY_SHAKESPEARE_SHA256:
+        raise UserError(f"the packaged corpus {path} fails its sha256 check: reinstall mlx-dlm, or pass --data PATH")
+    return raw.decode("utf-8")
+
+
 def read_corpus(data: str | os.PathLike | None = None) -> str:
-    """Text of a file, of a folder of .txt files (sorted, joined by newlines), or of Tiny Shakespeare."""
+    """Text of a file, of a folder of .txt files (sorted, joined by newlines), or of Tiny Shakespeare
+    (the packaged copy; else the cache, downloading on first use)."""
     if data is None:
-        path = tiny_shakespeare_path()
-        return _read_utf8(path)
+        text = packaged_tiny_shakespeare()
+        return text if text is not None else _read_utf8(tiny_shakespeare_path())
     path = Path(data)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

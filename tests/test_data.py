@@ -32,8 +32,24 @@ def test_empty_folder_error(tmp_path):
         data.read_corpus(tmp_path)
 
 
+def test_packaged_corpus_is_tiny_shakespeare_and_needs_no_cache(tmp_path, monkeypatch, shakespeare):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "empty"))  # no cache, and URLs refused by the fixture
+    assert data.read_corpus(None) == shakespeare
+    assert not (tmp_path / "empty").exists()
+
+
+def test_packaged_corpus_is_checked(tmp_path, monkeypatch, shakespeare_path):
+    import gzip
+
+    monkeypatch.setattr(data, "ASSETS_DIR", tmp_path)
+    (tmp_path / data.PACKAGED_CORPUS).write_bytes(gzip.compress(shakespeare_path.read_bytes()[:-1]))
+    with pytest.raises(UserError, match="packaged corpus .* fails its sha256 check"):
+        data.read_corpus(None)
+
+
 def test_cache_lookup_and_verification(tmp_path, monkeypatch, shakespeare_path):
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(data, "ASSETS_DIR", tmp_path / "no-assets")  # an installation without the packaged copy
     assert hashlib.sha256(shakespeare_path.read_bytes()).hexdigest() == data.TINY_SHAKESPEARE_SHA256
     # Missing and offline (the test fixture refuses all URLs): a one-line error that names --data.
     with pytest.raises(UserError, match="cannot download Tiny Shakespeare.*pass --data"):
