@@ -86,9 +86,20 @@ def shipped_model(name: str | os.PathLike) -> Path | None:
     return directory
 
 
-def load(path: str | os.PathLike, revision: str | None = None) -> tuple[Model, Tokenizer]:
+def _compute_dtype_for(model: Model) -> None:
+    """On MLX's CPU backend compute half-precision weights in float32: its float16 matmuls are ~14x slower
+    (README, "Model directory"). Stored files keep their dtype; quantized weights stay quantized."""
+    if mx.default_device() != mx.cpu:
+        return
+    halves = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(model.parameters()))
+    if halves:
+        model.set_dtype(mx.float32)
+
+
+def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool = False) -> tuple[Model, Tokenizer]:
     """Load (model, tokenizer) from a model directory, a shipped model's name (SHIPPED_MODELS) or a
-    Hugging Face repo id ("user/repo")."""
+    Hugging Face repo id ("user/repo"). On the CPU backend float16/bfloat16 weights are computed in float32
+    unless keep_dtype."""
     directory = shipped_model(path) or resolve(path, revision)
     if not directory.is_dir():
         raise UserError(f"model directory {directory} does not exist")
@@ -106,6 +117,8 @@ def load(path: str | os.PathLike, revision: str | None = None) -> tuple[Model, T
         q = config["quantization"]
         quantize(model, group_size=int(q["group_size"]), bits=int(q["bits"]))
     load_weights(model, directory / WEIGHTS_FILE)
+    if not keep_dtype:
+        _compute_dtype_for(model)
     model.eval()
     return model, tokenizer
 

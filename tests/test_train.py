@@ -150,3 +150,20 @@ def test_arch_overrides_are_checked(tmp_path, small_text_path):
         train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--arch", "depth=3"]))
     assert train.parse_arch(["time_cond=false", "n_heads=2", "pos_emb=rope"]) == \
         {"time_cond": False, "n_heads": 2, "pos_emb": "rope"}
+
+
+def test_half_precision_weights_compute_in_float32_on_cpu(tmp_path):
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    model = init_model(preset_args("tiny", vocab_size=tok.vocab_size), seed=3)
+    model.set_dtype(mx.float16)
+    mlx_dlm.save_model(tmp_path / "m", model, tok)
+    assert all(v.dtype == mx.float16 for v in mx.load(str(tmp_path / "m" / "model.safetensors")).values())
+    back, _ = mlx_dlm.load(tmp_path / "m")
+    kept, _ = mlx_dlm.io.load(tmp_path / "m", keep_dtype=True)
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(back.parameters()))
+    assert all(v.dtype == mx.float16 for _, v in tree_flatten(kept.parameters()))
+    x, t = mx.array([tok.encode("abc hgfe")]), mx.array([0.4])
+    want = np.array(kept(x, t).astype(mx.float32))
+    np.testing.assert_allclose(np.array(back(x, t)), want, atol=2e-2)  # same weights; fp16 arithmetic differs
