@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_dlm import data, train
-from mlx_dlm.errors import UserError
+from mlx_dlm.errors import TORCH_CPU_HINT, UserError
 from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.tokenizer import CharTokenizer
 
@@ -98,7 +98,7 @@ def run_torch(text: str, args: argparse.Namespace, seconds: float) -> dict | Non
 
         from .torch_simple_dlm import train_loop
     except ImportError:
-        print("torch not installed: no PyTorch loop (pip install torch==2.13.0, the CPU build)")
+        print(f"torch not installed: no PyTorch loop (the CPU build: {TORCH_CPU_HINT})")
         return None
     import mlx.core as mx
 

@@ -65,7 +65,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of `mlx_dlm.benchmark` (decode throughput)."""
     p = argparse.ArgumentParser(prog="mlx_dlm.benchmark",
                                 description="Diffusion vs autoregressive decode speed, with quality beside it. "
-                                            "`mlx_dlm.benchmark train --help` for training speed.")
+                                            "`mlx_dlm.benchmark train --help` for training speed, "
+                                            "`mlx_dlm.benchmark learn --help` for learning speed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dlm", help="trained diffusion model directory")
     p.add_argument("--ar", help="trained autoregressive model directory (also scores quality)")
     p.add_argument("--preset", help=f"random-weight matched pair instead ({', '.join(PRESETS)}); speed only")

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_dlm.diffusion import LOSSES, diffusion_loss
-from mlx_dlm.errors import UserError
+from mlx_dlm.errors import TORCH_CPU_HINT, UserError
 from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.train import make_optimizer, make_train_step, setup_arg_parser as train_parser
@@ -26,7 +26,8 @@ from .machine import describe, machine_info
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of `mlx_dlm.benchmark train`."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.benchmark train", description="Measure training speed.")
+    p = argparse.ArgumentParser(prog="mlx_dlm.benchmark train", description="Measure training speed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="simple_dlm", help=f"model size: {', '.join(PRESETS)}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
@@ -75,7 +76,7 @@ def measure_torch(args: argparse.Namespace, mlx_row: dict) -> dict | None:
 
         from .torch_simple_dlm import seconds_per_step
     except ImportError:
-        print("torch not installed: no PyTorch side-by-side (pip install torch)")
+        print(f"torch not installed: no PyTorch side-by-side (the CPU build: {TORCH_CPU_HINT})")
         return None
     p = preset_args(args.preset, vocab_size=args.vocab_size)
     if (p.mlp, p.norm, p.pos_emb, p.n_heads, p.attn_out_proj) != ("relu", "layernorm", "learned", 1, False):

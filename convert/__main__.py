@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from mlx_dlm import data
 from mlx_dlm.errors import UserError, run_cli
+from mlx_dlm.fileio import ensure_dir
 from mlx_dlm.io import WEIGHTS_FILE, save_model, write_model_card
 from mlx_dlm.model import Model, quantize
 from mlx_dlm.tokenizer import CharTokenizer
@@ -29,7 +30,8 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.convert."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.convert", description="Convert a PyTorch checkpoint for MLX.")
+    p = argparse.ArgumentParser(prog="mlx_dlm.convert", description="Convert a PyTorch checkpoint for MLX.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", choices=("simple_dlm", "nanogpt"), help="what trained the checkpoint")
     p.add_argument("checkpoint", help="the .pt file")
     p.add_argument("--out", required=True, help="model directory to create")
@@ -46,7 +48,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _replace_dir(out: Path, build) -> None:
     """Build the directory under a temp name beside out, then swap it in (old one removed only after)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent, "--out's parent")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         build(tmp)
@@ -66,6 +68,8 @@ def _replace_dir(out: Path, build) -> None:
 def _main(argv: list[str] | None) -> None:
     args = setup_arg_parser().parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a model directory: choose another --out")
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
     if args.source == "simple_dlm":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from mlx_dlm.errors import UserError
+from mlx_dlm.errors import TORCH_CPU_HINT, UserError
 
 
 def _first_line(err: BaseException) -> str:
@@ -24,12 +25,15 @@ def load_torch(path: str | Path) -> dict:
     try:
         import torch
     except ImportError:
-        raise UserError("converting PyTorch checkpoints needs torch: pip install 'mlx-dlm[convert]'") from None
+        raise UserError(f"converting PyTorch checkpoints needs torch, the CPU build is enough: {TORCH_CPU_HINT}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path} was refused by the safe loader (it holds more than tensors and plain data: "
-                        f"{_first_line(err)[:200]})") from None
+        with warnings.catch_warnings():  # torch's warnings about foreign pickles would make the error two lines
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code: never pass it on.
+        raise UserError(f"{path} was refused by the safe loader: it holds more than tensors and plain data "
+                        "(is it a checkpoint? a meta.pkl goes to --meta)") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)[:200]})") from None
     if not isinstance(obj, dict):

@@ -56,8 +56,10 @@ def convert(ckpt: dict, tokenizer: CharTokenizer, stoi: dict[str, int],
 
     wte = state["transformer.wte.weight"]
     tied = np.array_equal(state["lm_head.weight"], wte)
-    if wte.shape[0] < len(stoi) or max(stoi.values()) >= wte.shape[0]:
-        raise UserError(f"meta.pkl has {len(stoi)} characters but the checkpoint embeds only {wte.shape[0]} tokens")
+    vocab = int(margs.get("vocab_size", wte.shape[0]))
+    if vocab != len(stoi) or wte.shape[0] != len(stoi) or max(stoi.values()) >= len(stoi):
+        raise UserError(f"the checkpoint's vocabulary has {vocab} tokens but meta.pkl has {len(stoi)} characters: "
+                        "only character-level nanoGPT checkpoints convert, with the meta.pkl of their own dataset")
     # Row of each of our ids (1..V) in nanoGPT's table; id 0 ([MASK]) gets zeros.
     rows = np.array([stoi[c] for c in tokenizer.chars])
 

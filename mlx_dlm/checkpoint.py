@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -67,10 +68,13 @@ def restore(out: Path) -> dict:
     for model_file, opt_file in pairs:
         m, o = _metadata(out / model_file), _metadata(out / opt_file)
         if m and o and m.get("step") == o.get("step") and "state" in o:
+            state = json.loads(o["state"])
             if model_file != WEIGHTS_FILE:  # the current pair was torn by a kill: go back to the previous one
                 for current, previous in PREVIOUS.items():
                     atomic_write(out / current, lambda tmp, src=out / previous: shutil.copyfile(src, tmp))
-            return json.loads(o["state"])
+                print(f"note: the newest checkpoint in {out} is incomplete (interrupted while saving); resuming "
+                      f"from the previous one, step {state['step']}", file=sys.stderr)
+            return state
     raise UserError(f"no complete checkpoint to resume in {out} (need {WEIGHTS_FILE} and {OPTIMIZER_FILE} "
                     "from the same step)")
 

@@ -1,9 +1,15 @@
-"""User-facing errors: one line on stderr, non-zero exit, no traceback."""
+"""User-facing errors: one line on stderr, non-zero exit, no traceback; and what the user asked for."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import sys
 from typing import Callable
+
+
+# How to get torch without a multi-GB CUDA build (torch is only needed to convert checkpoints and compare speed).
+TORCH_CPU_HINT = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
 class UserError(Exception):
@@ -20,3 +26,16 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations of the flags given on the command line (argv; sys.argv[1:] when None), defaults aside."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)

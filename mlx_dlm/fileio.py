@@ -1,4 +1,4 @@
-"""Atomic file writes: write a temp file in the same folder, fsync, then os.replace."""
+"""Atomic file writes (a temp file in the same folder, fsync, then os.replace), and output folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,22 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from .errors import UserError
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create a folder (and its parents) or say in one line why it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else (err.strerror or type(err).__name__)
+        raise UserError(f"cannot create {what} {path}: {reason}") from None
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

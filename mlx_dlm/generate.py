@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import mlx.core as mx
 
-from .errors import run_cli
+from .errors import given_flags, run_cli, warn
 from .io import load
 from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, stream_generate
 from .view import TerminalView, save_frames
 
-DEFAULT_MODEL = "checkpoints"
+DEFAULT_MODEL = "shakespeare-dlm"  # the reference DLM shipped in the package
 
 
 def str2bool(value: str) -> bool:
@@ -28,8 +29,10 @@ def str2bool(value: str) -> bool:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.generate."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hugging Face repo (user/name)")
+    p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model directory, shipped model (shakespeare-dlm, shakespeare-ar) or Hugging Face repo (user/name)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) with a repo id")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
     p.add_argument("--suffix", default="", help="text the sample ends with (never changed; diffusion models)")
@@ -64,9 +67,32 @@ def peak_memory_line() -> str:
     return "Peak memory: not reported by the MLX CPU backend"
 
 
+DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh", "remask")
+
+
+def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: str) -> None:
+    """One warning line for each option the user gave that would have no effect with this model and these options."""
+    flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
+    if model_type == "ar":
+        ignored = [n for n in DIFFUSION_ONLY if n in given]
+        if ignored:
+            warn(f"{flags(ignored)} only apply to diffusion models; {args.model} is autoregressive and decodes "
+                 "one token per forward pass")
+        return
+    if "cache_refresh" in given and not args.cache:
+        warn("--cache-refresh has no effect without --cache")
+    if args.threshold is not None and {"steps", "schedule"} & given:
+        warn(f"{flags(sorted({'steps', 'schedule'} & given))} ignored: --threshold decides how many to commit per step")
+    elif "steps" in given and args.steps > args.max_tokens and not args.suffix:
+        warn(f"--steps {args.steps} is more than the {args.max_tokens} positions to fill: using {args.max_tokens} "
+             "(at most one step per position)")
+
+
 def _main(argv: list[str] | None) -> None:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
     model, tokenizer = load(args.model, args.revision)
+    warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
     view = TerminalView(tokenizer) if args.show else None
     frames = []
     for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,
@@ -80,6 +106,7 @@ def _main(argv: list[str] | None) -> None:
             frames.append(last)
     if args.save_frames:
         save_frames(args.save_frames, frames, tokenizer)
+        print(f"Saved {len(frames)} frames to {args.save_frames}", file=sys.stderr)
     for i, row in enumerate(last.tokens):
         if len(last.tokens) > 1:
             print(f"--- sample {i + 1}")

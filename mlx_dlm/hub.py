@@ -11,9 +11,11 @@ MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.
 
 
 def looks_like_repo_id(path: str) -> bool:
-    """"user/repo": one slash, no local path by that name."""
+    """"user/repo": one slash, nothing local by that name, and not inside an existing local folder
+    (`runs/typo` next to a `runs/` folder is a mistyped local path, not a Hub repository)."""
     parts = str(path).split("/")
-    return len(parts) == 2 and all(parts) and not Path(path).exists() and not str(path).startswith((".", "~"))
+    return (len(parts) == 2 and all(parts) and not Path(path).exists() and not Path(parts[0]).is_dir()
+            and not str(path).startswith((".", "~")))
 
 
 def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:

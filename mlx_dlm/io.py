@@ -101,6 +101,8 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
     Hugging Face repo id ("user/repo"). On the CPU backend float16/bfloat16 weights are computed in float32
     unless keep_dtype."""
     directory = shipped_model(path) or resolve(path, revision)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a model directory")
     if not directory.is_dir():
         raise UserError(f"model directory {directory} does not exist")
     config = read_config(directory)

@@ -14,7 +14,8 @@ every masked position, scores the proposals and commits some of them:
   committed tokens, those committed with the lowest confidence (ReMDM-style revision).
 One compiled function does a step on the device; nothing loops over positions or samples.
 
-AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token.
+AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token; past the
+model's context, a compiled forward over the last max_seq_len tokens per token (nanoGPT's sliding window).
 """
 
 from __future__ import annotations
@@ -247,10 +248,12 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
                 break
 
 
-def _make_ar_decoder(model, mask_id: int, batch: int, total: int, temp: float, top_k: int, top_p: float):
-    """A KV cache for `total` positions, the decode function (prefill, eager) and its compiled form (per token)."""
-    cache = KVCache(model.args, batch, total)
-    positions = mx.arange(total)
+def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: int, temp: float, top_k: int,
+                     top_p: float):
+    """A KV cache for `cache_size` positions, the decode function (prefill, eager) and its compiled form (per
+    token), writing into a canvas of `length` positions."""
+    cache = KVCache(model.args, batch, cache_size)
+    positions = mx.arange(length)
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
@@ -261,21 +264,47 @@ def _make_ar_decoder(model, mask_id: int, batch: int, total: int, temp: float, t
     return cache, decode, mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
 
 
+def _make_window_step(model, mask_id: int, temp: float, top_k: int, top_p: float):
+    """Compiled: the next token from a full forward over a window (B, max_seq_len) of the latest tokens."""
+    def step(window: mx.array, key: mx.array) -> mx.array:
+        return sample_tokens(_without_mask(model(window)[:, -1], mask_id), key, temp, top_k, top_p)
+
+    return mx.compile(step, inputs=[model.state])
+
+
 def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples):
-    """Left-to-right decoding with a KV cache; yields (canvas, committed, prompt seconds) per token."""
-    P, total = len(ids), len(ids) + max_tokens
-    cache, decode, step = _memo(model, ("ar", mask_id, num_samples, total, temp, top_k, top_p),
-                                lambda: _make_ar_decoder(model, mask_id, num_samples, total, temp, top_k, top_p))
-    cache.reset()
+    """Left-to-right decoding; yields (canvas, committed, prompt seconds, positions forwarded per sample) per token.
+
+    While the sequence fits the model's context, a KV cache; past it, as nanoGPT's sample.py does, each token
+    comes from a forward over the last max_seq_len tokens (learned absolute positions rule out rolling a cache)."""
+    P, total, context = len(ids), len(ids) + max_tokens, model.args.max_seq_len
     x = mx.array(np.tile(np.concatenate([ids, np.full(max_tokens, mask_id)]).astype(np.int32), (num_samples, 1)))
-    tic = time.perf_counter()
-    x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
-    mx.eval(x)
-    prompt_seconds = time.perf_counter() - tic
-    yield x, committed, prompt_seconds
-    for k in range(1, max_tokens):
-        x, token, committed = step(token, x, keys[k])
-        yield x, committed, prompt_seconds
+    positions = mx.arange(total)
+    tic, prompt_seconds, n = time.perf_counter(), None, P  # n: tokens known so far
+    if P <= context:
+        cached = min(total, context)  # cache positions 0..cached-1 feed the tokens of positions P..cached
+        cache, decode, step = _memo(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p),
+                                    lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, temp, top_k,
+                                                             top_p))
+        cache.reset()
+        x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
+        mx.eval(x)
+        prompt_seconds = time.perf_counter() - tic
+        yield x, committed, prompt_seconds, P
+        for n in range(P + 1, min(cached + 1, total)):
+            x, token, committed = step(token, x, keys[n - P])
+            yield x, committed, prompt_seconds, 1
+        n += 1
+    window_step = _memo(model, ("ar-window", mask_id, temp, top_k, top_p),
+                        lambda: _make_window_step(model, mask_id, temp, top_k, top_p))
+    for n in range(n, total):
+        token = window_step(x[:, n - context:n], keys[n - P])
+        committed = mx.broadcast_to(positions == n, x.shape)
+        x = mx.where(committed, token[:, None].astype(x.dtype), x)
+        if prompt_seconds is None:  # a prompt longer than the context: its first window is the prompt pass
+            mx.eval(x)
+            prompt_seconds = time.perf_counter() - tic
+        yield x, committed, prompt_seconds, context
 
 
 def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps: int, strategy: str = "confidence",
@@ -341,14 +370,14 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
     if is_ar and not prompt:
         prompt = "\n"  # an AR model needs context to start from; nanoGPT's sample.py starts from a newline
     ids, editable = build_canvas(tokenizer, prompt, max_tokens, suffix, template)
-    if len(ids) > model.args.max_seq_len:
+    if len(ids) > model.args.max_seq_len and not is_ar:  # AR models slide a window over longer text
         raise UserError(f"the canvas ({len(ids)} tokens: given text + --max-tokens) exceeds the model's context "
                         f"of {model.args.max_seq_len} tokens; shorten the text or lower --max-tokens")
     start = time.perf_counter()
     if is_ar:
         P = int((~editable).sum())
         keys = mx.random.split(mx.random.key(seed), max_tokens)
-        steps_iter = ((x, c, None, num_samples * (P if k == 0 else 1), ps) for k, (x, c, ps) in enumerate(
+        steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in (
             _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples)))
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(

@@ -16,7 +16,6 @@ A map of the module:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import blas, checkpoint, data
 from .diffusion import LOSSES, T_SAMPLING, ar_loss, diffusion_loss
-from .errors import UserError, run_cli
+from .errors import UserError, given_flags, run_cli
+from .fileio import ensure_dir
 from .io import CONFIG_FILE, load
 from .model import INIT_SCHEMES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
@@ -129,17 +129,10 @@ def parse_arch(items: list[str]) -> dict:
     return out
 
 
-def explicit_settings(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
-                      argv: list[str] | None = None) -> set[str]:
-    """Names of the flags given on the command line (argv), or, for parsed args alone, of those that differ
-    from their defaults."""
-    parser = parser or setup_arg_parser()
-    if argv is None:
-        return {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
+def explicit_settings(args: argparse.Namespace) -> set[str]:
+    """For args parsed elsewhere (the Python API): the flags that differ from their defaults."""
+    parser = setup_arg_parser()
+    return {k for k, v in vars(args).items() if v != parser.get_default(k)}
 
 
 def _flag(name: str) -> str:
@@ -424,6 +417,8 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
         _check_args(args)
     elif (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
         raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
+    elif rank == 0:
+        ensure_dir(out, "--out")  # fail before any work, not at the first checkpoint
     text = data.read_corpus(args.data)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
     if resume_state is not None:
@@ -488,7 +483,6 @@ class _Logger:
         self.bar = self.metrics = None
         if not run.main_rank:
             return
-        run.out.mkdir(parents=True, exist_ok=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -647,7 +641,7 @@ def _fingerprint(model: Model) -> mx.array:
 def _main(argv: list[str] | None) -> None:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    train(args, explicit=explicit_settings(args, parser, argv))
+    train(args, explicit=given_flags(parser, argv))
 
 
 def main(argv: list[str] | None = None) -> None:

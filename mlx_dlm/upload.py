@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import run_cli
+from .errors import UserError, run_cli
 from .hub import MODEL_FILES
 from .io import load, read_config, write_model_card
 from .model import Model
@@ -37,27 +37,41 @@ def training_summary(directory: Path) -> list[str]:
 
 
 def upload(directory: str | os.PathLike, repo: str, private: bool = False, revision: str | None = None) -> str:
-    """Write the model card, create the repo if needed and upload the model files; returns the repo URL."""
+    """Create the repo if needed, write the model card and upload the model files; returns the repo URL.
+
+    The Hub is contacted before anything is written, so an offline or refused upload leaves the directory as it
+    was; its failure is a one-line UserError."""
     from huggingface_hub import HfApi
 
     directory = Path(directory)
     model, tokenizer = load(directory)  # refuse to upload a broken directory
+    api = HfApi()
+    _hub_call(lambda: api.create_repo(repo, private=private, exist_ok=True), f"create {repo} on the Hub")
     summary = training_summary(directory)
     if summary or not (directory / "README.md").exists():  # a converter's card is kept as it is
         source = summary or [f"Source: {read_config(directory).get('source', 'unknown')}."]
         n_params = Model(model.args).num_params()  # the float count, also for quantized models
         write_model_card(directory, model.args, n_params, tokenizer, source, name=repo)
-    api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(directory), repo_id=repo, revision=revision,
-                      allow_patterns=MODEL_FILES, commit_message="Upload mlx-dlm model")
+    _hub_call(lambda: api.upload_folder(folder_path=str(directory), repo_id=repo, revision=revision,
+                                        allow_patterns=MODEL_FILES, commit_message="Upload mlx-dlm model"),
+              f"upload {directory} to {repo}")
     return f"https://huggingface.co/{repo}"
+
+
+def _hub_call(call, what: str):
+    """Run a Hub request; network, offline-mode and HTTP failures become one line."""
+    try:
+        return call()
+    except Exception as err:  # huggingface_hub raises its own, httpx's and OSError subclasses
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"cannot {what} ({type(err).__name__}: {first})") from None
 
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.upload."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.upload", description="Upload a model directory to the Hub.")
+    p = argparse.ArgumentParser(prog="mlx_dlm.upload", description="Upload a model directory to the Hub.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--path", required=True, help="model directory (trained or converted)")
     p.add_argument("--repo", required=True, help="Hub repository, user/name (created if needed)")
     p.add_argument("--private", action="store_true")

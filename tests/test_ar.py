@@ -61,3 +61,24 @@ def test_filters_match_numpy():
         order = np.argsort(-p[i])
         n = int(np.searchsorted(np.cumsum(p[i][order]), 0.6) + 1)  # smallest prefix with mass >= 0.6
         assert set(np.flatnonzero(kept_p[i])) == set(order[:n])
+
+
+@pytest.mark.parametrize("prompt_len", [5, 20])  # shorter and longer than the context of 16
+def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    model = init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
+                                   max_seq_len=16, model_type="ar"), seed=4)  # learned positions: no cache rolling
+    prompt = "the quick brown fox jumps"[:prompt_len]
+    last = None
+    for last in stream_generate(model, tok, prompt, max_tokens=30, temp=0.0, seed=0):
+        pass
+    ids = tok.encode(prompt)
+    for _ in range(30):  # nanoGPT's sample.py: crop to the last block_size tokens, full forward, greedy
+        logits = np.array(model(mx.array([ids[-16:]])))[0, -1]
+        logits[tok.mask_id] = -np.inf
+        ids.append(int(np.argmax(logits)))
+    assert last.tokens[0].tolist() == ids
+    assert last.nfe == 30 and last.generated_tokens == 30

@@ -92,3 +92,30 @@ def test_console_scripts_error_without_traceback(tmp_path):
     assert proc.stderr.strip() == f"error: data file {tmp_path / 'missing.txt'} does not exist"
     proc = subprocess.run(["mlx_dlm", "nonsense"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_local_looking_paths_and_files_get_local_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "model.txt").write_text("not a model")
+    _one_line_error(capsys, generate.main, ["--model", "runs/typo"], "model directory runs/typo does not exist")
+    _one_line_error(capsys, generate.main, ["--model", "model.txt"], "model.txt is a file, not a model directory")
+
+
+def test_train_out_under_a_file_is_one_line(tmp_path, small_text_path, capsys):
+    (tmp_path / "f").write_text("x")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--out", str(tmp_path / "f" / "run")],
+                    "cannot create --out")
+
+
+def test_options_that_would_be_ignored_warn(tiny_model_dir, tiny_ar_dir, capsys):
+    generate.main(["--model", str(tiny_ar_dir), "--prompt", "A", "--max-tokens", "4", "--steps", "2",
+                       "--threshold", "0.5", "--verbose", "false"])
+    err = capsys.readouterr().err
+    assert "--steps, --threshold only apply to diffusion models" in err and len(err.strip().splitlines()) == 1
+    generate.main(["--model", str(tiny_model_dir), "--max-tokens", "4", "--steps", "9", "--cache-refresh", "2",
+                       "--verbose", "false"])
+    err = capsys.readouterr().err
+    assert "--cache-refresh has no effect without --cache" in err and "--steps 9 is more than the 4 positions" in err
+    generate.main(["--model", str(tiny_model_dir), "--max-tokens", "4", "--verbose", "false"])
+    assert capsys.readouterr().err == ""  # defaults alone never warn

@@ -3,6 +3,7 @@
 import importlib
 import json
 import pickle
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -184,3 +185,39 @@ def test_conversion_errors(tmp_path, text_file, capsys):
     convert.main(["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing), "--force"])
     assert not (existing / "keep.txt").exists() and (existing / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_wrong_meta_is_refused(tmp_path, capsys):
+    argv = _nanogpt_files(tmp_path)
+    chars = sorted(set(TEXT))
+    with open(tmp_path / "short.pkl", "wb") as f:  # a meta with fewer characters than the checkpoint's vocabulary
+        pickle.dump({"stoi": {c: i for i, c in enumerate(chars[:-3])}}, f)
+    _one_line_error(capsys, [*argv[:3], str(tmp_path / "short.pkl"), "--out", str(tmp_path / "o")],
+                    "only character-level nanoGPT checkpoints convert")
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    ckpt["model_args"]["vocab_size"] = 50304  # a GPT-2 BPE model given a character meta
+    torch.save(ckpt, tmp_path / "bpe.pt")
+    _one_line_error(capsys, [argv[0], str(tmp_path / "bpe.pt"), *argv[2:], "--out", str(tmp_path / "o")],
+                    "the checkpoint's vocabulary has 50304 tokens but meta.pkl has")
+    assert not (tmp_path / "o").exists()
+
+
+def test_meta_given_as_checkpoint_gets_no_unsafe_advice(tmp_path, capsys):
+    argv = _nanogpt_files(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about the foreign pickle: it must not reach the user
+        with pytest.raises(SystemExit):
+            convert.main([argv[0], str(tmp_path / "meta.pkl"), *argv[2:], "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_paths_that_cannot_be_directories(tmp_path, text_file, capsys):
+    torch.save(SimpleDLM(len(set(TEXT)) + 1).state_dict(), tmp_path / "c.pt")
+    argv = ["simple_dlm", str(tmp_path / "c.pt"), "--text", str(text_file)]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    _one_line_error(capsys, [*argv, "--out", str(a_file), "--force"], "is a file, not a model directory")
+    _one_line_error(capsys, [*argv, "--out", str(a_file / "model")], "notes.txt is a file")
+    assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.txt", "train.txt"]  # nothing left behind

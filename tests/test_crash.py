@@ -71,13 +71,14 @@ def test_sigint_saves_a_loadable_checkpoint(tmp_path, small_text_path):
     assert _finite(model)
 
 
-def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path):
+def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path, capsys):
     out = tmp_path / "run"
     train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "4", "--save-every", "2",
                 "--eval-every", "100", *TINY_TRAIN])
     previous_model = (out / "model.prev.safetensors").read_bytes()
     (out / checkpoint.OPTIMIZER_FILE).write_bytes((out / checkpoint.OPTIMIZER_FILE).read_bytes()[:100])
     assert checkpoint.restore(out)["step"] == 2
+    assert "newest checkpoint in" in capsys.readouterr().err  # the fallback is said, not silent
     assert (out / "model.safetensors").read_bytes() == previous_model
     (out / "optimizer.prev.safetensors").unlink()
     (out / checkpoint.OPTIMIZER_FILE).write_bytes(b"")

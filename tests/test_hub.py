@@ -68,3 +68,13 @@ def test_upload_writes_card_and_uploads_model_files(tmp_path, tiny_model_dir, mo
     for text in ("library_name: mlx", "tags: [mlx, mlx-dlm, diffusion-language-model]", "masked diffusion LM",
                  "for 40 steps", "Final validation loss", "mlx_dlm.generate --model someone/tiny-dlm"):
         assert text in card, text
+
+
+def test_offline_upload_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir):
+    directory = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / "README.md").unlink(missing_ok=True)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(UserError, match="cannot create someone/tiny-dlm on the Hub"):
+        upload_module.upload(directory, "someone/tiny-dlm")  # HF_HUB_OFFLINE=1 in tests
+    assert sorted(p.name for p in directory.iterdir()) == before  # no model card written

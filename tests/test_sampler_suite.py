@@ -171,9 +171,11 @@ def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
     generate_cli.main(["--model", str(tiny_model_dir), "--prompt", "ROMEO:", "--suffix", " thee.",
                        "--max-tokens", "64", "--threshold", "0.9", "--show", "--save-frames",
                        str(tmp_path / "f.html"), "--seed", "0"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     n_frames = printed.count("--- step")
     assert n_frames >= 1 and "Generation: 64 tokens" in printed and f"{n_frames} forward passes" in printed
+    assert f"Saved {n_frames} frames to {tmp_path / 'f.html'}" in captured.err
     text = printed.split("\n==========\n")[0].split("\n")[-1]
     assert text.startswith("ROMEO:") and text.endswith(" thee.")
     html = (tmp_path / "f.html").read_text()
