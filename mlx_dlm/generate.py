@@ -88,13 +88,8 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
              "(at most one step per position)")
 
 
-def _main(argv: list[str] | None) -> None:
-    parser = setup_arg_parser()
-    args = parser.parse_args(argv)
-    model, tokenizer = load(args.model, args.revision)
-    warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
-    view = TerminalView(tokenizer) if args.show else None
-    frames = []
+def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list):
+    """Generate, drawing and collecting frames as asked; returns the last step."""
     for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,
                                 strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, num_samples=args.num_samples, suffix=args.suffix,
@@ -104,6 +99,21 @@ def _main(argv: list[str] | None) -> None:
             view.draw(last)
         if args.save_frames:
             frames.append(last)
+    return last
+
+
+def _main(argv: list[str] | None) -> None:
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    model, tokenizer = load(args.model, args.revision)
+    warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
+    view = TerminalView(tokenizer) if args.show else None
+    frames = []
+    try:
+        last = _run(args, model, tokenizer, view, frames)
+    finally:
+        if view is not None:
+            view.close()
     if args.save_frames:
         save_frames(args.save_frames, frames, tokenizer)
         print(f"Saved {len(frames)} frames to {args.save_frames}", file=sys.stderr)

@@ -30,14 +30,22 @@ def cells(step: GenerationStep, tokenizer, sample: int = 0) -> list[tuple[str, s
     return out
 
 
+ENTER_SCREEN, LEAVE_SCREEN = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"  # alternate screen, cursor off/on
+HOME_AND_CLEAR = "\x1b[H\x1b[J"
+
+
 class TerminalView:
-    """Redraws the canvas in place on a terminal; prints plain numbered frames otherwise."""
+    """Redraws the canvas on a terminal; prints plain numbered frames otherwise.
+
+    On a terminal the frames are drawn in its alternate screen, each from the top-left corner, so a canvas that
+    wraps over many lines redraws cleanly at any width; `close()` returns to the normal screen as it was, where
+    the caller prints the final text once."""
 
     def __init__(self, tokenizer, stream: TextIO | None = None):
         self.tokenizer = tokenizer
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
-        self.lines = 0
+        self.started = False
 
     def render(self, step: GenerationStep) -> str:
         """The frame's text (ANSI-coloured when live)."""
@@ -51,13 +59,20 @@ class TerminalView:
         body = self.render(step)
         status = f"step {step.step}: {step.generated_tokens} decided, {step.nfe} forward passes"
         if self.live:
-            if self.lines:
-                self.stream.write(f"\x1b[{self.lines}F\x1b[J")  # up to the frame's first line, clear below
-            self.stream.write(f"{body}\n{DIM}{status}{RESET}\n")
-            self.lines = body.count("\n") + 2
+            if not self.started:
+                self.stream.write(ENTER_SCREEN)
+                self.started = True
+            self.stream.write(f"{HOME_AND_CLEAR}{body}\n{DIM}{status}{RESET}\n")
         else:
             self.stream.write(f"--- {status}\n{body}\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """Leave the alternate screen (the terminal shows what it showed before the first frame)."""
+        if self.started:
+            self.stream.write(LEAVE_SCREEN)
+            self.stream.flush()
+            self.started = False
 
 
 def save_frames(path: str | Path, steps: list[GenerationStep], tokenizer) -> None:

@@ -165,8 +165,10 @@ def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
     live = TerminalView(tok, Tty())
     live.draw(states[0])
     live.draw(states[1])
+    live.close()
     out = live.stream.getvalue()
-    assert "\x1b[1;32m" in out and "\x1b[2F\x1b[J" in out  # highlighted commits, redrawn in place
+    assert "\x1b[1;32m" in out and out.count("\x1b[H\x1b[J") == 2  # highlighted commits, each frame from the top
+    assert out.startswith("\x1b[?1049h") and out.endswith("\x1b[?1049l")  # in the alternate screen, then back
 
     generate_cli.main(["--model", str(tiny_model_dir), "--prompt", "ROMEO:", "--suffix", " thee.",
                        "--max-tokens", "64", "--threshold", "0.9", "--show", "--save-frames",
