@@ -71,8 +71,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dlm", help="trained diffusion model directory")
     p.add_argument("--ar", help="trained autoregressive model directory (also scores quality)")
     p.add_argument("--preset", help=f"random-weight matched pair instead ({', '.join(PRESETS)}); speed only")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per sample")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text every sample starts with")
     p.add_argument("--steps", type=_int_list, default=_int_list(DEFAULT_STEPS), help="DLM steps to sweep")
     p.add_argument("--strategies", type=_strategy_list, default=["confidence", "random"],
                    help=f"DLM strategies to sweep ({', '.join(STRATEGIES)})")
@@ -83,10 +83,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
-    p.add_argument("--temp", type=float, default=1.0)
-    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--temp", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--trials", type=int, default=5, help="timed generations per row (the median is reported)")
     p.add_argument("--data", help="corpus for validation losses (default: Tiny Shakespeare)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first trial")
     p.add_argument("--out", help="write rows and machine info as JSON")
     p.add_argument("--plot", help="write tokens/s against steps (PNG; needs matplotlib)")
     return p

@@ -29,13 +29,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dlm.benchmark train", description="Measure training speed.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="simple_dlm", help=f"model size: {', '.join(PRESETS)}")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64, help="windows per step")
+    p.add_argument("--seq-len", type=int, default=128, help="window length")
     p.add_argument("--vocab-size", type=int, default=66, help="65 characters of Tiny Shakespeare + mask")
     p.add_argument("--loss", choices=LOSSES, default="masked-mean", help="masked-mean is simple_dlm's step")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side (run when torch imports)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per trial")
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=3, help="timed trials (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--out", help="write results as JSON here")
     return p

@@ -37,10 +37,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--text", help="simple_dlm: the training text (its characters are the vocabulary)")
     p.add_argument("--meta", help="nanoGPT: the dataset's meta.pkl (stoi/itos)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
-    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
-    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help="bits per quantized weight (with -q)")
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="weights per quantization scale (with -q)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--upload-repo", help="then upload the model directory to this Hugging Face repo (user/name)")
     return p

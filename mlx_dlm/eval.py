@@ -261,15 +261,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="Monte Carlo draws of masks (DLM ELBO)")
     p.add_argument("--max-windows", type=int, default=0, help="use at most this many windows (0: all)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION, help="held-out tail of the corpus")
     p.add_argument("--infill-span", type=int, default=DEFAULT_INFILL_SPAN, help="tokens hidden per window (0: skip)")
-    p.add_argument("--infill-windows", type=int, default=DEFAULT_INFILL_WINDOWS)
+    p.add_argument("--infill-windows", type=int, default=DEFAULT_INFILL_WINDOWS, help="windows to infill")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples scored by the judge")
-    p.add_argument("--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS)
-    p.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS)
+    p.add_argument("--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS, help="length of each judged sample")
+    p.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS, help="denoising steps per judged sample")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the judged samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of masks and samples")
     return p
 
 

@@ -80,19 +80,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", choices=("char", "sp"), default="char",
                    help="characters (simple_dlm) or a SentencePiece model trained on the data")
     p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
-    p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece model type")
     p.add_argument("--out", default=DEFAULT_OUT, help="model directory for checkpoints")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with")
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per step (per process)")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                    help="training window length (at most the model's context)")
     p.add_argument("--learning-rate", type=float, default=DEFAULT_LR, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="final lr as a fraction of the peak (1 with --warmup 0: constant)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--objective", choices=("dlm", "ar"), default="dlm",
                    help="masked diffusion, or the matched autoregressive baseline (same Transformer, causal)")
@@ -101,13 +101,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="how mask ratios are drawn: one per bin across the batch, independently, or one for the "
                         "whole batch (simple_dlm)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
-    p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION)
-    p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY)
-    p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY)
-    p.add_argument("--eval-batches", type=int, default=DEFAULT_EVAL_BATCHES)
+    p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION, help="held-out tail of the corpus")
+    p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY, help="steps between training-loss lines")
+    p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY, help="steps between validations")
+    p.add_argument("--eval-batches", type=int, default=DEFAULT_EVAL_BATCHES, help="batches of fixed validation windows")
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of the sample shown at eval (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, batches and masks")
     p.add_argument("--upload-repo", help="upload the final model to this Hugging Face repo (user/name)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) updates whose loss or gradient is not finite instead of stopping")

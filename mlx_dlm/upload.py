@@ -74,7 +74,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--path", required=True, help="model directory (trained or converted)")
     p.add_argument("--repo", required=True, help="Hub repository, user/name (created if needed)")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--revision", help="branch to upload to")
     return p
 

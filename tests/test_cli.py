@@ -119,3 +119,15 @@ def test_options_that_would_be_ignored_warn(tiny_model_dir, tiny_ar_dir, capsys)
     assert "--cache-refresh has no effect without --cache" in err and "--steps 9 is more than the 4 positions" in err
     generate.main(["--model", str(tiny_model_dir), "--max-tokens", "4", "--verbose", "false"])
     assert capsys.readouterr().err == ""  # defaults alone never warn
+
+
+@pytest.mark.parametrize("module, flag", [("mlx_dlm.train", "--batch-size"), ("mlx_dlm.generate", "--steps"),
+                                          ("mlx_dlm.eval", "--draws"), ("mlx_dlm.convert.__main__", "--q-bits"),
+                                          ("mlx_dlm.benchmark.train_speed", "--trials"),
+                                          ("mlx_dlm.benchmark.learn", "--eval-every"),
+                                          ("mlx_dlm.benchmark.throughput", "--max-tokens")])
+def test_help_shows_defaults(module, flag):
+    text = importlib.import_module(module).setup_arg_parser().format_help()
+    entry = text[text.index("\n  " + flag) + 1:]  # the option's own entry, not the usage line
+    entry = entry[:entry.find("\n  -", 1) if "\n  -" in entry[1:] else len(entry)]
+    assert "(default:" in entry, entry
