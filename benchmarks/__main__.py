@@ -1,5 +1,5 @@
 """`mlx_dlm.benchmark [train|learn] ...`: decode throughput (DLM vs AR), training speed (`train`), or
-learning speed of recipes (`learn`)."""
+learning speed of recipes (`learn`), or an op-level profile of a training step (`profile`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from mlx_dlm.errors import run_cli
 
-from . import learn, throughput, train_speed
+from . import learn, profile, throughput, train_speed
 
 
 def _main(argv: list[str] | None) -> None:
@@ -16,6 +16,8 @@ def _main(argv: list[str] | None) -> None:
         train_speed.main(argv[1:])
     elif argv and argv[0] == "learn":
         learn.main(argv[1:])
+    elif argv and argv[0] == "profile":
+        profile.main(argv[1:])
     else:
         throughput.main(argv)
 

@@ -81,3 +81,14 @@ def test_train_speed_side_by_side_with_torch(tmp_path):
     r = json.loads(out.read_text())
     assert r["torch"]["steps_per_sec"] > 0
     assert r["torch"]["mlx_over_torch"] == pytest.approx(r["train"]["steps_per_sec"] / r["torch"]["steps_per_sec"])
+
+
+def test_profile_rows_add_up(tmp_path):
+    out = tmp_path / "p.json"
+    bench.main(["profile", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+                "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["step_s"] > 0 and r["forward_s"] > 0
+    assert r["explained_s"] == pytest.approx(sum(row["forward_backward_s"] * row["count"] for row in r["rows"]))
+    counts = {row["op"].split(" (")[0]: row["count"] for row in r["rows"]}
+    assert counts["softmax"] == 2 and counts["rmsnorm"] == 2 * 2 + 1  # per layer (2 layers), plus the final norm
