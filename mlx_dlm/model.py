@@ -25,6 +25,7 @@ class ModelArgs:
     dim: int = 256
     n_layers: int = 10
     n_heads: int = 1
+    n_kv_heads: int | None = None  # fewer key/value heads than query heads (GQA); None: as many as n_heads
     hidden_dim: int = 1024
     max_seq_len: int = 1024  # context: longest sequence the model takes (rows of a learned position table)
     pos_emb: str = "learned"  # "learned" or "rope"
@@ -33,11 +34,13 @@ class ModelArgs:
     norm_eps: float = 1e-5
     mlp: str = "relu"  # "relu", "gelu" or "swiglu"
     bias: bool = True  # biases in attention, MLP and LayerNorm
+    qkv_bias: bool | None = None  # biases on the query/key/value projection alone (Qwen2/Dream); None: as bias
     attn_out_proj: bool = False
     final_norm: bool = False
     time_cond: bool = True  # add Linear(1, dim)(t) to every position
     output_bias: bool = True
     tie_embeddings: bool = False
+    logit_shift: bool = False  # Dream: position i's logits come from hidden state i-1 (position 0 from its own)
 
     def __post_init__(self) -> None:
         choices = {"model_type": ("dlm", "ar"), "pos_emb": ("learned", "rope"),
@@ -50,6 +53,17 @@ class ModelArgs:
             self.time_cond = False  # an AR model is not told a mask ratio
         if self.dim % self.n_heads:
             raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise UserError(f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_heads, or n_heads without GQA)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
@@ -94,20 +108,24 @@ def _norm(args: ModelArgs) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Multi-head attention (grouped-query when n_kv_heads < n_heads) with one fused q/k/v projection."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.head_dim = args.dim // args.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.scale = self.head_dim ** -0.5
         self.causal = args.model_type == "ar"
-        self.qkv = nn.Linear(args.dim, 3 * args.dim, bias=args.bias)
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.split = [args.dim, args.dim + kv_dim]  # q | k | v along the projection's output
+        self.qkv = nn.Linear(args.dim, args.dim + 2 * kv_dim, bias=args.bias if args.qkv_bias is None else args.qkv_bias)
         self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
         self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
 
     def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
         B, L, D = x.shape
-        q, k, v = mx.split(self.qkv(x), 3, axis=-1)
-        q, k, v = (a.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
+        q, k, v = mx.split(self.qkv(x), self.split, axis=-1)
+        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k, v = (a.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (k, v))
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
@@ -157,7 +175,7 @@ class KVCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, size: int, dtype: mx.Dtype = mx.float32):
-        shape = (batch_size, args.n_heads, size, args.dim // args.n_heads)
+        shape = (batch_size, args.kv_heads, size, args.head_dim)
         self.state = {"offset": mx.array(0, dtype=mx.int32),
                       "keys": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)],
                       "values": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]}
@@ -223,7 +241,10 @@ class Model(nn.Module):
             cache.advance(L)
         if args.final_norm:
             x = self.norm(x)
-        return self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
+        logits = self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
+        if args.logit_shift:  # predictions for position i sit at i-1 in such checkpoints: move them home
+            logits = mx.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+        return logits
 
     def num_params(self) -> int:
         """Number of parameters (learned position table included)."""
@@ -235,7 +256,8 @@ class Model(nn.Module):
         """Forward FLOPs per token: 2 per weight multiply-add plus attention scores and values."""
         a = self.args
         n_mlp = 3 if a.mlp == "swiglu" else 2
-        weights = a.n_layers * (3 + int(a.attn_out_proj)) * a.dim * a.dim
+        qkv_out = a.dim + 2 * a.kv_heads * a.head_dim
+        weights = a.n_layers * (qkv_out + a.dim * int(a.attn_out_proj)) * a.dim
         weights += a.n_layers * n_mlp * a.dim * a.hidden_dim + a.dim * a.vocab_size
         return 2.0 * weights + 4.0 * a.n_layers * seq_len * a.dim
 
@@ -264,6 +286,8 @@ def _tie_query_key(model: Model) -> None:
     """Start every key projection equal to its query projection: scores q.k become a positive-definite
     similarity of the inputs, so similar inputs (neighbouring positions) attend to each other from step 0."""
     d = model.args.dim
+    if model.args.kv_heads != model.args.n_heads:  # grouped keys cannot equal the queries
+        return
     for layer in model.layers:
         qkv = layer.attn.qkv
         qkv.weight = mx.concatenate([qkv.weight[:d], qkv.weight[:d], qkv.weight[2 * d:]], axis=0)
@@ -274,11 +298,12 @@ def _tie_query_key(model: Model) -> None:
 def initialise(model: Model, scheme: str = "local") -> None:
     """Initialise the embedding tables (and attention) by scheme, in place; other layers keep MLX's defaults.
 
-    "simple_dlm": its N(0, 1) token and position tables. "local" (default): tables of the same unit scale
+    "simple_dlm": its N(0, 1) token and position tables. "local" (default): every key projection starts as
+    its query projection (without GQA); with a learned position table also unit-scale tables like simple_dlm's
     (Adam moves each weight by about the learning rate per step, so unit-scale tables keep their structure
-    while the layers learn to read them), but the position table starts as a sinusoid and each key
-    projection as its query projection, so attention is local from step 0. A learned position table drawn
-    at random must discover locality from scratch: that is the simple_dlm layout's unigram plateau."""
+    while the layers learn to read them), the position table starting as a sinusoid, so attention is local
+    from step 0. A learned position table drawn at random must discover locality from scratch: that is the
+    simple_dlm layout's unigram plateau. RoPE layouts keep MLX's token table."""
     if scheme not in INIT_SCHEMES:
         raise UserError(f"unknown init {scheme!r} (choose from {', '.join(INIT_SCHEMES)})")
     if model.args.pos_emb != "learned":

@@ -52,6 +52,7 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
 
     B, L = tokens.shape
     H, Dh = a.n_heads, a.dim // a.n_heads
+    KV = a.n_kv_heads or H
     x = W["tok_emb.weight"][tokens]
     if a.pos_emb == "learned":
         x = x + W["pos_emb"][:L]
@@ -59,8 +60,10 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
         x = x + (t[:, None] @ W["t_proj.weight"].T + W["t_proj.bias"])[:, None, :]
     for i in range(a.n_layers):
         p = f"layers.{i}."
-        q, k, v = np.split(lin(norm(x, p + "attn_norm"), p + "attn.qkv"), 3, axis=-1)
-        q, k, v = (z.reshape(B, L, H, Dh).transpose(0, 2, 1, 3) for z in (q, k, v))
+        q, k, v = np.split(lin(norm(x, p + "attn_norm"), p + "attn.qkv"), [a.dim, a.dim + KV * Dh], axis=-1)
+        q = q.reshape(B, L, H, Dh).transpose(0, 2, 1, 3)
+        # grouped keys/values: query head h reads key/value head h // (H / KV)
+        k, v = (np.repeat(z.reshape(B, L, KV, Dh).transpose(0, 2, 1, 3), H // KV, axis=1) for z in (k, v))
         if a.pos_emb == "rope":
             q, k = _rope(q, a.rope_theta), _rope(k, a.rope_theta)
         s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(Dh)
@@ -81,7 +84,10 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
         x = x + lin(h, p + "mlp.fc2")
     if a.final_norm:
         x = norm(x, "norm")
-    return x @ W["tok_emb.weight"].T if a.tie_embeddings else lin(x, "lm_head")
+    logits = x @ W["tok_emb.weight"].T if a.tie_embeddings else lin(x, "lm_head")
+    if getattr(a, "logit_shift", False):
+        logits = np.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+    return logits
 
 
 def log_softmax(x):
