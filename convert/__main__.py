@@ -1,7 +1,11 @@
-"""`mlx_dlm.convert SOURCE CHECKPOINT ...`: a PyTorch checkpoint -> an mlx-dlm model directory.
+"""`mlx_dlm.convert SOURCE CHECKPOINT ...`: a checkpoint -> an mlx-dlm model directory.
 
     mlx_dlm.convert simple_dlm checkpoint.pt --text input.txt --out models/simple_dlm
     mlx_dlm.convert nanogpt ckpt.pt --meta meta.pkl --out models/nanogpt -q --q-bits 8
+    mlx_dlm.convert hf GSAI-ML/LLaDA-8B-Instruct --out models/llada-8b-instruct-4bit -q --q-bits 4
+
+PyTorch checkpoints (simple_dlm, nanoGPT) need torch; Hugging Face folders (LLaDA, Dream: hf.py) are read from
+their safetensors shards by MLX and need the `hf` extra for their tokenizer.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from mlx_dlm.errors import UserError, run_cli
 from mlx_dlm.fileio import ensure_dir
 from mlx_dlm.io import WEIGHTS_FILE, save_model, write_model_card
 from mlx_dlm.model import Model, quantize
-from mlx_dlm.tokenizer import CharTokenizer
+from mlx_dlm.tokenizer import CharTokenizer, HFTokenizer
 
-from . import nanogpt, simple_dlm
+from . import hf, nanogpt, simple_dlm
 from .checkpoint import load_plain_pickle, load_torch, to_numpy
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -32,12 +36,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.convert."""
     p = argparse.ArgumentParser(prog="mlx_dlm.convert", description="Convert a PyTorch checkpoint for MLX.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("source", choices=("simple_dlm", "nanogpt"), help="what trained the checkpoint")
-    p.add_argument("checkpoint", help="the .pt file")
+    p.add_argument("source", choices=("simple_dlm", "nanogpt", "hf"),
+                   help="what made the checkpoint (hf: a LLaDA or Dream model from Hugging Face)")
+    p.add_argument("checkpoint", help="the .pt file, or for hf a model folder or Hub repo id (user/name)")
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--text", help="simple_dlm: the training text (its characters are the vocabulary)")
     p.add_argument("--meta", help="nanoGPT: the dataset's meta.pkl (stoi/itos)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the stored weights (default: float32; bfloat16 for hf)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
     p.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help="bits per quantized weight (with -q)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="weights per quantization scale (with -q)")
@@ -65,13 +70,17 @@ def _replace_dir(out: Path, build) -> None:
         raise
 
 
-def _main(argv: list[str] | None) -> None:
-    args = setup_arg_parser().parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a model directory: choose another --out")
-    if out.exists() and not args.force:
-        raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
+def _read_source(args: argparse.Namespace):
+    """(ModelArgs, weights, tokenizer, a model-card line on the source) for the chosen source."""
+    if args.source == "hf":
+        folder = hf.resolve_source(args.checkpoint)
+        config = hf.read_config(folder)
+        kind = hf.family(config)
+        tokenizer = HFTokenizer.from_hf_folder(folder, config)
+        model_args = hf.model_args(config, kind)
+        weights = hf.read_weights(folder, kind, model_args, DTYPES[args.dtype])
+        return model_args, weights, tokenizer, (f"Converted from the {kind} Hugging Face model `{args.checkpoint}` "
+                                                "with `mlx_dlm.convert hf`.")
     if args.source == "simple_dlm":
         if not args.text:
             raise UserError("simple_dlm checkpoints hold no vocabulary: pass --text TRAIN.txt (the training text)")
@@ -83,8 +92,22 @@ def _main(argv: list[str] | None) -> None:
             raise UserError("nanoGPT checkpoints hold no vocabulary: pass --meta META.pkl from the dataset folder")
         tokenizer, stoi = nanogpt.tokenizer_from_meta(load_plain_pickle(args.meta))
         model_args, weights = nanogpt.convert(load_torch(args.checkpoint), tokenizer, stoi, to_numpy)
+    sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    return model_args, weights, tokenizer, (f"Converted from a {args.source} PyTorch checkpoint "
+                                            f"(`{Path(args.checkpoint).name}`, sha256 `{sha[:16]}…`) with "
+                                            "`mlx_dlm.convert`.")
 
-    model = Model(model_args)
+
+def _main(argv: list[str] | None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a model directory: choose another --out")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
+    args.dtype = args.dtype or ("bfloat16" if args.source == "hf" else "float32")
+    model_args, weights, tokenizer, source = _read_source(args)
+    model = Model(model_args)  # its random initial weights stay lazy: replaced before anything evaluates them
     try:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     except ValueError as err:
@@ -97,15 +120,13 @@ def _main(argv: list[str] | None) -> None:
     if args.quantize:
         extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
 
-    checkpoint_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    del weights
 
     def build(directory: Path) -> None:
         save_model(directory, model, tokenizer, extra)
         write_model_card(directory, model_args, n_params, tokenizer, source_lines=[
-            f"Converted from a {args.source} PyTorch checkpoint (`{Path(args.checkpoint).name}`, "
-            f"sha256 `{checkpoint_sha[:16]}…`) with `mlx_dlm.convert`.",
-            f"Weights: {args.dtype}" + (f", quantized to {args.q_bits} bits (group size {args.q_group_size})"
-                                        if args.quantize else "") + ".",
+            source, f"Weights: {args.dtype}" + (f", quantized to {args.q_bits} bits (group size {args.q_group_size})"
+                                                if args.quantize else "") + ".",
         ], name=out.name)
 
     _replace_dir(out, build)

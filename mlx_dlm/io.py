@@ -111,7 +111,9 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
     except TypeError as err:
         raise UserError(f"{directory / CONFIG_FILE} is not a valid model config ({err})") from None
     tokenizer = load_tokenizer(directory, config.get("tokenizer", "char"))
-    if tokenizer.vocab_size != args.vocab_size:
+    # A Hugging Face model's embedding table may have padding rows beyond its tokenizer's ids.
+    mismatch = tokenizer.vocab_size > args.vocab_size if tokenizer.kind == "hf" else tokenizer.vocab_size != args.vocab_size
+    if mismatch:
         raise UserError(f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but config.json "
                         f"says vocab_size {args.vocab_size}")
     model = Model(args)

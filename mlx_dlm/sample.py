@@ -110,9 +110,14 @@ def sample_tokens(logits: mx.array, key: mx.array, temp: float, top_k: int = 0, 
     return mx.random.categorical(filter_logits(logits / temp, top_k, top_p), key=key)
 
 
-def _without_mask(logits: mx.array, mask_id: int) -> mx.array:
-    """float32 logits in which the mask token can never be drawn."""
-    return mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits.astype(mx.float32))
+def _without_mask(logits: mx.array, mask_id: int, n_valid: int | None = None) -> mx.array:
+    """float32 logits in which the mask token, and ids past the tokenizer's n_valid (padding rows of an
+    embedding table), can never be drawn."""
+    ids = mx.arange(logits.shape[-1])
+    banned = ids == mask_id
+    if n_valid is not None and n_valid < logits.shape[-1]:
+        banned = banned | (ids >= n_valid)
+    return mx.where(banned, -mx.inf, logits.astype(mx.float32))
 
 
 def _memo(model, key: tuple, build):
@@ -146,7 +151,7 @@ def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) 
 
 
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
-                      threshold: float | None, start: int, cache: KVCache | None):
+                      threshold: float | None, n_valid: int | None, start: int, cache: KVCache | None):
     """Compiled step over the window x[:, start:] (start > 0 only with a prefix cache).
 
     (x, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). active marks the
@@ -157,7 +162,7 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
         xs, act, cs = x[:, start:], active[:, start:], conf[:, start:]
         logits = model(xs, t, cache=cache) if cache is not None else model(x, t)
-        logits = _without_mask(logits, mask_id)
+        logits = _without_mask(logits, mask_id, n_valid)
         sample_key, score_key = mx.random.split(key)
         proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(x.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
@@ -206,7 +211,7 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
 
 
 def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
-            block_length, use_cache, cache_refresh, remask, key, num_samples):
+            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None):
     """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
 
     ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout."""
@@ -218,7 +223,7 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
         if use_cache else None
 
     def step_fn(start):
-        options = (mask_id, strategy, temp, top_k, top_p, threshold)
+        options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid)
         return _memo(model, ("unmask", *options, start, (num_samples, L) if use_cache else None),
                      lambda: _make_unmask_step(model, *options, start, cache))
 
@@ -249,7 +254,7 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
 
 
 def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: int, temp: float, top_k: int,
-                     top_p: float):
+                     top_p: float, n_valid: int | None = None):
     """A KV cache for `cache_size` positions, the decode function (prefill, eager) and its compiled form (per
     token), writing into a canvas of `length` positions."""
     cache = KVCache(model.args, batch, cache_size)
@@ -257,22 +262,23 @@ def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: i
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
-        token = sample_tokens(_without_mask(model(tokens, cache=cache)[:, -1], mask_id), key, temp, top_k, top_p)
+        token = sample_tokens(_without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key, temp, top_k,
+                              top_p)
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
 
     return cache, decode, mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
 
 
-def _make_window_step(model, mask_id: int, temp: float, top_k: int, top_p: float):
+def _make_window_step(model, mask_id: int, temp: float, top_k: int, top_p: float, n_valid: int | None = None):
     """Compiled: the next token from a full forward over a window (B, max_seq_len) of the latest tokens."""
     def step(window: mx.array, key: mx.array) -> mx.array:
-        return sample_tokens(_without_mask(model(window)[:, -1], mask_id), key, temp, top_k, top_p)
+        return sample_tokens(_without_mask(model(window)[:, -1], mask_id, n_valid), key, temp, top_k, top_p)
 
     return mx.compile(step, inputs=[model.state])
 
 
-def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples):
+def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples, n_valid=None):
     """Left-to-right decoding; yields (canvas, committed, prompt seconds, positions forwarded per sample) per token.
 
     While the sequence fits the model's context, a KV cache; past it, as nanoGPT's sample.py does, each token
@@ -283,9 +289,9 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
     tic, prompt_seconds, n = time.perf_counter(), None, P  # n: tokens known so far
     if P <= context:
         cached = min(total, context)  # cache positions 0..cached-1 feed the tokens of positions P..cached
-        cache, decode, step = _memo(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p),
+        cache, decode, step = _memo(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p, n_valid),
                                     lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, temp, top_k,
-                                                             top_p))
+                                                             top_p, n_valid))
         cache.reset()
         x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
         mx.eval(x)
@@ -295,8 +301,8 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
             x, token, committed = step(token, x, keys[n - P])
             yield x, committed, prompt_seconds, 1
         n += 1
-    window_step = _memo(model, ("ar-window", mask_id, temp, top_k, top_p),
-                        lambda: _make_window_step(model, mask_id, temp, top_k, top_p))
+    window_step = _memo(model, ("ar-window", mask_id, temp, top_k, top_p, n_valid),
+                        lambda: _make_window_step(model, mask_id, temp, top_k, top_p, n_valid))
     for n in range(n, total):
         token = window_step(x[:, n - context:n], keys[n - P])
         committed = mx.broadcast_to(positions == n, x.shape)
@@ -364,6 +370,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
     _check_options(options)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
+    n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
     is_ar = model.args.model_type == "ar"
     if is_ar and (suffix or template is not None):
         raise UserError("a suffix or template needs a diffusion model; this one is autoregressive")
@@ -378,11 +385,11 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
         P = int((~editable).sum())
         keys = mx.random.split(mx.random.key(seed), max_tokens)
         steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in (
-            _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples)))
+            _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples, n_valid)))
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
             model, mask_id, ids, editable, min(steps, int(editable.sum())), schedule, strategy, temp, top_k, top_p,
-            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples))
+            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples, n_valid))
     forwarded = 0
     for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)

@@ -1,6 +1,7 @@
-"""Tokenizers: characters (simple_dlm ids, mask = 0) and SentencePiece (BPE/unigram).
+"""Tokenizers: characters (simple_dlm ids, mask = 0), SentencePiece (BPE/unigram), and Hugging Face
+`tokenizer.json` with chat templates (converted LLaDA and Dream models; extra `hf`).
 
-Both expose encode/decode, mask_id, vocab_size, save(dir) and are loaded back
+All expose encode/decode, mask_id, vocab_size, save(dir) and are loaded back
 from a model directory with `load_tokenizer(dir, config)`.
 """
 
@@ -176,12 +177,138 @@ class SentencePieceTokenizer:
             raise UserError(f"{path} is not a valid SentencePiece model ({err})") from None
 
 
-Tokenizer = CharTokenizer | SentencePieceTokenizer
-TOKENIZERS = {"char": CharTokenizer, "sp": SentencePieceTokenizer}
+HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+HF_SPECIAL = "special_tokens.json"  # our record of the mask, stop and bos ids of a converted HF tokenizer
+MASK_NAMES = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")  # LLaDA, Dream, BERT-style, RoBERTa-style
+
+
+def _token_text(value) -> str | None:
+    """A special token from tokenizer_config.json: a string, or a dict with its content."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library, extra `hf`) with its chat template.
+
+    Keeps the special tokens, and the mask, bos and stop (eos/eot) ids of the model it came with."""
+
+    kind = "hf"
+
+    def __init__(self, directory: str | os.PathLike, mask_id: int, stop_ids: list[int], bos_id: int | None = None):
+        try:
+            from tokenizers import Tokenizer as _Backend
+        except ImportError:
+            raise UserError("this model's tokenizer needs the hf extra: pip install 'mlx-dlm[hf]'") from None
+        directory = Path(directory)
+        try:
+            self.backend = _Backend.from_file(str(directory / "tokenizer.json"))
+        except Exception as err:  # the library raises its own exception type for unreadable files
+            raise UserError(f"{directory / 'tokenizer.json'} is not a readable Hugging Face tokenizer ({err})") from None
+        path = directory / "tokenizer_config.json"
+        self.config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        self.directory, self.mask_id, self.stop_ids, self.bos_id = directory, int(mask_id), list(stop_ids), bos_id
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | os.PathLike, config: dict) -> "HFTokenizer":
+        """The tokenizer of a Hugging Face model folder; mask and stop ids from config.json (then the vocabulary)."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").exists():
+            raise UserError(f"{folder} has no tokenizer.json")
+        probe = cls(folder, mask_id=-1, stop_ids=[])
+        vocab = probe.backend.get_vocab(with_added_tokens=True)
+        mask_id = config.get("mask_token_id")
+        if mask_id is None:
+            mask_id = next((vocab[name] for name in MASK_NAMES if name in vocab), None)
+        if mask_id is None:
+            raise UserError(f"the tokenizer in {folder} has no mask token (config.json mask_token_id, or one of "
+                            f"{', '.join(MASK_NAMES)})")
+        stops = config.get("eos_token_id")
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        for name in (_token_text(probe.config.get("eos_token")), "<|eot_id|>", "<|endoftext|>", "<|im_end|>"):
+            if name in vocab and vocab[name] not in stops:
+                stops.append(vocab[name])
+        bos = _token_text(probe.config.get("bos_token"))
+        return cls(folder, int(mask_id), stops, vocab.get(bos) if bos else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template of tokenizer_config.json (a string, or the one named "default")."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages as transformers does: jinja2's sandbox, trim_blocks and lstrip_blocks, the special
+        tokens as variables, and raise_exception for templates that check their input."""
+        if not self.chat_template:
+            raise UserError(f"the model in {self.directory} has no chat template (tokenizer_config.json); "
+                            "use --prompt instead of --chat")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    **{k: _token_text(v) for k, v in self.config.items()
+                                       if k.endswith("_token") and _token_text(v) is not None})
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids (special tokens written in the text, such as a chat template's, are recognised)."""
+        return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        """Text of ids, special tokens included (the mask decodes to its own token text)."""
+        return self.backend.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Copy tokenizer.json and tokenizer_config.json, and record the special ids."""
+        for name in HF_FILES:
+            if (self.directory / name).exists() and Path(directory).resolve() != self.directory.resolve():
+                atomic_write_bytes(Path(directory) / name, (self.directory / name).read_bytes())
+        special = {"mask_id": self.mask_id, "stop_ids": self.stop_ids, "bos_id": self.bos_id}
+        atomic_write_bytes(Path(directory) / HF_SPECIAL, json.dumps(special, indent=2).encode())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+        path = Path(directory) / HF_SPECIAL
+        try:
+            special = json.loads(path.read_text(encoding="utf-8"))
+            return cls(directory, special["mask_id"], special.get("stop_ids", []), special.get("bos_id"))
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path} is not valid ({err})") from None
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **tokens) -> str:
+    """A chat template rendered like transformers' apply_chat_template (needs jinja2, extra `hf`)."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise UserError("chat templates need jinja2: pip install 'mlx-dlm[hf]'") from None
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **tokens)
+    except TemplateError as err:
+        raise UserError(f"the chat template refused these messages: {err}") from None
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer
+TOKENIZERS = {"char": CharTokenizer, "sp": SentencePieceTokenizer, "hf": HFTokenizer}
 
 
 def load_tokenizer(directory: str | os.PathLike, kind: str) -> Tokenizer:
-    """Load the tokenizer of kind ("char" or "sp") saved in a model directory."""
+    """Load the tokenizer of kind ("char", "sp" or "hf") saved in a model directory."""
     if kind not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer kind {kind!r} in config.json (expected char or sp)")
+        raise UserError(f"unknown tokenizer kind {kind!r} in config.json (expected char, sp or hf)")
     return TOKENIZERS[kind].load(directory)

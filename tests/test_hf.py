@@ -1,0 +1,235 @@
+"""LLaDA and Dream from Hugging Face folders: logits parity with PyTorch models written here from the published
+architectures, sharded reading, the Hub cache offline, chat templates, and one-line errors. Nothing is downloaded."""
+
+import importlib
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tokenizers = pytest.importorskip("tokenizers")
+jinja2 = pytest.importorskip("jinja2")
+
+import mlx_dlm  # noqa: E402
+from mlx_dlm.errors import UserError  # noqa: E402
+
+convert = importlib.import_module("mlx_dlm.convert.__main__")
+generate_cli = importlib.import_module("mlx_dlm.generate")
+
+D, LAYERS, HEADS, KV_HEADS, FF, VOCAB = 64, 2, 4, 2, 96, 256
+SPECIAL = ["<|mdm_mask|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|endoftext|>", "<|begin_of_text|>"]
+CHARS = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,!?'\n:"))
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+# --- PyTorch references, from the published architectures (not from mlx_dlm) --------------------------------
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, theta):
+    """Non-interleaved rotary embedding on (B, H, L, hd): rotate_half over the two halves."""
+    hd, L = x.shape[-1], x.shape[-2]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.outer(torch.arange(L, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
+
+
+def _block(h, p, theta, eps):
+    """One pre-norm block: bidirectional GQA attention with RoPE, then SwiGLU."""
+    B, L, _ = h.shape
+    hd = D // HEADS
+    x = _rms(h, p["attn_norm"], eps)
+    q = (x @ p["q"].T + p.get("bq", 0)).view(B, L, HEADS, hd).transpose(1, 2)
+    k = (x @ p["k"].T + p.get("bk", 0)).view(B, L, KV_HEADS, hd).transpose(1, 2)
+    v = (x @ p["v"].T + p.get("bv", 0)).view(B, L, KV_HEADS, hd).transpose(1, 2)
+    q, k = _rope(q, theta), _rope(k, theta)
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, dim=1), v.repeat_interleave(HEADS // KV_HEADS, dim=1)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
+    h = h + att.transpose(1, 2).reshape(B, L, D) @ p["o"].T
+    x = _rms(h, p["ff_norm"], eps)
+    return h + (torch.nn.functional.silu(x @ p["gate"].T) * (x @ p["up"].T)) @ p["down"].T
+
+
+def _reference_logits(params, tokens, theta, eps, shift):
+    h = params["embed"][torch.as_tensor(tokens)]
+    for p in params["layers"]:
+        h = _block(h, p, theta, eps)
+    logits = _rms(h, params["norm"], eps) @ params["head"].T
+    if shift:  # Dream: the logits at i predict token i+1; position i's prediction comes from i-1
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits.numpy()
+
+
+# --- Hugging Face folders -----------------------------------------------------------------------------------
+
+def _params(dream: bool):
+    g = torch.Generator().manual_seed(3 if dream else 2)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.2  # noqa: E731
+    kv = KV_HEADS * (D // HEADS)
+    layers = []
+    for _ in range(LAYERS):
+        p = {"attn_norm": 1 + r(D), "q": r(D, D), "k": r(kv, D), "v": r(kv, D), "o": r(D, D), "ff_norm": 1 + r(D),
+             "gate": r(FF, D), "up": r(FF, D), "down": r(D, FF)}
+        if dream:
+            p.update(bq=r(D), bk=r(kv), bv=r(kv))
+        layers.append(p)
+    return {"embed": r(VOCAB, D), "layers": layers, "norm": 1 + r(D), "head": r(VOCAB, D)}
+
+
+def _hf_keys(params, dream: bool) -> dict[str, np.ndarray]:
+    out = {}
+    if dream:
+        out["model.embed_tokens.weight"], out["model.norm.weight"] = params["embed"], params["norm"]
+        out["lm_head.weight"] = params["head"]
+        names = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                 "v": "self_attn.v_proj", "o": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        biases = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
+        prefix = "model.layers"
+    else:
+        out["model.transformer.wte.weight"], out["model.transformer.ln_f.weight"] = params["embed"], params["norm"]
+        out["model.transformer.ff_out.weight"] = params["head"]
+        names = {"attn_norm": "attn_norm", "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
+                 "ff_norm": "ff_norm", "gate": "ff_proj", "up": "up_proj", "down": "ff_out"}
+        biases = {}
+        prefix = "model.transformer.blocks"
+    for i, p in enumerate(params["layers"]):
+        for ours, theirs in names.items():
+            out[f"{prefix}.{i}.{theirs}.weight"] = p[ours]
+        for ours, theirs in biases.items():
+            out[f"{prefix}.{i}.{theirs}.bias"] = p[ours]
+    return {k: v.float().numpy() for k, v in out.items()}
+
+
+def _write_tokenizer(folder, with_mask=True, template=TEMPLATE):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character, newlines too
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([s for s in SPECIAL if with_mask or s != "<|mdm_mask|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|endoftext|>"}
+    if template:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok
+
+
+def make_hf_folder(folder, dream: bool, shards: int = 2, with_mask: bool = True, template=TEMPLATE):
+    """A tiny LLaDA- or Dream-format folder: config.json, sharded safetensors with an index, tokenizer files."""
+    folder.mkdir(parents=True)
+    params = _params(dream)
+    tok = _write_tokenizer(folder, with_mask, template)
+    mask_id = tok.token_to_id("<|mdm_mask|>")
+    if dream:
+        config = {"model_type": "Dream", "hidden_size": D, "intermediate_size": FF, "num_attention_heads": HEADS,
+                  "num_key_value_heads": KV_HEADS, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1000000.0, "vocab_size": VOCAB, "max_position_embeddings": 512,
+                  "tie_word_embeddings": False, "mask_token_id": mask_id, "eos_token_id": tok.token_to_id("<|endoftext|>")}
+    else:
+        config = {"model_type": "llada", "d_model": D, "n_heads": HEADS, "n_kv_heads": KV_HEADS, "n_layers": LAYERS,
+                  "mlp_hidden_size": FF, "vocab_size": VOCAB, "embedding_size": VOCAB, "rope_theta": 500000.0,
+                  "rms_norm_eps": 1e-5, "max_sequence_length": 512, "weight_tying": False, "include_bias": False,
+                  "mask_token_id": mask_id, "eos_token_id": tok.token_to_id("<|endoftext|>")}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = _hf_keys(params, dream)
+    names = sorted(weights)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]  # q, k and v of a layer land in different shards
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(folder / file), {k: mx.array(weights[k]) for k in part})
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return params, config
+
+
+@pytest.mark.parametrize("dream", [False, True], ids=["llada", "dream"])
+def test_hf_conversion_logits_match_pytorch(tmp_path, dream):
+    params, config = make_hf_folder(tmp_path / "hf", dream)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    model, tok = mlx_dlm.load(tmp_path / "out")
+    assert model.args.n_kv_heads == KV_HEADS and model.args.logit_shift is dream and not model.args.time_cond
+    assert tok.kind == "hf" and tok.mask_id == config["mask_token_id"] and tok.vocab_size < VOCAB == model.args.vocab_size
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 11))
+    got = np.array(model(mx.array(tokens, dtype=mx.int32)))
+    want = _reference_logits(params, tokens, config.get("rope_theta"), config["rms_norm_eps"], dream)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_conversion_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llada" / "snapshots" / "0123abcd"
+    params, _ = make_hf_folder(snapshot, dream=False)
+    (tmp_path / "hub" / "models--someone--tiny-llada" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llada" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    convert.main(["hf", "someone/tiny-llada", "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    model, _ = mlx_dlm.load(tmp_path / "out")
+    tokens = np.arange(9)[None]
+    np.testing.assert_allclose(np.array(model(mx.array(tokens, dtype=mx.int32))),
+                               _reference_logits(params, tokens, 500000.0, 1e-5, False), atol=1e-4, rtol=1e-4)
+
+
+def test_chat_template_renders_as_jinja2_does(tmp_path):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    make_hf_folder(tmp_path / "hf", dream=False)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    _, tok = mlx_dlm.load(tmp_path / "out")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    direct = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(TEMPLATE).render(
+        messages=messages, add_generation_prompt=True, bos_token="<|begin_of_text|>", eos_token="<|endoftext|>")
+    assert tok.apply_chat_template(messages) == direct
+    ids = tok.encode(direct)
+    assert ids[0] == tok.bos_id and tok.decode(ids) == direct  # special tokens in the text are single tokens
+    assert tok.stop_ids and tok.encode("<|eot_id|>")[0] in tok.stop_ids
+
+
+def test_quantized_tiny_model_samples(tmp_path):
+    make_hf_folder(tmp_path / "hf", dream=True)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "q4"), "-q", "--q-bits", "4",
+                  "--q-group-size", "32"])
+    model, tok = mlx_dlm.load(tmp_path / "q4")
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
+    text = mlx_dlm.generate(model, tok, "Hello", max_tokens=8, steps=4, seed=0)
+    assert text.startswith("Hello") and len(tok.encode(text)) >= 9
+
+
+def _one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        convert.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    make_hf_folder(tmp_path / "bad_type", dream=False)
+    config = json.loads((tmp_path / "bad_type" / "config.json").read_text())
+    (tmp_path / "bad_type" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    _one_line(capsys, ["hf", str(tmp_path / "bad_type"), *out], "unsupported model_type 'llama' in config.json "
+                                                                  "(supported: llada, dream)")
+    make_hf_folder(tmp_path / "shard", dream=False)
+    (tmp_path / "shard" / "model-00002-of-00002.safetensors").unlink()
+    _one_line(capsys, ["hf", str(tmp_path / "shard"), *out], "missing shard model-00002-of-00002.safetensors")
+    make_hf_folder(tmp_path / "nomask", dream=False, with_mask=False)
+    config = json.loads((tmp_path / "nomask" / "config.json").read_text())
+    del config["mask_token_id"]
+    (tmp_path / "nomask" / "config.json").write_text(json.dumps(config))
+    _one_line(capsys, ["hf", str(tmp_path / "nomask"), *out], "has no mask token")
+    _one_line(capsys, ["hf", "someone/not-cached", *out], "cannot get someone/not-cached")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folders
