@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "mlx_dlm.train",
     "generate": "mlx_dlm.generate",
     "eval": "mlx_dlm.eval",
+    "chat": "mlx_dlm.chat",
     "benchmark": "mlx_dlm.benchmark.__main__",
     "convert": "mlx_dlm.convert.__main__",
     "upload": "mlx_dlm.upload",

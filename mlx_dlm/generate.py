@@ -10,9 +10,9 @@ import sys
 
 import mlx.core as mx
 
-from .errors import given_flags, run_cli, warn
+from .errors import UserError, given_flags, run_cli, warn
 from .io import load
-from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, stream_generate
+from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, cut_at_stop, stream_generate
 from .view import TerminalView, save_frames
 
 DEFAULT_MODEL = "shakespeare-dlm"  # the reference DLM shipped in the package
@@ -35,6 +35,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="model directory, shipped model (shakespeare-dlm, shakespeare-ar) or Hugging Face repo (user/name)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) with a repo id")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
+    p.add_argument("--chat", help="a user message, wrapped by the model's chat template (converted chat models); "
+                                  "prints the reply, up to its end-of-turn token")
+    p.add_argument("--system", help="with --chat: a system message")
     p.add_argument("--suffix", default="", help="text the sample ends with (never changed; diffusion models)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="positions to generate")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (forward passes)")
@@ -44,7 +47,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="commit every proposal with probability >= P (at least one per step) instead of a schedule")
     p.add_argument("--block-length", type=int, default=0, help="semi-autoregressive blocks of this many positions")
-    p.add_argument("--cache", action="store_true", help="reuse keys/values of earlier blocks (with --block-length)")
+    p.add_argument("--cache", nargs="?", const="prefix", choices=("prefix", "dual"),
+                   help="with --block-length: reuse keys/values of earlier blocks (prefix, the default of a bare "
+                        "--cache), or of earlier and later ones, running the block alone (dual: Fast-dLLM)")
     p.add_argument("--cache-refresh", type=int, default=0,
                    help="with --cache, also recompute the cache every N steps (0: at block starts only)")
     p.add_argument("--remask", type=float, default=0.0,
@@ -88,9 +93,23 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
              "(at most one step per position)")
 
 
-def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list):
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The model's chat template applied to messages, ready for the assistant's turn."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise UserError(f"--chat needs a model with a chat template (a converted instruct model); this model's "
+                        f"tokenizer is {tokenizer.kind}: use --prompt")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def completion_text(tokenizer, step, sample: int = 0) -> str:
+    """The generated text of one sample (given text left out), cut at its first eos/eot token."""
+    row = cut_at_stop(step.tokens[sample], step.editable, getattr(tokenizer, "stop_ids", ()))
+    return tokenizer.decode(row[step.editable[:len(row)]])
+
+
+def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str):
     """Generate, drawing and collecting frames as asked; returns the last step."""
-    for last in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, steps=args.steps,
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, steps=args.steps,
                                 strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, num_samples=args.num_samples, suffix=args.suffix,
                                 schedule=args.schedule, threshold=args.threshold, block_length=args.block_length,
@@ -107,20 +126,30 @@ def _main(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
     model, tokenizer = load(args.model, args.revision)
     warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
+    prompt = args.prompt
+    if args.chat is not None:
+        if args.prompt:
+            raise UserError("give --chat or --prompt, not both")
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = chat_prompt(tokenizer, [*system, {"role": "user", "content": args.chat}])
+    elif args.system:
+        raise UserError("--system goes with --chat")
     view = TerminalView(tokenizer) if args.show else None
     frames = []
     try:
-        last = _run(args, model, tokenizer, view, frames)
+        last = _run(args, model, tokenizer, view, frames, prompt)
     finally:
         if view is not None:
             view.close()
     if args.save_frames:
         save_frames(args.save_frames, frames, tokenizer)
         print(f"Saved {len(frames)} frames to {args.save_frames}", file=sys.stderr)
+    stops = getattr(tokenizer, "stop_ids", ())
     for i, row in enumerate(last.tokens):
         if len(last.tokens) > 1:
             print(f"--- sample {i + 1}")
-        print(tokenizer.decode(row))
+        print(completion_text(tokenizer, last, i) if args.chat is not None else
+              tokenizer.decode(cut_at_stop(row, last.editable, stops)))
     if args.verbose:
         print("=" * 10)
         prompt_rate = f", {last.prompt_tokens / last.prompt_seconds:.3f} tokens-per-sec" if last.prompt_seconds else ""

@@ -7,9 +7,12 @@ every masked position, scores the proposals and commits some of them:
   "margin" (top-1 minus top-2 probability), "entropy" (lowest entropy first), "random" (simple_dlm);
 - commit rule: a schedule of how many per step over `steps` (`schedule` linear or cosine), or
   `threshold` P: every proposal with probability >= P, at least one per step (Fast-dLLM);
-- `block_length`: semi-autoregressive blocks, left to right, steps split across blocks; with `cache`,
-  keys/values of everything before the current block are computed once at the block's start and
-  reused while it is denoised (Fast-dLLM's prefix cache), refreshed when a block completes;
+- `block_length`: semi-autoregressive blocks, left to right, steps split across blocks; with `cache`
+  "prefix" (or True), keys/values of everything before the current block are computed once at the
+  block's start and reused while it is denoised (Fast-dLLM's prefix cache), refreshed when a block
+  completes; with "dual", the keys/values after the block are reused too and only the block is run;
+- stop tokens (eos/eot of converted chat models): once every sample holds one after a block, decoding
+  ends and `generate` cuts the text there;
 - `remask` R: after each step but a block's last, re-mask up to a fraction R of the block's already
   committed tokens, those committed with the lowest confidence (ReMDM-style revision).
 One compiled function does a step on the device; nothing loops over positions or samples.
@@ -151,8 +154,10 @@ def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) 
 
 
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
-                      threshold: float | None, n_valid: int | None, start: int, cache: KVCache | None):
-    """Compiled step over the window x[:, start:] (start > 0 only with a prefix cache).
+                      threshold: float | None, n_valid: int | None, start: int, cache: KVCache | None,
+                      end: int | None = None):
+    """Compiled step over the window x[:, start:end] (a strict part of the canvas only with a cache: the
+    prefix cache forwards from the block's start to the end, the dual cache the block alone).
 
     (x, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). active marks the
     positions this step may fill; conf holds each committed token's confidence (for revision).
@@ -160,7 +165,8 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
 
     def step(x, active, conf, target, remask_frac, key):
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
-        xs, act, cs = x[:, start:], active[:, start:], conf[:, start:]
+        stop = x.shape[1] if end is None else end
+        xs, act, cs = x[:, start:stop], active[:, start:stop], conf[:, start:stop]
         logits = model(xs, t, cache=cache) if cache is not None else model(x, t)
         logits = _without_mask(logits, mask_id, n_valid)
         sample_key, score_key = mx.random.split(key)
@@ -180,9 +186,11 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
         n_remask = mx.floor(remask_frac * earlier.sum(axis=1, keepdims=True))
         remasked = earlier & (_rank(mx.where(earlier, -cs, -mx.inf)) < n_remask)
         xs = mx.where(remasked, mask_id, xs)
-        pad = mx.zeros((x.shape[0], start), dtype=mx.bool_)
-        return (mx.concatenate([x[:, :start], xs], axis=1), mx.concatenate([conf[:, :start], cs], axis=1),
-                mx.concatenate([pad, committed], axis=1), mx.concatenate([pad, remasked], axis=1))
+        before = mx.zeros((x.shape[0], start), dtype=mx.bool_)
+        after = mx.zeros((x.shape[0], x.shape[1] - stop), dtype=mx.bool_)
+        return (mx.concatenate([x[:, :start], xs, x[:, stop:]], axis=1),
+                mx.concatenate([conf[:, :start], cs, conf[:, stop:]], axis=1),
+                mx.concatenate([before, committed, after], axis=1), mx.concatenate([before, remasked, after], axis=1))
 
     state = [model.state] + ([cache.state] if cache is not None else [])
     return mx.compile(step, inputs=state, outputs=[cache.state] if cache is not None else [])
@@ -211,10 +219,11 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
 
 
 def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
-            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None):
+            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None, stop_ids=()):
     """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
 
-    ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout."""
+    ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout.
+    stop_ids: once every sample holds one of these (eos/eot) after a block completes, decoding ends."""
     L = ids.shape[-1]
     positions = np.flatnonzero(editable)
     size = block_length or len(positions)
@@ -222,10 +231,10 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
     cache = _memo(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
         if use_cache else None
 
-    def step_fn(start):
+    def step_fn(start, end):
         options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid)
-        return _memo(model, ("unmask", *options, start, (num_samples, L) if use_cache else None),
-                     lambda: _make_unmask_step(model, *options, start, cache))
+        return _memo(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
+                     lambda: _make_unmask_step(model, *options, start, cache, end))
 
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
     conf = mx.full(x.shape, mx.inf)  # given text is never revised
@@ -242,15 +251,18 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
         for j, target in enumerate(targets):
             refresh = cache is None or j == 0 or (cache_refresh and j % cache_refresh == 0)
             start = 0 if refresh else int(block[0])
+            end = int(block[-1]) + 1 if use_cache == "dual" and not refresh else None
             if cache is not None:
                 cache.state["offset"] = mx.array(start, dtype=mx.int32)
             key, step_key = mx.random.split(key)
             frac = remask if j < len(targets) - 1 else 0.0
-            x, conf, committed, remasked = step_fn(start)(
+            x, conf, committed, remasked = step_fn(start, end)(
                 x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
-            yield x, committed, remasked, num_samples * (L - start)
+            yield x, committed, remasked, num_samples * ((end or L) - start)
             if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
+        if len(stop_ids) and _all_stopped(x, stop_ids, positions[positions <= block[-1]]):
+            return
 
 
 def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: int, temp: float, top_k: int,
@@ -347,6 +359,8 @@ def _check_options(o: dict) -> None:
         raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
     if o["block_length"] < 0 or o["cache_refresh"] < 0:
         raise UserError("--block-length and --cache-refresh must be >= 0")
+    if o["cache"] not in (None, False, True, "prefix", "dual"):
+        raise UserError(f"--cache must be prefix or dual, got {o['cache']!r}")
     if o["cache"] and not o["block_length"]:
         raise UserError("--cache needs --block-length (the cache holds the blocks before the current one)")
 
@@ -355,7 +369,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
                     steps: int = DEFAULT_STEPS, strategy: str = "confidence", temp: float = DEFAULT_TEMP,
                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
                     suffix: str = "", template: str | None = None, schedule: str = "linear",
-                    threshold: float | None = None, block_length: int = 0, cache: bool = False,
+                    threshold: float | None = None, block_length: int = 0, cache: bool | str = False,
                     cache_refresh: int = 0, remask: float = 0.0) -> Iterator[GenerationStep]:
     """Generate and yield the state after every step (see the module docstring for the options).
 
@@ -368,6 +382,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
                    threshold=threshold, remask=remask, block_length=block_length, cache=cache,
                    cache_refresh=cache_refresh)
     _check_options(options)
+    cache = "prefix" if cache is True else (cache or None)  # True: the prefix cache, as before "dual" existed
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
@@ -389,7 +404,8 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
             model, mask_id, ids, editable, min(steps, int(editable.sum())), schedule, strategy, temp, top_k, top_p,
-            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples, n_valid))
+            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples, n_valid,
+            getattr(tokenizer, "stop_ids", ())))
     forwarded = 0
     for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)
@@ -402,12 +418,29 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
             prompt_pass_tokens=num_samples if is_ar else 0)
 
 
+def _all_stopped(x: mx.array, stop_ids, positions: np.ndarray) -> bool:
+    """Whether every row of the canvas holds a stop token at one of these positions."""
+    decided = x[:, mx.array(positions)]
+    return bool(mx.all(mx.any(mx.any(decided[..., None] == mx.array(list(stop_ids))[None, None], axis=-1),
+                              axis=-1)).item())
+
+
+def cut_at_stop(tokens: np.ndarray, editable: np.ndarray, stop_ids) -> np.ndarray:
+    """One canvas row up to (not including) its first stop token among the generated positions."""
+    if not len(stop_ids):
+        return tokens
+    hits = np.flatnonzero(editable & np.isin(tokens, list(stop_ids)))
+    return tokens[:hits[0]] if len(hits) else tokens
+
+
 def generate(model, tokenizer, prompt: str = "", **options) -> str | list[str]:
-    """Generate and return the whole text (given text included); a list when num_samples > 1.
+    """Generate and return the whole text (given text included), cut at the first eos/eot token for
+    tokenizers that have them; a list when num_samples > 1.
 
     Options: see stream_generate."""
     last = None
     for last in stream_generate(model, tokenizer, prompt, **options):
         pass
-    texts = [tokenizer.decode(row) for row in last.tokens]
+    stops = getattr(tokenizer, "stop_ids", ())
+    texts = [tokenizer.decode(cut_at_stop(row, last.editable, stops)) for row in last.tokens]
     return texts[0] if options.get("num_samples", 1) == 1 else texts

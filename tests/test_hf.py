@@ -233,3 +233,46 @@ def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
     _one_line(capsys, ["hf", "someone/not-cached", *out], "cannot get someone/not-cached")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folders
+
+
+@pytest.fixture
+def tiny_instruct(tmp_path):
+    make_hf_folder(tmp_path / "hf", dream=False)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "instruct"), "--dtype", "float32"])
+    return tmp_path / "instruct"
+
+
+def test_generate_chat_applies_the_template_and_stops_at_eot(tiny_instruct, capsys):
+    capsys.readouterr()
+    generate_cli.main(["--model", str(tiny_instruct), "--chat", "Hi", "--system", "Be brief.", "--max-tokens", "64",
+                       "--block-length", "32", "--cache", "dual", "--threshold", "0.9", "--seed", "0"])
+    out = capsys.readouterr().out
+    reply = out.split("\n==========\n")[0]
+    assert "<|start_header_id|>" not in reply and "Be brief." not in reply  # the template is not echoed
+    assert "<|eot_id|>" not in reply and "<|endoftext|>" not in reply  # cut at the stop token
+    prompt_tokens = int(out.split("Prompt: ")[1].split(" tokens")[0])
+    _, tok = mlx_dlm.load(tiny_instruct)
+    rendered = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert prompt_tokens == len(tok.encode(rendered))  # the prompt is the rendered template
+
+
+def test_chat_command_answers_each_line(tiny_instruct, monkeypatch, capsys):
+    chat = importlib.import_module("mlx_dlm.chat")
+    lines = iter(["Hello", "And you?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat.main(["--model", str(tiny_instruct), "--max-tokens", "16", "--steps", "4", "--seed", "0"])
+    assert len(capsys.readouterr().out.strip("\n").split("\n")) >= 2  # one reply per line (replies may wrap)
+
+
+def test_chat_without_a_template_is_one_line(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main(["--model", str(tiny_model_dir), "--chat", "Hi"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "--chat needs a model with a chat template" in err
+    make_hf_folder(tmp_path / "hf", dream=True, template=None)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "base")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main(["--model", str(tmp_path / "base"), "--chat", "Hi"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "has no chat template" in err

@@ -4,6 +4,7 @@ import importlib
 import io
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -185,3 +186,48 @@ def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
     assert len(frames) == n_frames and 'class="new"' in frames[0] and 'class="given"' in frames[-1]
     with pytest.raises(UserError, match="use a .html or .gif"):
         save_frames(tmp_path / "f.txt", states, tok)
+
+
+def test_dual_cache_refreshed_every_step_equals_uncached_and_runs_only_the_block(tiny):
+    model, tok = tiny
+    opts = dict(max_tokens=48, steps=12, block_length=16, seed=6, num_samples=2)  # 3 blocks of 4 steps
+    plain = _run(model, tok, **opts)
+    refreshed = _run(model, tok, cache="dual", cache_refresh=1, **opts)
+    dual = _run(model, tok, cache="dual", **opts)
+    prefix = _run(model, tok, cache=True, **opts)
+    assert all((a.tokens == b.tokens).all() for a, b in zip(plain, refreshed))
+    L = len("ROMEO:") + 48
+    # Per block: one full pass at its start, then 3 passes over the block alone (dual) or from it to the end (prefix).
+    assert dual[-1].forward_tokens == 2 * 3 * (L + 3 * 16)
+    assert prefix[-1].forward_tokens == 2 * sum(L + 3 * (L - start) for start in (6, 22, 38))
+    assert (dual[-1].tokens != tok.mask_id).all()
+
+
+class _StopAt:
+    """A stand-in model: the eot token wins at canvas positions >= `at`, token 5 before."""
+
+    def __init__(self, vocab: int, eot: int, at: int):
+        from mlx_dlm.model import ModelArgs
+
+        self.args = ModelArgs(vocab_size=vocab, dim=8, n_layers=1, hidden_dim=8, max_seq_len=64, pos_emb="rope",
+                              time_cond=False)
+        self.state, self.vocab, self.eot, self.at = [], vocab, eot, at
+
+    def __call__(self, tokens, t=None, cache=None):
+        B, L = tokens.shape
+        favourite = mx.where(mx.arange(L)[None, :, None] >= self.at, self.eot, 5)
+        return mx.broadcast_to(mx.where(mx.arange(self.vocab)[None, None] == favourite, 10.0, 0.0), (B, L, self.vocab))
+
+
+def test_generation_stops_at_the_block_holding_eot_and_cuts_the_text():
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh|")
+    tok.stop_ids = [tok.encode("|")[0]]
+    model = _StopAt(tok.vocab_size, tok.stop_ids[0], at=2 + 10)  # position 10 of the generated text: block 2 of 3
+    states = list(stream_generate(model, tok, "ab", max_tokens=24, steps=24, block_length=8, temp=0.0, seed=0))
+    assert states[-1].nfe == 16  # blocks 1 and 2, one token per pass; block 3 never runs
+    assert (states[-1].tokens[0, 2 + 16:] == tok.mask_id).all()
+    five = tok.decode([5])
+    assert mlx_dlm.generate(model, tok, "ab", max_tokens=24, steps=24, block_length=8, temp=0.0, seed=0) == \
+        "ab" + five * 10

@@ -1,0 +1,71 @@
+"""`mlx_dlm.chat`: talk to a converted chat model (LLaDA or Dream Instruct) turn by turn.
+
+    mlx_dlm.chat --model models/llada-8b-instruct-4bit --block-length 32 --cache --threshold 0.9
+
+Takes every sampling option of `mlx_dlm.generate`. Each turn the whole conversation goes through the model's chat
+template; the reply ends at the model's end-of-turn token. An empty line or Ctrl-D ends the chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError, run_cli
+from .generate import chat_prompt, completion_text, setup_arg_parser as generate_parser
+from .io import load
+from .sample import stream_generate
+
+DEFAULT_CHAT_TOKENS = 256
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """mlx_dlm.generate's flags, for a conversation."""
+    p = generate_parser()
+    p.prog, p.description = "mlx_dlm.chat", "Chat with a converted instruct model."
+    p.set_defaults(max_tokens=DEFAULT_CHAT_TOKENS, model=None)
+    return p
+
+
+def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace) -> str:
+    """The assistant's next turn."""
+    last = None
+    for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=args.max_tokens,
+                                steps=args.steps, strategy=args.strategy, temp=args.temp, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, schedule=args.schedule, threshold=args.threshold,
+                                block_length=args.block_length, cache=args.cache, cache_refresh=args.cache_refresh,
+                                remask=args.remask):
+        pass
+    return completion_text(tokenizer, last)
+
+
+def _main(argv: list[str] | None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    if args.model is None:
+        raise UserError("--model is required: a converted chat model (mlx_dlm.convert hf ...)")
+    model, tokenizer = load(args.model, args.revision)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    chat_prompt(tokenizer, messages + [{"role": "user", "content": ""}])  # no template: say so before the first turn
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model}; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        answer = reply(model, tokenizer, messages, args)
+        print(answer, flush=True)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
