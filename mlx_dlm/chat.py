@@ -34,7 +34,7 @@ def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace) -> s
                                 steps=args.steps, strategy=args.strategy, temp=args.temp, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, schedule=args.schedule, threshold=args.threshold,
                                 block_length=args.block_length, cache=args.cache, cache_refresh=args.cache_refresh,
-                                remask=args.remask):
+                                remask=args.remask, alg_temp=args.alg_temp, cfg_scale=args.cfg_scale):
         pass
     return completion_text(tokenizer, last)
 

@@ -54,6 +54,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="with --cache, also recompute the cache every N steps (0: at block starts only)")
     p.add_argument("--remask", type=float, default=0.0,
                    help="re-mask up to this fraction of committed tokens per step, lowest confidence first")
+    p.add_argument("--alg-temp", type=float, default=0.0,
+                   help="draw the positions to commit from softmax(score / T) instead of best first (Dream)")
+    p.add_argument("--cfg-scale", type=float, default=0.0,
+                   help="classifier-free guidance against a pass with the prompt masked (LLaDA; 0: off)")
     p.add_argument("--num-samples", type=int, default=1, help="decode this many canvases in one batch")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -72,7 +76,8 @@ def peak_memory_line() -> str:
     return "Peak memory: not reported by the MLX CPU backend"
 
 
-DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh", "remask")
+DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh", "remask",
+                  "alg_temp", "cfg_scale")
 
 
 def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: str) -> None:
@@ -113,7 +118,8 @@ def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, 
                                 strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, num_samples=args.num_samples, suffix=args.suffix,
                                 schedule=args.schedule, threshold=args.threshold, block_length=args.block_length,
-                                cache=args.cache, cache_refresh=args.cache_refresh, remask=args.remask):
+                                cache=args.cache, cache_refresh=args.cache_refresh, remask=args.remask,
+                                alg_temp=args.alg_temp, cfg_scale=args.cfg_scale):
         if view is not None:
             view.draw(last)
         if args.save_frames:

@@ -11,6 +11,8 @@ every masked position, scores the proposals and commits some of them:
   "prefix" (or True), keys/values of everything before the current block are computed once at the
   block's start and reused while it is denoised (Fast-dLLM's prefix cache), refreshed when a block
   completes; with "dual", the keys/values after the block are reused too and only the block is run;
+- `alg_temp` > 0: positions to commit drawn from softmax(score / alg_temp) (Dream); `cfg_scale` > 0:
+  classifier-free guidance against a pass with the given text masked (LLaDA);
 - stop tokens (eos/eot of converted chat models): once every sample holds one after a block, decoding
   ends and `generate` cuts the text there;
 - `remask` R: after each step but a block's last, re-mask up to a fraction R of the block's already
@@ -154,24 +156,36 @@ def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) 
 
 
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
-                      threshold: float | None, n_valid: int | None, start: int, cache: KVCache | None,
-                      end: int | None = None):
+                      threshold: float | None, n_valid: int | None, alg_temp: float, cfg_scale: float, start: int,
+                      cache: KVCache | None, end: int | None = None):
     """Compiled step over the window x[:, start:end] (a strict part of the canvas only with a cache: the
     prefix cache forwards from the block's start to the end, the dual cache the block alone).
 
-    (x, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). active marks the
-    positions this step may fill; conf holds each committed token's confidence (for revision).
+    (x, given, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). given marks the
+    text the sampler never changes; active the positions this step may fill; conf holds each committed
+    token's confidence (for revision). alg_temp > 0: positions to commit are drawn from softmax(score /
+    alg_temp) without replacement (Dream) instead of taken in score order. cfg_scale > 0: classifier-free
+    guidance against a pass with the given text masked (LLaDA), uncond + (cfg_scale + 1)(cond - uncond).
     """
 
-    def step(x, active, conf, target, remask_frac, key):
+    def forward(x, xs):
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
+        return model(xs, t, cache=cache) if cache is not None else model(x, t)
+
+    def step(x, given, active, conf, target, remask_frac, key):
         stop = x.shape[1] if end is None else end
         xs, act, cs = x[:, start:stop], active[:, start:stop], conf[:, start:stop]
-        logits = model(xs, t, cache=cache) if cache is not None else model(x, t)
+        logits = forward(x, xs)
+        if cfg_scale > 0:  # never with a cache (checked): both passes see the whole canvas
+            uncond = mx.where(given, mx.array(mask_id, dtype=x.dtype), x)
+            logits_u = forward(uncond, uncond)
+            logits = logits_u + (cfg_scale + 1) * (logits - logits_u)
         logits = _without_mask(logits, mask_id, n_valid)
-        sample_key, score_key = mx.random.split(key)
+        sample_key, score_key, order_key = mx.random.split(key, 3)
         proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(x.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
+        if alg_temp > 0:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise are a draw without replacement
+            score = score / alg_temp + mx.random.gumbel(shape=score.shape, key=order_key)
         hidden = (xs == mask_id) & act
         rank = _rank(mx.where(hidden, score, -mx.inf))
         if threshold is None:
@@ -219,7 +233,8 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
 
 
 def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
-            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None, stop_ids=()):
+            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None, stop_ids=(),
+            alg_temp=0.0, cfg_scale=0.0):
     """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
 
     ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout.
@@ -232,11 +247,12 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
         if use_cache else None
 
     def step_fn(start, end):
-        options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid)
+        options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid, alg_temp, cfg_scale)
         return _memo(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
                      lambda: _make_unmask_step(model, *options, start, cache, end))
 
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
+    given = mx.array(np.tile(~editable, (num_samples, 1)))
     conf = mx.full(x.shape, mx.inf)  # given text is never revised
     per_block = max(1, steps // len(blocks))
     for block in blocks:
@@ -257,8 +273,8 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
             key, step_key = mx.random.split(key)
             frac = remask if j < len(targets) - 1 else 0.0
             x, conf, committed, remasked = step_fn(start, end)(
-                x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
-            yield x, committed, remasked, num_samples * ((end or L) - start)
+                x, given, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
+            yield x, committed, remasked, num_samples * ((end or L) - start) * (2 if cfg_scale else 1)
             if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
         if len(stop_ids) and _all_stopped(x, stop_ids, positions[positions <= block[-1]]):
@@ -359,6 +375,10 @@ def _check_options(o: dict) -> None:
         raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
     if o["block_length"] < 0 or o["cache_refresh"] < 0:
         raise UserError("--block-length and --cache-refresh must be >= 0")
+    if o.get("alg_temp", 0) < 0 or o.get("cfg_scale", 0) < 0:
+        raise UserError("--alg-temp and --cfg-scale must be >= 0")
+    if o.get("cfg_scale", 0) and o["cache"]:
+        raise UserError("--cfg-scale needs the whole canvas in both passes: it does not combine with --cache")
     if o["cache"] not in (None, False, True, "prefix", "dual"):
         raise UserError(f"--cache must be prefix or dual, got {o['cache']!r}")
     if o["cache"] and not o["block_length"]:
@@ -370,7 +390,8 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
                     suffix: str = "", template: str | None = None, schedule: str = "linear",
                     threshold: float | None = None, block_length: int = 0, cache: bool | str = False,
-                    cache_refresh: int = 0, remask: float = 0.0) -> Iterator[GenerationStep]:
+                    cache_refresh: int = 0, remask: float = 0.0, alg_temp: float = 0.0,
+                    cfg_scale: float = 0.0) -> Iterator[GenerationStep]:
     """Generate and yield the state after every step (see the module docstring for the options).
 
     Diffusion models fill max_tokens positions between prompt and suffix (or a template's
@@ -380,7 +401,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
     """
     options = dict(steps=steps, temp=temp, top_k=top_k, top_p=top_p, num_samples=num_samples, strategy=strategy,
                    threshold=threshold, remask=remask, block_length=block_length, cache=cache,
-                   cache_refresh=cache_refresh)
+                   cache_refresh=cache_refresh, alg_temp=alg_temp, cfg_scale=cfg_scale)
     _check_options(options)
     cache = "prefix" if cache is True else (cache or None)  # True: the prefix cache, as before "dual" existed
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
@@ -405,7 +426,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
             model, mask_id, ids, editable, min(steps, int(editable.sum())), schedule, strategy, temp, top_k, top_p,
             threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples, n_valid,
-            getattr(tokenizer, "stop_ids", ())))
+            getattr(tokenizer, "stop_ids", ()), alg_temp, cfg_scale))
     forwarded = 0
     for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)

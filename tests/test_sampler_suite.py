@@ -231,3 +231,33 @@ def test_generation_stops_at_the_block_holding_eot_and_cuts_the_text():
     five = tok.decode([5])
     assert mlx_dlm.generate(model, tok, "ab", max_tokens=24, steps=24, block_length=8, temp=0.0, seed=0) == \
         "ab" + five * 10
+
+
+def test_cfg_first_step_matches_two_plain_forwards(tiny):
+    model, tok = tiny
+    s = 1.5
+    first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, cfg_scale=s, seed=0)[0]
+    ids = np.array(tok.encode("ROMEO:") + [tok.mask_id] * 8)
+    uncond = np.where(np.arange(14) < 6, tok.mask_id, ids)  # the given text masked too
+    t_c, t_u = 8 / 14, 14 / 14
+    cond_l = np.array(model(mx.array(ids[None]), mx.array([t_c])), dtype=np.float64)[0]
+    unc_l = np.array(model(mx.array(uncond[None]), mx.array([t_u])), dtype=np.float64)[0]
+    logits = unc_l + (s + 1) * (cond_l - unc_l)
+    logits[:, tok.mask_id] = -np.inf
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    best = 6 + int(np.argmax(prob[6:].max(-1)))  # one commit: the most confident masked position
+    assert np.flatnonzero(first.committed[0]).tolist() == [best]
+    assert first.tokens[0, best] == int(np.argmax(logits[best]))
+    assert first.forward_tokens == 2 * 14  # two passes per step
+
+
+def test_alg_temp_limits(tiny):
+    model, tok = tiny
+    opts = dict(max_tokens=16, steps=16, temp=0.0)
+    order = lambda states: [int(np.flatnonzero(s.committed[0])[0]) for s in states]  # noqa: E731
+    assert order(_run(model, tok, alg_temp=1e-6, seed=0, **opts)) == order(_run(model, tok, seed=0, **opts))
+    firsts = {order(_run(model, tok, alg_temp=1e3, seed=k, **opts))[0] for k in range(12)}
+    assert len(firsts) >= 5  # near-uniform choice of where to start, where confidence order always starts alike
+    with pytest.raises(UserError, match="does not combine with --cache"):
+        _run(model, tok, cfg_scale=1.0, block_length=8, cache="dual", **opts)
