@@ -71,16 +71,21 @@ def _replace_dir(out: Path, build) -> None:
 
 
 def _read_source(args: argparse.Namespace):
-    """(ModelArgs, weights, tokenizer, a model-card line on the source) for the chosen source."""
+    """(ModelArgs, weights, tokenizer, a model-card line on the source, whether the weights are quantized)."""
     if args.source == "hf":
         folder = hf.resolve_source(args.checkpoint)
         config = hf.read_config(folder)
         kind = hf.family(config)
         tokenizer = HFTokenizer.from_hf_folder(folder, config)
         model_args = hf.model_args(config, kind)
-        weights = hf.read_weights(folder, kind, model_args, DTYPES[args.dtype])
+        finish = None
+        if args.quantize:  # quantize each weight as it is read: the float model is never held whole
+            structure = Model(model_args)
+            quantize(structure, group_size=args.q_group_size, bits=args.q_bits)
+            finish = hf.quantizer(structure, args.q_group_size, args.q_bits)
+        weights = hf.read_weights(folder, kind, model_args, DTYPES[args.dtype], finish)
         return model_args, weights, tokenizer, (f"Converted from the {kind} Hugging Face model `{args.checkpoint}` "
-                                                "with `mlx_dlm.convert hf`.")
+                                                "with `mlx_dlm.convert hf`."), args.quantize
     if args.source == "simple_dlm":
         if not args.text:
             raise UserError("simple_dlm checkpoints hold no vocabulary: pass --text TRAIN.txt (the training text)")
@@ -95,7 +100,7 @@ def _read_source(args: argparse.Namespace):
     sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
     return model_args, weights, tokenizer, (f"Converted from a {args.source} PyTorch checkpoint "
                                             f"(`{Path(args.checkpoint).name}`, sha256 `{sha[:16]}…`) with "
-                                            "`mlx_dlm.convert`.")
+                                            "`mlx_dlm.convert`."), False
 
 
 def _main(argv: list[str] | None) -> None:
@@ -106,21 +111,23 @@ def _main(argv: list[str] | None) -> None:
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
     args.dtype = args.dtype or ("bfloat16" if args.source == "hf" else "float32")
-    model_args, weights, tokenizer, source = _read_source(args)
+    model_args, weights, tokenizer, source, quantized = _read_source(args)
     model = Model(model_args)  # its random initial weights stay lazy: replaced before anything evaluates them
+    n_params = model.num_params()
+    float_bytes = n_params * DTYPES[args.dtype].size
+    extra = {"source": args.source, "dtype": args.dtype}
+    if quantized:  # hf: quantized while read; give the model the same structure before loading
+        extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
     try:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     except ValueError as err:
         raise UserError(f"converted weights do not fit the model: {str(err).splitlines()[0]}") from None
-    model.set_dtype(DTYPES[args.dtype])
-    mx.eval(model.parameters())
-    n_params = model.num_params()
-    float_bytes = n_params * DTYPES[args.dtype].size
-    extra = {"source": args.source, "dtype": args.dtype}
-    if args.quantize:
-        extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
-
     del weights
+    if not quantized:
+        model.set_dtype(DTYPES[args.dtype])
+        if args.quantize:
+            extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+    mx.eval(model.parameters())
 
     def build(directory: Path) -> None:
         save_model(directory, model, tokenizer, extra)

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs
@@ -143,8 +144,27 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_weights(folder: Path, kind: str, args: ModelArgs, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Our weights, read shard by shard (each shard's arrays are converted and evaluated before the next)."""
+def quantizer(model, group_size: int, bits: int):
+    """finish(name, array) for read_weights: the weights of the modules that `mlx_dlm.model.quantize` made
+    quantized become (weight, scales, biases) at once, so the float weights are never all held together."""
+    quantized = {path for path, module in model.named_modules() if isinstance(module, (nn.QuantizedLinear,
+                                                                                          nn.QuantizedEmbedding))}
+
+    def finish(name: str, value: mx.array) -> dict[str, mx.array]:
+        module = name.rsplit(".", 1)[0]
+        if module not in quantized or not name.endswith(".weight"):
+            return {name: value}
+        wq, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
+        return {name: wq, f"{module}.scales": scales, f"{module}.biases": biases}
+
+    return finish
+
+
+def read_weights(folder: Path, kind: str, args: ModelArgs, dtype: mx.Dtype, finish=None) -> dict[str, mx.array]:
+    """Our weights, read shard by shard (each shard's arrays are converted and evaluated before the next).
+
+    finish(name, array) -> {name: array, ...} is applied to each weight once complete (see `quantizer`)."""
+    finish = finish or (lambda name, value: {name: value})
     weights, pending = {}, {}
     for shard in shard_files(folder):
         try:
@@ -161,16 +181,14 @@ def read_weights(folder: Path, kind: str, args: ModelArgs, dtype: mx.Dtype) -> d
                 layer = pending.setdefault((parts[1], parts[3]), {})
                 layer[parts[2]] = value.astype(dtype)
                 if len(layer) == 3:  # fuse as soon as q, k and v of this layer are all read
-                    weights[f"layers.{parts[1]}.attn.qkv.{parts[3]}"] = mx.concatenate(
-                        [layer["q"], layer["k"], layer["v"]], axis=0)
+                    weights.update(finish(f"layers.{parts[1]}.attn.qkv.{parts[3]}",
+                                          mx.concatenate([layer["q"], layer["k"], layer["v"]], axis=0)))
                     del pending[(parts[1], parts[3])]
-            else:
-                weights[name] = value.astype(dtype)
+            elif not (name == "lm_head.weight" and args.tie_embeddings):
+                weights.update(finish(name, value.astype(dtype)))
         mx.eval(list(weights.values()))
     if pending:
         (layer, param), parts = next(iter(pending.items()))
         raise UserError(f"layer {layer} lacks its {', '.join(sorted({'q', 'k', 'v'} - set(parts)))} projection "
                         f"{param}: a shard is missing or the checkpoint is incomplete")
-    if args.tie_embeddings:
-        weights.pop("lm_head.weight", None)
     return weights

@@ -276,3 +276,19 @@ def test_chat_without_a_template_is_one_line(tmp_path, tiny_model_dir, capsys):
         generate_cli.main(["--model", str(tmp_path / "base"), "--chat", "Hi"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and len(err.splitlines()) == 1 and "has no chat template" in err
+
+
+def test_quantized_while_read_equals_quantized_after_loading(tmp_path):
+    make_hf_folder(tmp_path / "hf", dream=False)
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "q"), "-q", "--q-bits", "8",
+                  "--q-group-size", "32"])
+    convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "f")])
+    float_model, _ = mlx_dlm.load(tmp_path / "f", keep_dtype=True)
+    mlx_dlm.model.quantize(float_model, group_size=32, bits=8)  # the usual path: the whole model, then quantize
+    streamed = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    from mlx.utils import tree_flatten
+
+    after = dict(tree_flatten(float_model.parameters()))
+    assert set(streamed) == set(after) and any(k.endswith(".scales") for k in streamed)
+    for k in after:
+        assert np.array_equal(np.array(streamed[k].astype(mx.float32)), np.array(after[k].astype(mx.float32))), k
