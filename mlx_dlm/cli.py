@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": "mlx_dlm.generate",
     "eval": "mlx_dlm.eval",
     "chat": "mlx_dlm.chat",
+    "server": "mlx_dlm.server",
     "benchmark": "mlx_dlm.benchmark.__main__",
     "convert": "mlx_dlm.convert.__main__",
     "upload": "mlx_dlm.upload",

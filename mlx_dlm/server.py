@@ -1,0 +1,318 @@
+"""`mlx_dlm.server`: an OpenAI-compatible HTTP API for one model, and a page that shows a canvas denoise.
+
+    mlx_dlm.server --model shakespeare-dlm --port 8080
+    curl localhost:8080/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 64, "steps": 16}'
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (models with a chat template), `GET /v1/models`,
+`GET /health`, and `GET /` (the page, from `mlx_dlm/web/`, no CDN). Request and response bodies follow OpenAI's;
+`"stream": true` answers with server-sent events. Diffusion options go as extra body fields (`SAMPLER_FIELDS`), and
+`"stream_frames": true` streams every denoising step as the canvas, with each position's state.
+
+One model is loaded; requests run one at a time behind a lock, at most `--max-queue` wait, and the rest get 503.
+A client that disconnects mid-stream stops its generation. Bodies over `--max-body` bytes get 413. The default
+bind is 127.0.0.1; any other address prints a warning. Built on the standard library's `http.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .errors import UserError, run_cli, warn
+from .generate import chat_prompt
+from .io import load
+from .sample import STRATEGIES, cut_at_stop, stream_generate
+from .view import cells
+
+DEFAULT_MODEL = "shakespeare-dlm"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_MAX_TOKENS = 128
+WEB_DIR = Path(__file__).resolve().parent / "web"
+# Body field -> (type, stream_generate keyword); OpenAI's names first, then the diffusion options.
+SAMPLER_FIELDS = {
+    "max_tokens": (int, "max_tokens"), "temperature": ((int, float), "temp"), "top_p": ((int, float), "top_p"),
+    "top_k": (int, "top_k"), "seed": (int, "seed"), "steps": (int, "steps"), "strategy": (str, "strategy"),
+    "schedule": (str, "schedule"), "threshold": ((int, float), "threshold"), "block_length": (int, "block_length"),
+    "cache": ((bool, str), "cache"), "cache_refresh": (int, "cache_refresh"), "remask": ((int, float), "remask"),
+    "suffix": (str, "suffix"), "template": (str, "template"), "alg_temp": ((int, float), "alg_temp"),
+    "cfg_scale": ((int, float), "cfg_scale"),
+}
+
+
+class RequestError(Exception):
+    """A client's mistake: becomes a 4xx with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+
+class ModelServer:
+    """The loaded model, the lock that serialises generation, and the bounded queue in front of it."""
+
+    def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY):
+        self.model, self.tokenizer = load(model_path)
+        self.name = Path(str(model_path)).name
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(max_queue + 1)  # the running request and max_queue waiting
+        self.max_body = max_body
+
+    def options(self, body: dict) -> dict:
+        """stream_generate keywords from a request body, type-checked."""
+        options = {"max_tokens": DEFAULT_MAX_TOKENS}
+        for field, (kind, keyword) in SAMPLER_FIELDS.items():
+            if field not in body or body[field] is None:
+                continue
+            value = body[field]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+                raise RequestError(f"'{field}' has the wrong type ({type(value).__name__})", param=field)
+            options[keyword] = value
+        if options.get("strategy", "confidence") not in STRATEGIES:
+            raise RequestError(f"'strategy' must be one of {', '.join(STRATEGIES)}", param="strategy")
+        limit = self.model.args.max_seq_len
+        if not 1 <= options["max_tokens"] <= limit:
+            raise RequestError(f"'max_tokens' must be between 1 and the model's context of {limit}",
+                               param="max_tokens")
+        return options
+
+    def prompt_of(self, body: dict, chat: bool) -> str:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
+            try:
+                return chat_prompt(self.tokenizer, messages)
+            except UserError as err:
+                raise RequestError(str(err), param="messages") from None
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string", param="prompt")
+        return prompt
+
+    def steps(self, prompt: str, options: dict):
+        """The generation's states; a UserError from the sampler (bad option, unknown character) becomes a 400."""
+        try:
+            yield from stream_generate(self.model, self.tokenizer, prompt, **options)
+        except UserError as err:
+            raise RequestError(str(err)) from None
+
+
+def completion_text(tokenizer, step, sample: int = 0) -> tuple[str, str]:
+    """(generated text cut at a stop token, finish_reason)."""
+    stops = getattr(tokenizer, "stop_ids", ())
+    row = step.tokens[sample]
+    cut = cut_at_stop(row, step.editable, stops)
+    reason = "stop" if len(cut) < len(row) else "length"
+    return tokenizer.decode(cut[step.editable[:len(cut)]]), reason
+
+
+def _frame(tokenizer, step) -> dict:
+    """One denoising step for the page: each position's text and kind (given, masked, new, remasked, done)."""
+    return {"object": "text_completion.frame", "step": step.step, "nfe": step.nfe,
+            "generated_tokens": step.generated_tokens, "tokens_per_sec": step.tokens_per_sec,
+            "cells": cells(step, tokenizer)}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the ModelServer held by the HTTP server."""
+
+    server_version = "mlx_dlm"
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def app(self) -> ModelServer:
+        return self.server.app
+
+    def log_message(self, format: str, *args) -> None:  # one line per request on stderr, as http.server does
+        if not getattr(self.server, "quiet", False):
+            super().log_message(format, *args)
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, err: RequestError) -> None:
+        self._send_json(err.status, {"error": {"message": str(err), "type": err.kind, "param": err.param,
+                                               "code": None}})
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?")[0]
+        if path == "/health":
+            self._send_json(200, {"status": "ok"})
+        elif path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [{"id": self.app.name, "object": "model",
+                                                              "created": 0, "owned_by": "mlx-dlm"}]})
+        elif path in ("/", "/index.html"):
+            self._static(WEB_DIR / "index.html", "text/html; charset=utf-8")
+        else:
+            self._error(RequestError(f"no route {path}", status=404, kind="not_found_error"))
+
+    def _static(self, path: Path, content_type: str) -> None:
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise RequestError("bad Content-Length") from None
+        if length > self.app.max_body:
+            raise RequestError(f"request body over {self.app.max_body} bytes", status=413)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as err:
+            raise RequestError(f"malformed JSON ({err})") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        if body.get("model") not in (None, self.app.name):
+            raise RequestError(f"unknown model {body['model']!r}: this server has {self.app.name!r}", param="model")
+        return body
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        chat = path == "/v1/chat/completions"
+        try:
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                raise RequestError(f"no route {path}", status=404, kind="not_found_error")
+            body = self._body()
+            prompt = self.app.prompt_of(body, chat)
+            options = self.app.options(body)
+            if not self.app.slots.acquire(blocking=False):
+                raise RequestError("the server is busy: too many requests waiting; retry later", status=503,
+                                   kind="server_busy")
+        except RequestError as err:
+            self.close_connection = True
+            self._error(err)
+            return
+        try:
+            with self.app.lock:
+                self._generate(body, prompt, options, chat)
+        except RequestError as err:
+            self.close_connection = True
+            self._error(err)
+        finally:
+            self.app.slots.release()
+
+    def _generate(self, body: dict, prompt: str, options: dict, chat: bool) -> None:
+        stream, frames = bool(body.get("stream")), bool(body.get("stream_frames"))
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        steps = self.app.steps(prompt, options)
+        if not (stream or frames):
+            last = None
+            for last in steps:
+                pass
+            self._send_json(200, self._final(ident, created, last, chat))
+            return
+        last = next(steps)  # a bad request fails here, before any event is sent
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            if frames:
+                self._event(_frame(self.app.tokenizer, last))
+            for last in steps:
+                if frames:
+                    self._event(_frame(self.app.tokenizer, last))
+                else:  # an SSE comment per step: clients ignore it, and a departed client is noticed at once
+                    self.wfile.write(b": step\n\n")
+                    self.wfile.flush()
+            self._event(self._final(ident, created, last, chat, chunk=True))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            steps.close()  # the client left: stop generating
+
+    def _event(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _final(self, ident: str, created: int, last, chat: bool, chunk: bool = False) -> dict:
+        text, reason = completion_text(self.app.tokenizer, last)
+        prompt_tokens = int((~last.editable).sum())
+        if chat:
+            choice = {"index": 0, "finish_reason": reason,
+                      ("delta" if chunk else "message"): {"role": "assistant", "content": text}}
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            kind = "text_completion"
+        return {"id": ident, "object": kind, "created": created, "model": self.app.name, "choices": [choice],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": last.generated_tokens,
+                          "total_tokens": prompt_tokens + last.generated_tokens},
+                "nfe": last.nfe, "tokens_per_sec": last.tokens_per_sec}
+
+
+def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False):
+    """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address)."""
+    app = ModelServer(model_path, max_queue, max_body)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+    server.daemon_threads = True
+    server.app, server.quiet = app, quiet
+    return server
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Flags of mlx_dlm.server."""
+    p = argparse.ArgumentParser(prog="mlx_dlm.server", description="Serve a model over HTTP (OpenAI-compatible).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory, shipped model or Hub repo")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (anything but loopback is reachable by others)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait; more get 503")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (413 above)")
+    return p
+
+
+def _main(argv: list[str] | None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_queue < 0 or args.max_body < 1:
+        raise UserError("--max-queue must be >= 0 and --max-body >= 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"binding {args.host}: the server is reachable from other machines, with no authentication")
+    server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body)
+    host, port = server.server_address[:2]
+    print(f"mlx_dlm.server: {server.app.name} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

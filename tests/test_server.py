@@ -1,0 +1,163 @@
+"""mlx_dlm.server over loopback: OpenAI-shaped endpoints, streaming, frames, errors, disconnects, a bounded load."""
+
+import http.client
+import json
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import mlx_dlm
+from mlx_dlm.server import make_server
+
+
+@pytest.fixture
+def served(tiny_model_dir):
+    server = make_server(str(tiny_model_dir), port=0, max_queue=8, max_body=4096, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _request(server, method, path, body=None, raw=None, timeout=120):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, response.getheader("Content-Type"), payload
+
+
+def _json(server, method, path, body=None, raw=None):
+    status, _, payload = _request(server, method, path, body, raw)
+    return status, json.loads(payload)
+
+
+def _events(payload: bytes) -> list:
+    return [json.loads(line[6:]) if line[6:] != b"[DONE]" else "[DONE]"
+            for line in payload.split(b"\n\n") if line.startswith(b"data: ")]
+
+
+def test_health_models_and_page(served):
+    assert _json(served, "GET", "/health") == (200, {"status": "ok"})
+    status, models = _json(served, "GET", "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "tiny" and models["object"] == "list"
+    status, kind, page = _request(served, "GET", "/")
+    assert status == 200 and kind.startswith("text/html") and b"<script" in page
+    assert b"http://" not in page and b"https://" not in page  # self-contained: nothing from a CDN
+
+
+def test_completion_matches_the_python_api(served, tiny_model_dir):
+    body = {"prompt": "ROMEO:", "max_tokens": 24, "steps": 6, "seed": 3, "temperature": 0.8}
+    status, r = _json(served, "POST", "/v1/completions", body)
+    assert status == 200 and r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    model, tok = mlx_dlm.load(tiny_model_dir)
+    want = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=24, steps=6, seed=3, temp=0.8)
+    assert r["choices"][0]["text"] == want[len("ROMEO:"):] and r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"] == {"prompt_tokens": 6, "completion_tokens": 24, "total_tokens": 30} and r["nfe"] == 6
+
+
+def test_stream_and_frames(served):
+    body = {"prompt": "ROMEO:", "max_tokens": 16, "steps": 4, "seed": 1}
+    _, _, plain = _request(served, "POST", "/v1/completions", body)
+    status, kind, payload = _request(served, "POST", "/v1/completions", {**body, "stream": True})
+    events = _events(payload)
+    assert status == 200 and kind == "text/event-stream" and events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["text"] == json.loads(plain)["choices"][0]["text"]
+    _, _, payload = _request(served, "POST", "/v1/completions", {**body, "stream_frames": True})
+    events = _events(payload)
+    frames = [e for e in events if isinstance(e, dict) and e["object"] == "text_completion.frame"]
+    assert [f["step"] for f in frames] == [1, 2, 3, 4]
+    assert all(len(f["cells"]) == 6 + 16 for f in frames)
+    masked = [sum(kind == "masked" for _, kind in f["cells"]) for f in frames]
+    assert masked == [12, 8, 4, 0]  # the canvas fills as it denoises
+    assert [sum(kind == "new" for _, kind in f["cells"]) for f in frames] == [4, 4, 4, 4]
+    text = "".join(t for t, _ in frames[-1]["cells"][6:])
+    assert text == events[-2]["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body, raw, status, match", [
+    (None, b"{not json", 400, "malformed JSON"),
+    ({"prompt": "x", "model": "gpt-4"}, None, 400, "unknown model 'gpt-4'"),
+    ({"prompt": 7}, None, 400, "'prompt' must be a string"),
+    ({"prompt": "x", "max_tokens": "ten"}, None, 400, "'max_tokens' has the wrong type"),
+    ({"prompt": "x", "steps": True}, None, 400, "'steps' has the wrong type"),
+    ({"prompt": "x", "max_tokens": 100000}, None, 400, "between 1 and the model's context"),
+    ({"prompt": "caf\u00e9"}, None, 400, "is not in the tokenizer's vocabulary"),
+    ({"prompt": "x", "strategy": "best"}, None, 400, "'strategy' must be one of"),
+    (None, b'{"prompt": "' + b"a" * 5000 + b'"}', 413, "request body over 4096 bytes"),
+])
+def test_bad_requests_get_openai_style_errors(served, body, raw, status, match):
+    got, err = _json(served, "POST", "/v1/completions", body, raw)
+    assert got == status and match in err["error"]["message"] and err["error"]["type"]
+    assert _json(served, "GET", "/health")[0] == 200  # and the server is still fine
+
+
+def test_chat_needs_a_template_and_unknown_routes_404(served):
+    status, err = _json(served, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 400 and "chat template" in err["error"]["message"]
+    assert _json(served, "POST", "/v1/nothing", {})[0] == 404
+    assert _json(served, "GET", "/nothing")[0] == 404
+
+
+def test_full_queue_is_503(served):
+    held = [served.app.slots.acquire(blocking=False) for _ in range(9)]  # the running slot and all 8 waiting ones
+    try:
+        assert all(held)
+        status, err = _json(served, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4})
+        assert status == 503 and "busy" in err["error"]["message"]
+    finally:
+        for _ in held:
+            served.app.slots.release()
+    assert _json(served, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "steps": 2})[0] == 200
+
+
+def test_a_client_that_disconnects_stops_its_generation(served):
+    produced = []
+    original = served.app.steps
+
+    def counting(prompt, options):
+        for state in original(prompt, options):
+            produced.append(state.step)
+            yield state
+
+    served.app.steps = counting
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "steps": 200, "stream_frames": True}).encode()
+    sock = socket.create_connection(served.server_address[:2])
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"data: " not in received:  # headers first, then the first frame
+        received += sock.recv(4096)
+    sock.close()
+    deadline = time.time() + 30
+    while served.app.lock.locked() and time.time() < deadline:  # wait until the handler has given up
+        time.sleep(0.05)
+    assert not served.app.lock.locked() and 0 < len(produced) < 200
+
+
+def test_loopback_load_every_request_answered_or_refused(served):
+    """200 requests from 8 concurrent clients: each gets 200 or a clean 503, and the server stays healthy."""
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "steps": 2}
+
+    def one(_):
+        tic = time.perf_counter()
+        status, _ = _json(served, "POST", "/v1/completions", body)
+        return status, time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(200)))
+    wall = time.perf_counter() - tic
+    statuses = [s for s, _ in results]
+    assert len(results) == 200 and set(statuses) <= {200, 503} and statuses.count(200) > 0
+    assert _json(served, "GET", "/health") == (200, {"status": "ok"})
+    latencies = sorted(t for _, t in results)
+    print(f"load: {len(results) / wall:.1f} requests/s, p50 {statistics.median(latencies) * 1e3:.0f} ms, "
+          f"p99 {latencies[int(0.99 * len(latencies)) - 1] * 1e3:.0f} ms, {statuses.count(503)} refused")
