@@ -11,6 +11,7 @@ COMMANDS = {
     "eval": "mlx_dlm.eval",
     "chat": "mlx_dlm.chat",
     "server": "mlx_dlm.server",
+    "export": "mlx_dlm.export",
     "benchmark": "mlx_dlm.benchmark.__main__",
     "convert": "mlx_dlm.convert.__main__",
     "upload": "mlx_dlm.upload",
