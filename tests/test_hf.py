@@ -169,18 +169,25 @@ def test_hf_conversion_logits_match_pytorch(tmp_path, dream):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_hf_conversion_from_the_hub_cache_offline(tmp_path, monkeypatch):
-    snapshot = tmp_path / "hub" / "models--someone--tiny-llada" / "snapshots" / "0123abcd"
-    params, _ = make_hf_folder(snapshot, dream=False)
-    (tmp_path / "hub" / "models--someone--tiny-llada" / "refs").mkdir()
-    (tmp_path / "hub" / "models--someone--tiny-llada" / "refs" / "main").write_text("0123abcd")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+@pytest.mark.parametrize("dream", [False, True], ids=["llada", "dream"])
+def test_hf_conversion_from_the_hub_cache_offline(tmp_path, monkeypatch, dream):
+    repo = "models--someone--tiny-" + ("dream" if dream else "llada")
+    snapshot = tmp_path / "hub" / repo / "snapshots" / "0123abcd"
+    params, config = make_hf_folder(snapshot, dream=dream)
+    (tmp_path / "hub" / repo / "refs").mkdir()
+    (tmp_path / "hub" / repo / "refs" / "main").write_text("0123abcd")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # HF_HUB_OFFLINE=1 is set for every test
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read once at import
     monkeypatch.chdir(tmp_path)
-    convert.main(["hf", "someone/tiny-llada", "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    convert.main(["hf", repo.replace("models--", "").replace("--", "/"), "--out", str(tmp_path / "out"),
+                  "--dtype", "float32"])
     model, _ = mlx_dlm.load(tmp_path / "out")
     tokens = np.arange(9)[None]
     np.testing.assert_allclose(np.array(model(mx.array(tokens, dtype=mx.int32))),
-                               _reference_logits(params, tokens, 500000.0, 1e-5, False), atol=1e-4, rtol=1e-4)
+                               _reference_logits(params, tokens, config["rope_theta"], config["rms_norm_eps"], dream),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_chat_template_renders_as_jinja2_does(tmp_path):

@@ -21,7 +21,10 @@ def hub_cache(tmp_path, monkeypatch, tiny_model_dir):
         shutil.copy(tiny_model_dir / name, snapshot / name)
     (tmp_path / "hub" / "models--user--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--user--tiny" / "refs" / "main").write_text("abc123")
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read once at import
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     return snapshot

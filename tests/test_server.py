@@ -161,3 +161,19 @@ def test_loopback_load_every_request_answered_or_refused(served):
     latencies = sorted(t for _, t in results)
     print(f"load: {len(results) / wall:.1f} requests/s, p50 {statistics.median(latencies) * 1e3:.0f} ms, "
           f"p99 {latencies[int(0.99 * len(latencies)) - 1] * 1e3:.0f} ms, {statuses.count(503)} refused")
+
+
+def test_binding_beyond_loopback_warns(tiny_model_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_dlm.server", "--model", str(tiny_model_dir), "--host",
+                             "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        second = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first.startswith("warning: binding 0.0.0.0") and "no authentication" in first
+    assert "mlx_dlm.server: tiny on http://0.0.0.0:" in second
