@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="a configuration: a name and mlx_dlm.train flags (repeatable)")
     p.add_argument("--no-defaults", action="store_true", help="run only the --config configurations")
     p.add_argument("--no-torch", action="store_true", help="skip simple_dlm's PyTorch loop")
-    p.add_argument("--work", help="folder for the runs' model directories (default: a temporary folder)")
+    p.add_argument("--work", help="folder for the runs' model directories (default: a temporary folder); finished "
+                                  "runs found there with the same settings are reused")
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--plot", help="write the plot (PNG) here; needs matplotlib")
     return p
@@ -72,6 +74,16 @@ def _curve(out: Path) -> list[dict]:
     return [{k: r[k] for k in ("step", "val_loss", "train_seconds", "flops")} for r in rows if "val_loss" in r]
 
 
+def _finished(out: Path, args: argparse.Namespace) -> bool:
+    """Whether out holds a completed run of exactly these settings (so --work makes the benchmark resumable)."""
+    try:
+        state = json.loads((out / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    saved = {k: v for k, v in state.get("args", {}).items() if k not in ("out", "resume")}
+    return state.get("step") == args.iters and saved == {k: v for k, v in vars(args).items() if k in saved}
+
+
 def run_config(name: str, flags: str, common: list[str], work: Path) -> dict:
     """Train one configuration with mlx_dlm.train and return its validation curve."""
     out = work / "".join(c if c.isalnum() else "_" for c in name)
@@ -80,8 +92,16 @@ def run_config(name: str, flags: str, common: list[str], work: Path) -> dict:
         args = parser.parse_args([*common, *shlex.split(flags), "--out", str(out)])
     except SystemExit:
         raise UserError(f"configuration {name!r}: bad mlx_dlm.train flags {flags!r}") from None
-    print(f"== {name}: mlx_dlm.train {' '.join(shlex.split(flags))}", flush=True)
-    train.train(args)
+    if _finished(out, args):
+        print(f"== {name}: reusing the finished run in {out}", flush=True)
+    else:
+        print(f"== {name}: mlx_dlm.train {' '.join(shlex.split(flags))}", flush=True)
+        if out.exists():
+            shutil.rmtree(out)  # an unfinished or different run: start it over
+        train.train(args)
+        if not _finished(out, args):  # a signal stopped the run early (it saved a checkpoint): stop the benchmark
+            raise UserError(f"interrupted during {name!r}; run the same command with the same --work to reuse the "
+                            "finished configurations")
     from mlx_dlm.io import load
 
     model, _ = load(out)

@@ -64,3 +64,27 @@ def test_torch_loop_curve_is_measured_by_the_mlx_evaluator(shakespeare):
     assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 2
     assert row["curve"][0]["val_loss"] > 3.0  # untrained: about log(vocab) or worse
     assert np.isfinite([c["val_loss"] for c in row["curve"]]).all()
+
+
+def test_finished_runs_in_work_are_reused_and_a_stopped_run_stops_the_benchmark(tmp_path, small_text_path, capsys,
+                                                                                monkeypatch):
+    argv = ["learn", "--data", str(small_text_path), "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--batch-size", "2", "--seq-len", "16", "--no-defaults", "--work", str(tmp_path / "w"),
+            "--config", "a=--preset tiny"]
+    bench.main(argv)
+    capsys.readouterr()
+    bench.main(argv + ["--config", "b=--preset tiny --learning-rate 3e-3"])
+    out = capsys.readouterr().out
+    assert "== a: reusing the finished run" in out and "== b: mlx_dlm.train" in out
+
+    from mlx_dlm import train
+
+    real = train.train
+
+    def stopped_early(args, *a, **k):  # what a Ctrl-C does: the run checkpoints and returns before its last step
+        return real(argparse.Namespace(**{**vars(args), "iters": 2}), *a, **k)
+
+    monkeypatch.setattr(train, "train", stopped_early)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv + ["--config", "c=--preset tiny --seed 1"])
+    assert exc.value.code == 1 and "interrupted during 'c'" in capsys.readouterr().err
