@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from .errors import UserError, run_cli
-from .generate import chat_prompt, completion_text, setup_arg_parser as generate_parser
+from .generate import chat_prompt, setup_arg_parser as generate_parser
 from .io import load
-from .sample import stream_generate
+from .sample import completion, stream_generate
 
 DEFAULT_CHAT_TOKENS = 256
 
@@ -36,7 +36,7 @@ def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace) -> s
                                 block_length=args.block_length, cache=args.cache, cache_refresh=args.cache_refresh,
                                 remask=args.remask, alg_temp=args.alg_temp, cfg_scale=args.cfg_scale):
         pass
-    return completion_text(tokenizer, last)
+    return completion(tokenizer, last)[0]
 
 
 def _main(argv: list[str] | None) -> None:

@@ -12,7 +12,8 @@ import mlx.core as mx
 
 from .errors import UserError, given_flags, run_cli, warn
 from .io import load
-from .sample import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, cut_at_stop, stream_generate
+from .sample import (DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, completion, cut_at_stop,
+                     stream_generate)
 from .view import TerminalView, save_frames
 
 DEFAULT_MODEL = "shakespeare-dlm"  # the reference DLM shipped in the package
@@ -106,12 +107,6 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def completion_text(tokenizer, step, sample: int = 0) -> str:
-    """The generated text of one sample (given text left out), cut at its first eos/eot token."""
-    row = cut_at_stop(step.tokens[sample], step.editable, getattr(tokenizer, "stop_ids", ()))
-    return tokenizer.decode(row[step.editable[:len(row)]])
-
-
 def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str):
     """Generate, drawing and collecting frames as asked; returns the last step."""
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, steps=args.steps,
@@ -154,7 +149,7 @@ def _main(argv: list[str] | None) -> None:
     for i, row in enumerate(last.tokens):
         if len(last.tokens) > 1:
             print(f"--- sample {i + 1}")
-        print(completion_text(tokenizer, last, i) if args.chat is not None else
+        print(completion(tokenizer, last, i)[0] if args.chat is not None else
               tokenizer.decode(cut_at_stop(row, last.editable, stops)))
     if args.verbose:
         print("=" * 10)

@@ -454,6 +454,14 @@ def cut_at_stop(tokens: np.ndarray, editable: np.ndarray, stop_ids) -> np.ndarra
     return tokens[:hits[0]] if len(hits) else tokens
 
 
+def completion(tokenizer, step: GenerationStep, sample: int = 0) -> tuple[str, str]:
+    """(the generated text of one sample, given text left out and cut at its first eos/eot token,
+    OpenAI's finish_reason: "stop" when a stop token ended it, else "length")."""
+    row = step.tokens[sample]
+    cut = cut_at_stop(row, step.editable, getattr(tokenizer, "stop_ids", ()))
+    return tokenizer.decode(cut[step.editable[:len(cut)]]), "stop" if len(cut) < len(row) else "length"
+
+
 def generate(model, tokenizer, prompt: str = "", **options) -> str | list[str]:
     """Generate and return the whole text (given text included), cut at the first eos/eot token for
     tokenizers that have them; a list when num_samples > 1.

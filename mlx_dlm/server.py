@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import UserError, run_cli, warn
 from .generate import chat_prompt
 from .io import load
-from .sample import STRATEGIES, cut_at_stop, stream_generate
+from .sample import STRATEGIES, completion, stream_generate
 from .view import cells
 
 DEFAULT_MODEL = "shakespeare-dlm"
@@ -108,15 +108,6 @@ class ModelServer:
             yield from stream_generate(self.model, self.tokenizer, prompt, **options)
         except UserError as err:
             raise RequestError(str(err)) from None
-
-
-def completion_text(tokenizer, step, sample: int = 0) -> tuple[str, str]:
-    """(generated text cut at a stop token, finish_reason)."""
-    stops = getattr(tokenizer, "stop_ids", ())
-    row = step.tokens[sample]
-    cut = cut_at_stop(row, step.editable, stops)
-    reason = "stop" if len(cut) < len(row) else "length"
-    return tokenizer.decode(cut[step.editable[:len(cut)]]), reason
 
 
 def _frame(tokenizer, step) -> dict:
@@ -252,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _final(self, ident: str, created: int, last, chat: bool, chunk: bool = False) -> dict:
-        text, reason = completion_text(self.app.tokenizer, last)
+        text, reason = completion(self.app.tokenizer, last)
         prompt_tokens = int((~last.editable).sum())
         if chat:
             choice = {"index": 0, "finish_reason": reason,
