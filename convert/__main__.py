@@ -71,21 +71,22 @@ def _replace_dir(out: Path, build) -> None:
 
 
 def _read_source(args: argparse.Namespace):
-    """(ModelArgs, weights, tokenizer, a model-card line on the source, whether the weights are quantized)."""
+    """(ModelArgs, weights, tokenizer, a model-card line on the source, and for hf -q the quantized model the
+    weights were made for; None otherwise)."""
     if args.source == "hf":
         folder = hf.resolve_source(args.checkpoint)
         config = hf.read_config(folder)
         kind = hf.family(config)
         tokenizer = HFTokenizer.from_hf_folder(folder, config)
         model_args = hf.model_args(config, kind)
-        finish = None
+        structure, finish = None, None
         if args.quantize:  # quantize each weight as it is read: the float model is never held whole
             structure = Model(model_args)
             quantize(structure, group_size=args.q_group_size, bits=args.q_bits)
             finish = hf.quantizer(structure, args.q_group_size, args.q_bits)
         weights = hf.read_weights(folder, kind, model_args, DTYPES[args.dtype], finish)
         return model_args, weights, tokenizer, (f"Converted from the {kind} Hugging Face model `{args.checkpoint}` "
-                                                "with `mlx_dlm.convert hf`."), args.quantize
+                                                "with `mlx_dlm.convert hf`."), structure
     if args.source == "simple_dlm":
         if not args.text:
             raise UserError("simple_dlm checkpoints hold no vocabulary: pass --text TRAIN.txt (the training text)")
@@ -100,7 +101,7 @@ def _read_source(args: argparse.Namespace):
     sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
     return model_args, weights, tokenizer, (f"Converted from a {args.source} PyTorch checkpoint "
                                             f"(`{Path(args.checkpoint).name}`, sha256 `{sha[:16]}…`) with "
-                                            "`mlx_dlm.convert`."), False
+                                            "`mlx_dlm.convert`."), None
 
 
 def _main(argv: list[str] | None) -> None:
@@ -111,19 +112,20 @@ def _main(argv: list[str] | None) -> None:
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
     args.dtype = args.dtype or ("bfloat16" if args.source == "hf" else "float32")
-    model_args, weights, tokenizer, source, quantized = _read_source(args)
-    model = Model(model_args)  # its random initial weights stay lazy: replaced before anything evaluates them
-    n_params = model.num_params()
+    model_args, weights, tokenizer, source, prequantized = _read_source(args)
+    # Random initial weights stay lazy: they are replaced before anything evaluates them.
+    n_params = Model(model_args).num_params()  # the float count, also for quantized models
     float_bytes = n_params * DTYPES[args.dtype].size
     extra = {"source": args.source, "dtype": args.dtype}
-    if quantized:  # hf: quantized while read; give the model the same structure before loading
-        extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+    model = prequantized or Model(model_args)
+    if prequantized is not None:  # hf -q: quantized while read, into this model's structure
+        extra["quantization"] = {"group_size": args.q_group_size, "bits": args.q_bits}
     try:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     except ValueError as err:
         raise UserError(f"converted weights do not fit the model: {str(err).splitlines()[0]}") from None
     del weights
-    if not quantized:
+    if prequantized is None:
         model.set_dtype(DTYPES[args.dtype])
         if args.quantize:
             extra["quantization"] = quantize(model, group_size=args.q_group_size, bits=args.q_bits)

@@ -489,7 +489,6 @@ class _Logger:
             self.bar = tqdm(total=run.args.iters, initial=run.progress.step, unit="it", dynamic_ncols=True,
                             leave=False)
         self.metrics = open(run.out / checkpoint.METRICS_FILE, "a")
-        self.enabled = True
 
     def line(self, text: str) -> None:
         if self.metrics is not None:
