@@ -150,7 +150,7 @@ def resume_settings(args: argparse.Namespace, explicit: set[str], saved: dict, v
             continue
         if name not in explicit:
             merged[name] = value
-        elif merged[name] != value and name in RUN_SETTINGS:
+        elif merged[name] != value and name in RUN_SETTINGS and name != "data":  # data: checked by its sha256
             raise UserError(f"{_flag(name)} {merged[name]} contradicts the checkpoint in {args.out}, which was "
                             f"trained with {value!r}; drop the flag to continue that run")
         elif merged[name] != value and name in CHANGEABLE_ON_RESUME and verbose:
