@@ -94,6 +94,7 @@ def _compute_dtype_for(model: Model) -> None:
     halves = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(model.parameters()))
     if halves:
         model.set_dtype(mx.float32)
+        mx.eval(model.parameters())  # now: MLX streams are per thread, and a server evaluates in its own threads
 
 
 def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool = False) -> tuple[Model, Tokenizer]:

@@ -177,3 +177,17 @@ def test_binding_beyond_loopback_warns(tiny_model_dir):
         proc.wait(timeout=30)
     assert first.startswith("warning: binding 0.0.0.0") and "no authentication" in first
     assert "mlx_dlm.server: tiny on http://0.0.0.0:" in second
+
+
+def test_a_half_precision_model_serves_from_worker_threads(tmp_path, tiny_model_dir):
+    model, tok = mlx_dlm.load(tiny_model_dir)
+    model.set_dtype(mlx_dlm.model.mx.float16)
+    mlx_dlm.save_model(tmp_path / "half", model, tok)  # stored in float16, computed in float32 on the CPU
+    server = make_server(str(tmp_path / "half"), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, r = _json(server, "POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 8, "steps": 2})
+        assert status == 200 and len(r["choices"][0]["text"]) == 8
+    finally:
+        server.shutdown()
+        server.server_close()
