@@ -1,0 +1,64 @@
+"""The reference models shipped in the package: they load by name, match their files, and sample reproducibly."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import mlx_dlm
+from mlx_dlm.errors import UserError
+from mlx_dlm.io import ASSETS_DIR, shipped_model
+
+SHIPPED = [name for name in ("shakespeare-dlm", "shakespeare-ar") if (ASSETS_DIR / name / "config.json").exists()]
+
+
+def test_the_reference_dlm_is_shipped():
+    assert "shakespeare-dlm" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_by_name_and_matches_its_files(name, shakespeare):
+    model, tok = mlx_dlm.load(name)
+    config = json.loads((ASSETS_DIR / name / "config.json").read_text())
+    assert model.args.model_type == ("dlm" if name.endswith("dlm") else "ar")
+    assert tok.vocab_size == model.args.vocab_size == config["vocab_size"] and tok.mask_id == config["mask_id"] == 0
+    assert "".join(tok.chars) == "".join(sorted(set(shakespeare)))  # simple_dlm's vocabulary of the corpus
+    weights = ASSETS_DIR / name / "model.safetensors"
+    assert weights.stat().st_size < 16e6 and all(v.dtype == mx.float16 for v in mx.load(str(weights)).values())
+    assert all(v.dtype == mx.float32 for v in _leaves(model))  # computed in float32 on the CPU backend
+    for f in ("README.md", "metrics.jsonl", "train_command.txt"):
+        assert (ASSETS_DIR / name / f).exists()
+
+
+def _leaves(model):
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(model.parameters())]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_fixed_seed_gives_a_fixed_sample(name):
+    model, tok = mlx_dlm.load(name)
+    a = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=48, steps=16, seed=7)
+    b = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=48, steps=16, seed=7)
+    c = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=48, steps=16, seed=8)
+    assert a == b and a != c and a.startswith("ROMEO:") and len(a) == len("ROMEO:") + 48
+
+
+def test_generate_samples_the_shipped_dlm_offline_with_no_model_flag(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLX_DLM_CACHE": str(tmp_path / "cache"),
+           "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "mlx_dlm.generate", "--prompt", "ROMEO:", "--max-tokens", "64",
+                          "--seed", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ROMEO:") and "Generation: 64 tokens" in out.stdout
+    assert "RuntimeWarning" not in out.stderr
+
+
+def test_unknown_shipped_model_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr("mlx_dlm.io.ASSETS_DIR", tmp_path)
+    with pytest.raises(UserError, match="reference model shakespeare-ar is not in this installation"):
+        shipped_model("shakespeare-ar")
+    assert shipped_model("runs/other") is None
