@@ -30,7 +30,7 @@ from .diffusion import ar_loss, elbo_per_sequence, sample_t
 from .errors import UserError, run_cli
 from .fileio import atomic_write_text
 from .io import load
-from .sample import fill, generate
+from .sample import _memo, fill, generate
 
 DEFAULT_DRAWS = 5
 DEFAULT_SEQ_LEN = 128
@@ -112,11 +112,12 @@ def elbo_with_masks(model, windows: np.ndarray, t: mx.array, hidden: mx.array, m
 
 
 def _compiled_elbo(model, mask_id: int):
+    """The compiled per-window ELBO, built once per model (weights are compiled inputs: later updates are seen)."""
     def per_sequence(batch: mx.array, t: mx.array, hidden: mx.array) -> mx.array:
         noisy = mx.where(hidden, mx.array(mask_id, dtype=batch.dtype), batch)
         return elbo_per_sequence(model(noisy, t), batch, hidden, t)
 
-    return mx.compile(per_sequence)
+    return _memo(model, ("elbo", mask_id), lambda: mx.compile(per_sequence, inputs=[model.state]))
 
 
 def ar_nll(model, windows: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> Estimate:
