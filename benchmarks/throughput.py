@@ -1,12 +1,20 @@
 """Decode throughput: diffusion (parallel unmasking) against the matched autoregressive baseline.
 
     mlx_dlm.benchmark --preset tiny --trials 3 --out results.json          # random weights: speed only
-    mlx_dlm.benchmark --dlm runs/dlm --ar runs/ar --out results.json --plot results.png
+    mlx_dlm.benchmark --dlm shakespeare-dlm --ar shakespeare-ar --out results.json --plot results.png
 
-Each row generates --max-tokens after the prompt: the DLM over a sweep of steps and strategies,
-AR with its KV cache, at every batch size. A warm-up run first (compilation), then the median of
---trials with min and max. Quality columns (trained models only): per-character perplexity of the
-row's samples under the AR model, character entropy of the samples, and each model's validation loss.
+- `_plan`: the rows. Each generates --max-tokens after the prompt, at every batch size: the DLM over
+  steps x strategies, confidence thresholds, semi-autoregressive blocks without cache, with the prefix
+  cache and with the dual cache, and remasking; AR with its KV cache over temperatures x top-k.
+- `_run`: a warm-up run (compilation), then --trials timed runs: median, min and max tokens/s.
+- `_add_quality` (trained models only): every row of one sampler setting gets the quality of all the
+  samples that setting produced (every trial, every batch size): per-character perplexity under the AR
+  model (genPPL) and character entropy; beside them each model's validation loss and the DLM's infill
+  accuracy.
+- `equal_quality`: the headline. Per batch size, the fastest DLM setting whose genPPL is within
+  --tolerance of the AR model's at its default sampling, and its speed over the AR's.
+- `plot`: tokens/s against genPPL (a Pareto plot, one panel per batch size); tokens/s against steps for
+  random-weight pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import mlx.core as mx
 
 from mlx_dlm import data
 from mlx_dlm.errors import UserError
-from mlx_dlm.eval import ar_nll, char_entropy, dlm_elbo, generative_perplexity, val_windows
+from mlx_dlm.eval import ar_nll, char_entropy, dlm_elbo, generative_perplexity, infill_accuracy, val_windows
 from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
@@ -32,18 +40,26 @@ DEFAULT_STEPS = "8,16,32,64,128"
 DEFAULT_BATCH_SIZES = "1,8"
 DEFAULT_PROMPT = "ROMEO:"
 VAL_WINDOWS, VAL_DRAWS = 64, 2  # validation beside speed: 64 held-out windows of 128 tokens (mlx_dlm.eval for more)
+BLOCK_CACHES = (False, "prefix", "dual")  # each block row is run without cache and with both caches
+DEFAULT_TOLERANCE = 0.10  # "equal quality": genPPL within 10% of the AR model's at its default sampling
 # For random-weight pairs: the 65 characters of Tiny Shakespeare (newline, space, punctuation, letters).
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _ints(minimum: int):
+    """argparse type: comma-separated integers, each at least `minimum`."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+    return parse
+
+
+_int_list, _int_list0 = _ints(1), _ints(0)
 
 
 def _float_list(text: str) -> list[float]:
@@ -78,12 +94,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"DLM strategies to sweep ({', '.join(STRATEGIES)})")
     p.add_argument("--thresholds", type=_float_list, default=[], help="also confidence-threshold rows, e.g. 0.9,0.7")
     p.add_argument("--block-lengths", type=_int_list, default=[],
-                   help="also semi-autoregressive rows per block length, each without and with the prefix cache")
+                   help="also semi-autoregressive rows per block length: without cache, prefix cache, dual cache")
     p.add_argument("--remask", type=_float_list, default=[], help="also revision rows per fraction, e.g. 0.1")
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
-    p.add_argument("--temp", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temp", type=float, default=1.0, help="DLM sampling temperature")
+    p.add_argument("--ar-temps", type=_float_list, default=[1.0],
+                   help="AR temperatures to sweep (the first, with the first --ar-top-k, is the AR's default)")
+    p.add_argument("--ar-top-k", type=_int_list0, default=[0], help="AR top-k values to sweep (0: off)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="equal quality: DLM genPPL at most (1 + tolerance) x the AR's at its default")
     p.add_argument("--trials", type=int, default=5, help="timed generations per row (the median is reported)")
     p.add_argument("--data", help="corpus for validation losses (default: Tiny Shakespeare)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first trial")
@@ -111,7 +132,7 @@ def _models(args: argparse.Namespace):
 
 
 def _run(model, tokenizer, prompt, trials, **options) -> tuple[dict, list[str]]:
-    """Warm-up, then `trials` timed generations; timing stats and the last trial's texts."""
+    """Warm-up, then `trials` timed generations; timing stats and the texts of every trial."""
     def once(seed):
         last = None
         for last in stream_generate(model, tokenizer, prompt, seed=seed, **options):
@@ -130,11 +151,24 @@ def _run(model, tokenizer, prompt, trials, **options) -> tuple[dict, list[str]]:
         "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
         "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
         "decode_ms": statistics.median(decode) * 1e3,
-    }, [tokenizer.decode(row) for row in last.tokens]
+    }, [tokenizer.decode(row) for r in runs for row in r.tokens]
+
+
+def _model_quality(args, dlm, dlm_tok, ar, ar_tok) -> dict:
+    """Validation loss of both models (nats/token) and the DLM's infill accuracy on held-out windows."""
+    text = data.read_corpus(args.data)
+    windows = [val_windows(tok.encode_array(text), min(128, m.args.max_seq_len), max_windows=VAL_WINDOWS)
+               for m, tok in ((dlm, dlm_tok), (ar, ar_tok))]
+    quality = {"dlm_val_elbo": dlm_elbo(dlm, windows[0], dlm_tok.mask_id, draws=VAL_DRAWS).mean,
+               "ar_val_nll": ar_nll(ar, windows[1]).mean,
+               "dlm_infill_accuracy": infill_accuracy(dlm, dlm_tok.mask_id, windows[0])}
+    print(f"Validation (nats/token): DLM ELBO {quality['dlm_val_elbo']:.3f}, AR NLL {quality['ar_val_nll']:.3f}; "
+          f"DLM infill accuracy {quality['dlm_infill_accuracy']:.3f}")
+    return quality
 
 
 def run(args: argparse.Namespace) -> dict:
-    """All rows and the machine description."""
+    """All rows, the models' quality, the equal-quality summary and the machine description."""
     if args.max_tokens < 1 or args.trials < 1:
         raise UserError("--max-tokens and --trials must be at least 1")
     (dlm, dlm_tok), (ar, ar_tok), trained = _models(args)
@@ -143,22 +177,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Machine: {describe(info)}; fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
     print(f"DLM {dlm.num_params() / 1e6:.2f}M params, AR {ar.num_params() / 1e6:.2f}M params, "
           f"{'trained' if trained else 'random weights'}; {args.max_tokens} tokens after {args.prompt!r}")
-    quality = {}
-    if trained:
-        text = data.read_corpus(args.data)
-        windows = [val_windows(tok.encode_array(text), min(128, m.args.max_seq_len), max_windows=VAL_WINDOWS)
-                   for m, tok in ((dlm, dlm_tok), (ar, ar_tok))]
-        quality = {"dlm_val_elbo": dlm_elbo(dlm, windows[0], dlm_tok.mask_id, draws=VAL_DRAWS).mean,
-                   "ar_val_nll": ar_nll(ar, windows[1]).mean}
-        print(f"Validation (nats/token): DLM ELBO {quality['dlm_val_elbo']:.3f}, AR NLL {quality['ar_val_nll']:.3f}")
+    quality = _model_quality(args, dlm, dlm_tok, ar, ar_tok) if trained else {}
     peak_ok = backend() != "cpu"
-    rows = []
-    common = dict(max_tokens=args.max_tokens, temp=args.temp)
+    rows, texts = [], []
     for kind, batch, options, variant in _plan(args):
         model, tok = (dlm, dlm_tok) if kind == "dlm" else (ar, ar_tok)
         if peak_ok:
             mx.reset_peak_memory()
-        stats, texts = _run(model, tok, args.prompt, args.trials, **common, num_samples=batch, **options)
+        options = {"temp": args.temp, **options}
+        stats, row_texts = _run(model, tok, args.prompt, args.trials, max_tokens=args.max_tokens,
+                                num_samples=batch, **options)
         row = {"model": kind, "strategy": options.get("strategy", "kv-cache"), "variant": variant,
                "steps": stats["nfe"] if kind == "dlm" else None, "batch_size": batch, "max_tokens": args.max_tokens,
                **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
@@ -169,37 +197,99 @@ def run(args: argparse.Namespace) -> dict:
             row["roofline_fraction"] = row["gflops_per_sec"] / info["matmul_gflops"]
         else:
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
-        if trained:
-            try:
-                row["gen_ppl"] = generative_perplexity(ar, ar_tok, texts, args.prompt)
-            except UserError as err:
-                row["gen_ppl"] = None
-                print(f"note: cannot score {kind} samples with the AR model ({err})")
-            row["entropy_bits"] = char_entropy(texts, args.prompt)
-        row["sample"] = texts[0][:80]
+        row["sample"] = row_texts[0][:80]
         rows.append(row)
+        texts.append((repr((kind, variant, sorted(options.items()))), row_texts))  # the setting, batch aside
         _print_row(row, header=len(rows) == 1)
-    return {"machine": info, "quality": quality, "args": vars(args), "rows": rows}
+    results = {"machine": info, "quality": quality, "args": vars(args), "rows": rows}
+    if trained:
+        _add_quality(rows, texts, ar, ar_tok, args.prompt)
+        results["equal_quality"] = equal_quality(rows, args.tolerance)
+        print("\nWith quality (genPPL and entropy pooled over every sample of a setting):")
+        for i, row in enumerate(rows):
+            _print_row(row, header=i == 0)
+        _print_summary(results["equal_quality"], args.tolerance)
+    return results
+
+
+def _add_quality(rows: list[dict], texts: list[tuple[str, list[str]]], ar, ar_tok, prompt: str) -> None:
+    """genPPL and entropy of each setting's samples, pooled across its rows (batch sizes), written into the rows.
+
+    texts: (setting, samples) of each row."""
+    pooled: dict[str, list[str]] = {}
+    for key, row_texts in texts:
+        pooled.setdefault(key, []).extend(row_texts)
+    scores = {}
+    for key, samples in pooled.items():
+        try:
+            scores[key] = (generative_perplexity(ar, ar_tok, samples, prompt), len(samples))
+        except UserError as err:
+            scores[key] = (None, len(samples))
+            print(f"note: cannot score samples with the AR model ({err})")
+    for row, (key, _) in zip(rows, texts):
+        row["gen_ppl"], row["quality_samples"] = scores[key]
+        row["entropy_bits"] = char_entropy(pooled[key], prompt)
+
+
+def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> list[dict]:
+    """Per batch size: the AR model at its default sampling (its first row), the fastest DLM row whose genPPL
+    is within `tolerance` of the AR's (None if none is), and the DLM row of lowest genPPL, with speed ratios."""
+    summary = []
+    for batch in sorted({r["batch_size"] for r in rows}):
+        ar = next(r for r in rows if r["model"] == "ar" and r["batch_size"] == batch)
+        dlm = [r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch and r.get("gen_ppl")]
+        if not dlm or not ar.get("gen_ppl"):
+            continue
+        limit = ar["gen_ppl"] * (1 + tolerance)
+        within = [r for r in dlm if r["gen_ppl"] <= limit]
+        fastest = max(within, key=lambda r: r["tokens_per_sec"]) if within else None
+        best = min(dlm, key=lambda r: r["gen_ppl"])
+
+        def brief(r):
+            return None if r is None else {
+                "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"], "gen_ppl": r["gen_ppl"],
+                "entropy_bits": r["entropy_bits"], "tokens_per_sec": r["tokens_per_sec"],
+                "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"], "ppl_ratio": r["gen_ppl"] / ar["gen_ppl"]}
+
+        summary.append({"batch_size": batch, "ar_tokens_per_sec": ar["tokens_per_sec"], "ar_gen_ppl": ar["gen_ppl"],
+                        "ar_entropy_bits": ar["entropy_bits"], "gen_ppl_limit": limit,
+                        "fastest_within": brief(fastest), "best_quality": brief(best)})
+    return summary
+
+
+def _print_summary(summary: list[dict], tolerance: float) -> None:
+    print(f"\nEqual quality (DLM genPPL within {tolerance:.0%} of the AR's at its default sampling):")
+    for s in summary:
+        head = (f"batch {s['batch_size']}: AR {s['ar_tokens_per_sec']:.1f} tok/s at genPPL {s['ar_gen_ppl']:.2f}"
+                f" (limit {s['gen_ppl_limit']:.2f})")
+        f, b = s["fastest_within"], s["best_quality"]
+        fast = (f"fastest DLM within: {f['variant']}/{f['strategy']}/{f['steps']} steps, {f['tokens_per_sec']:.1f} "
+                f"tok/s = {f['speedup']:.2f}x AR, genPPL {f['gen_ppl']:.2f}" if f else "no DLM setting within")
+        print(f"  {head}; {fast}; best DLM genPPL {b['gen_ppl']:.2f} ({b['ppl_ratio']:.2f}x AR's) at "
+              f"{b['tokens_per_sec']:.1f} tok/s = {b['speedup']:.2f}x AR ({b['variant']}/{b['strategy']}/{b['steps']})")
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
-    """(model, batch size, sampler options, variant label) of every row."""
+    """(model, batch size, sampler options, variant label) of every row; the first AR row is its default."""
     plan = []
     for b in args.batch_size:
-        plan.append(("ar", b, {}, "-"))
+        for i, temp in enumerate(args.ar_temps):
+            for j, k in enumerate(args.ar_top_k):
+                label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
+                plan.append(("ar", b, dict(temp=temp, top_k=k), label))
         plan += [("dlm", b, dict(strategy=s, steps=k), "-") for s in args.strategies for k in args.steps]
         plan += [("dlm", b, dict(strategy="confidence", threshold=p), f"thr{p:g}") for p in args.thresholds]
         for n in args.block_lengths:
-            for cache in (False, True):
+            for cache in BLOCK_CACHES:
                 plan.append(("dlm", b, dict(strategy="confidence", steps=args.variant_steps, block_length=n,
-                                            cache=cache), f"blk{n}" + ("+cache" if cache else "")))
+                                            cache=cache), f"blk{n}" + (f"+{cache}" if cache else "")))
         plan += [("dlm", b, dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
                  for r in args.remask]
     return plan
 
 
 # (row key, header, width, format spec)
-COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("variant", "variant", 11, ""),
+COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("variant", "variant", 12, ""),
            ("steps", "steps", 5, ""),
            ("batch_size", "batch", 5, ""), ("tokens_per_sec", "tok/s", 9, ".1f"), ("tokens_per_sec_min", "min", 9, ".1f"),
            ("tokens_per_sec_max", "max", 9, ".1f"), ("nfe", "NFE", 5, ""), ("tokens_per_forward", "tok/fw", 6, ".2f"),
@@ -214,8 +304,19 @@ def _print_row(row: dict, header: bool) -> None:
           flush=True)
 
 
+def _family(row: dict) -> str:
+    """Legend group of a row in the plots."""
+    if row["model"] == "ar":
+        return "AR, KV cache (temperature, top-k)"
+    v = row["variant"]
+    if v == "-":
+        return f"DLM {row['strategy']}, steps 8-128"
+    return "DLM " + {"t": "confidence threshold", "b": "blocks (no cache / prefix / dual)", "r": "remasking"}[v[0]]
+
+
 def plot(results: dict, path: str) -> None:
-    """tokens/s against DLM steps (one line per strategy and batch), AR as horizontal lines; gen PPL on a twin axis."""
+    """Trained pairs: tokens/s against genPPL, one panel per batch size (the Pareto plot). Random weights:
+    tokens/s against DLM steps with the AR model as lines."""
     try:
         import matplotlib
 
@@ -224,37 +325,46 @@ def plot(results: dict, path: str) -> None:
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'mlx-dlm[plot]'") from None
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax2 = ax.twinx() if any(r.get("gen_ppl") for r in rows) else None
-    for i, batch in enumerate(sorted({r["batch_size"] for r in rows})):
-        color = f"C{i}"
-        for j, strategy in enumerate(sorted({r["strategy"] for r in rows if r["model"] == "dlm"})):
-            sel = sorted((r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch
-                          and r["strategy"] == strategy and r.get("variant", "-") == "-"), key=lambda r: r["steps"])
-            style = ["-", "--", ":"][j % 3]
-            ax.plot([r["steps"] for r in sel], [r["tokens_per_sec"] for r in sel], style, marker="o", color=color,
-                    label=f"DLM {strategy}, batch {batch}")
-            if ax2 is not None and all(r.get("gen_ppl") for r in sel):
-                ax2.plot([r["steps"] for r in sel], [r["gen_ppl"] for r in sel], style, marker="x", color=color,
-                         alpha=0.4)
-        for r in rows:  # thresholds, blocks, cache, remasking: single points, labelled
-            if r["model"] == "dlm" and r["batch_size"] == batch and r.get("variant", "-") != "-":
-                ax.scatter([r["steps"]], [r["tokens_per_sec"]], marker="s", color=color, zorder=3)
-                ax.annotate(r["variant"], (r["steps"], r["tokens_per_sec"]), fontsize=7, color=color,
-                            xytext=(4, 2), textcoords="offset points")
-        for r in rows:
-            if r["model"] == "ar" and r["batch_size"] == batch:
-                ax.axhline(r["tokens_per_sec"], color=color, linewidth=1, label=f"AR (KV cache), batch {batch}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("DLM denoising steps (forward passes) for %d tokens" % rows[0]["max_tokens"])
-    ax.set_ylabel("generated tokens / s")
-    if ax2 is not None:
-        ax2.set_ylabel("generative perplexity per char under the AR model (x markers)")
+    batches = sorted({r["batch_size"] for r in rows})
+    pareto = all(r.get("gen_ppl") for r in rows)
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.5), squeeze=False)
+    families = sorted({_family(r) for r in rows})
+    style = {f: (f"C{i}", "s" if f.startswith("AR") else "o^vD<>P*"[i % 8]) for i, f in enumerate(families)}
+    for ax, batch in zip(axes[0], batches):
+        sel = [r for r in rows if r["batch_size"] == batch]
+        for family in families:
+            pts = [r for r in sel if _family(r) == family]
+            if not pareto:
+                pts = [r for r in pts if r["model"] == "dlm"]
+            if pts:
+                color, marker = style[family]
+                xs = [r["gen_ppl"] if pareto else r["steps"] for r in pts]
+                ax.scatter(xs, [r["tokens_per_sec"] for r in pts], color=color, marker=marker, label=family, zorder=3)
+        if pareto:
+            for r in sel:
+                label = r["variant"] if r["variant"] != "-" else (str(r["steps"]) if r["model"] == "dlm" else "AR T1")
+                ax.annotate(label, (r["gen_ppl"], r["tokens_per_sec"]), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+            summary = next((s for s in results.get("equal_quality", []) if s["batch_size"] == batch), None)
+            if summary:
+                ax.axvline(summary["gen_ppl_limit"], color="grey", linestyle="--", linewidth=1,
+                           label=f"AR default genPPL + {results['args']['tolerance']:.0%}")
+            ax.set_xlabel("genPPL per character under the AR model (lower is better)")
+            ax.set_xscale("log")
+        else:
+            for r in sel:
+                if r["model"] == "ar":
+                    ax.axhline(r["tokens_per_sec"], color="grey", linewidth=1, label="AR, KV cache")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("DLM denoising steps (forward passes) for %d tokens" % rows[0]["max_tokens"])
+        ax.set_yscale("log")
+        ax.set_ylabel("generated tokens / s (higher is better)")
+        ax.set_title(f"batch {batch}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
     machine = results["machine"]
-    ax.set_title(f"mlx-dlm decode speed, {machine['backend']} backend, {machine['cores']} cores, mlx {machine['mlx']}",
-                 fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"mlx-dlm decode speed against quality: {machine['backend']} backend, {machine['cores']} cores, "
+                 f"mlx {machine['mlx']}, {rows[0]['max_tokens']} tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

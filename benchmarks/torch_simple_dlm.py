@@ -4,12 +4,17 @@ The layer list follows simple_dlm's current revision; `fused=False` gives the ol
 - `seconds_per_step`: the step (per-sequence mask ratios, AdamW, clipping) timed at a given size;
 - `train_loop`: simple_dlm's own recipe (Adam 1e-4 constant, one mask ratio for the whole batch,
   masked-mean loss, no clipping) on given token windows, for a time budget, with a callback at
-  checkpoints so the caller can measure the weights.
+  checkpoints so the caller can measure the weights;
+- `sample`: simple_dlm's sampler (mask id 0; the prompt, then masks to `length`; every step runs the model
+  told t = 1 - step/steps, and each still-masked position is drawn from its softmax with probability
+  1/(steps - step)), one position at a time as simple_dlm does, or with `vectorised=True` all positions of a
+  step in tensor ops (the same algorithm without its Python loop).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Callable
 
@@ -103,3 +108,29 @@ def train_loop(tokens: np.ndarray, vocab: int, batch_size: int, seq_len: int, se
         if step % eval_every == 0 and elapsed < seconds:
             checkpoint(step, elapsed)
     checkpoint(step, elapsed)
+
+
+@torch.no_grad()
+def sample(model: SimpleDLM, prompt_ids: list[int], length: int, steps: int = 20, seed: int = 0,
+           vectorised: bool = False) -> torch.Tensor:
+    """simple_dlm's sampler (see the module docstring): a (length,) tensor of ids."""
+    coin = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.zeros(length, dtype=torch.long)
+    x[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+    given = x != 0
+    for step in range(steps):
+        probs = torch.softmax(model(x[None], torch.tensor([1.0 - step / steps]))[0], dim=-1)
+        hidden = (x == 0) & ~given
+        if not hidden.any():
+            break
+        chance = 1.0 / (steps - step)
+        if vectorised:
+            pick = hidden & (torch.rand(length, generator=generator) < chance)
+            if pick.any():
+                x[pick] = torch.multinomial(probs[pick], 1, generator=generator)[:, 0]
+            continue
+        for position in hidden.nonzero()[:, 0].tolist():
+            if coin.random() < chance:
+                x[position] = torch.multinomial(probs[position], 1, generator=generator)[0]
+    return x

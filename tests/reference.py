@@ -38,8 +38,14 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
-    """Logits of the configurable Transformer, written out plainly."""
+def forward(model, tokens: np.ndarray, t: np.ndarray | None, record: list | None = None,
+            stale: list | None = None, fresh: np.ndarray | None = None) -> np.ndarray:
+    """Logits of the configurable Transformer, written out plainly.
+
+    record: a list that receives each layer's input (B, L, dim). stale/fresh: with the layer inputs of an
+    earlier pass (`record` of it) and a (L,) bool mask, positions not fresh enter every layer with their
+    stale input, so their keys and values are those of the earlier pass (what a key/value cache holds);
+    only the logits of fresh positions mean anything then."""
     a = model.args
     W = weights(model)
     get = lambda name: W.get(name)  # noqa: E731
@@ -59,6 +65,10 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
     if "t_proj.weight" in W:
         x = x + (t[:, None] @ W["t_proj.weight"].T + W["t_proj.bias"])[:, None, :]
     for i in range(a.n_layers):
+        if stale is not None:
+            x = np.where(fresh[None, :, None], x, stale[i])
+        if record is not None:
+            record.append(x.copy())
         p = f"layers.{i}."
         q, k, v = np.split(lin(norm(x, p + "attn_norm"), p + "attn.qkv"), [a.dim, a.dim + KV * Dh], axis=-1)
         q = q.reshape(B, L, H, Dh).transpose(0, 2, 1, 3)
@@ -93,3 +103,54 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None) -> np.ndarray:
 def log_softmax(x):
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def greedy_decode(model, ids: np.ndarray, editable: np.ndarray, mask_id: int, targets_per_block: list[list[int]],
+                  block_length: int | None = None, cache: str | None = None, remask: float = 0.0) -> list[np.ndarray]:
+    """The canvas after every step of greedy confidence decoding, for one sample, in float64.
+
+    Blocks of block_length fillable positions, left to right; step j of block b commits positions (the highest
+    probability of the greedy proposal first) until targets_per_block[b][j] of the block stay masked. cache "prefix": after a full pass at a
+    block's start, later passes recompute positions from the block's start on, and earlier positions keep their
+    keys/values from that full pass; "dual": only the block is recomputed. remask R: after each step but a
+    block's last, the floor(R x n) lowest-confidence of the n tokens committed by earlier steps of the block
+    are masked again (confidence: probability when committed)."""
+    x = ids.copy()[None]
+    conf = np.full(x.shape[1], np.inf)
+    positions = np.flatnonzero(editable)
+    size = block_length or len(positions)
+    canvases = []
+    for b, start_at in enumerate(range(0, len(positions), size)):
+        block = positions[start_at:start_at + size]
+        in_block = np.zeros(x.shape[1], bool)
+        in_block[block] = True
+        states = None
+        targets = targets_per_block[b]
+        for j, target in enumerate(targets):
+            t = np.array([(x == mask_id).mean()])
+            if cache is None or j == 0:
+                states = []
+                logits = forward(model, x, t, record=states)
+            else:
+                fresh = np.arange(x.shape[1]) >= block[0]
+                if cache == "dual":
+                    fresh &= np.arange(x.shape[1]) <= block[-1]
+                logits = forward(model, x, t, stale=states, fresh=fresh)
+            logits[..., mask_id] = -np.inf
+            logp = log_softmax(logits[0])
+            proposal = logp.argmax(-1)
+            prob = np.exp(logp[np.arange(len(proposal)), proposal])
+            hidden = (x[0] == mask_id) & in_block
+            n_commit = int(hidden.sum()) - target
+            order = np.argsort(-np.where(hidden, prob, -np.inf), kind="stable")
+            committed = np.zeros_like(hidden)
+            committed[order[:n_commit]] = True
+            x[0, committed] = proposal[committed]
+            conf[committed] = prob[committed]
+            if j < len(targets) - 1 and remask > 0:
+                earlier = in_block & (x[0] != mask_id) & ~committed
+                n = int(np.floor(remask * earlier.sum()))
+                lowest = np.argsort(np.where(earlier, conf, np.inf), kind="stable")[:n]
+                x[0, lowest] = mask_id
+            canvases.append(x[0].copy())
+    return canvases

@@ -1,6 +1,7 @@
 """The benchmark harness: rows, fields, quality columns, plot, training speed (no timing asserted)."""
 
 import importlib
+import importlib.util
 import json
 
 import pytest
@@ -24,9 +25,9 @@ def test_random_pair_sweep(tmp_path, capsys):
     sweep = [r for r in dlm if r["variant"] == "-"]
     assert len(sweep) == 2 * 2 * 2  # batch sizes x strategies x steps
     assert sorted(r["variant"] for r in dlm if r["batch_size"] == 1 and r["variant"] != "-") == \
-        ["blk8", "blk8+cache", "remask0.2", "thr0.5"]
+        ["blk8", "blk8+dual", "blk8+prefix", "remask0.2", "thr0.5"]
     cached = {r["variant"]: r for r in dlm if r["batch_size"] == 2 and r["variant"].startswith("blk")}
-    assert cached["blk8+cache"]["forward_tokens"] < cached["blk8"]["forward_tokens"]
+    assert cached["blk8+dual"]["forward_tokens"] < cached["blk8+prefix"]["forward_tokens"] < cached["blk8"]["forward_tokens"]
     for r in dlm:
         assert r["nfe"] == r["steps"] and r["tokens_per_forward"] == 16 / r["steps"]
         assert 0 < r["roofline_fraction"] and r["tokens_per_sec_min"] <= r["tokens_per_sec"] <= r["tokens_per_sec_max"]
@@ -37,14 +38,44 @@ def test_random_pair_sweep(tmp_path, capsys):
 
 
 def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path):
-    out = tmp_path / "r.json"
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
     bench.main(["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path),
-                "--trials", "1", "--steps", "8", "--strategies", "confidence", "--batch-size", "2",
-                "--max-tokens", "24", "--out", str(out)])
+                "--trials", "2", "--steps", "8", "--strategies", "confidence", "--batch-size", "1,2",
+                "--ar-temps", "1,0.5", "--ar-top-k", "0,5", "--max-tokens", "24", "--out", str(out)]
+               + (["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []))
     results = json.loads(out.read_text())
-    assert results["quality"]["dlm_val_elbo"] > 0 and results["quality"]["ar_val_nll"] > 0
-    for r in results["rows"]:
+    q = results["quality"]
+    assert q["dlm_val_elbo"] > 0 and q["ar_val_nll"] > 0 and 0 <= q["dlm_infill_accuracy"] <= 1
+    rows = results["rows"]
+    ar = {(r["batch_size"], r["variant"]): r for r in rows if r["model"] == "ar"}
+    assert sorted(ar) == [(b, v) for b in (1, 2) for v in ("-", "T0.5", "T0.5,k5", "T1,k5")]
+    assert (ar[(1, "-")]["temp"], ar[(1, "-")]["top_k"]) == (1.0, 0)
+    assert (ar[(2, "T0.5,k5")]["temp"], ar[(2, "T0.5,k5")]["top_k"]) == (0.5, 5)
+    for r in rows:
         assert 1 < r["gen_ppl"] < 100 and 0 < r["entropy_bits"] < 7
+        assert r["quality_samples"] == 2 * (1 + 2)  # pooled: every trial of both batch sizes
+    for v in ("-", "T0.5,k5"):  # one setting, one quality, whatever the batch size
+        assert ar[(1, v)]["gen_ppl"] == ar[(2, v)]["gen_ppl"]
+    assert [s["batch_size"] for s in results["equal_quality"]] == [1, 2]
+    if png.exists():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equal_quality_picks_the_fastest_dlm_within_tolerance():
+    from mlx_dlm.benchmark.throughput import equal_quality
+
+    def row(model, tps, ppl, variant="-", batch=1):
+        return {"model": model, "batch_size": batch, "tokens_per_sec": tps, "gen_ppl": ppl, "entropy_bits": 4.0,
+                "variant": variant, "strategy": "confidence", "steps": 8}
+
+    rows = [row("ar", 100.0, 5.0), row("ar", 500.0, 4.0, "T0.5"),  # the first AR row is the default
+            row("dlm", 900.0, 5.6, "a"), row("dlm", 300.0, 5.4, "b"), row("dlm", 200.0, 4.9, "c"),
+            row("dlm", 50.0, 4.5, "d"), row("ar", 10.0, 5.0, batch=8), row("dlm", 5.0, 9.0, batch=8)]
+    one, eight = equal_quality(rows, tolerance=0.10)
+    assert one["gen_ppl_limit"] == pytest.approx(5.5)
+    assert one["fastest_within"]["variant"] == "b" and one["fastest_within"]["speedup"] == pytest.approx(3.0)
+    assert one["best_quality"]["variant"] == "d" and one["best_quality"]["ppl_ratio"] == pytest.approx(0.9)
+    assert eight["fastest_within"] is None and eight["best_quality"]["speedup"] == pytest.approx(0.5)
 
 
 def test_plot(tmp_path):
