@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, write_point
 from .io import WEIGHTS_FILE, save_model
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -39,7 +39,9 @@ def _keep_previous(out: Path) -> None:
                 os.link(out / current, tmp)
             except OSError:  # a filesystem without hard links
                 shutil.copyfile(out / current, tmp)
+            write_point()
             os.replace(tmp, out / previous)
+            write_point()
 
 
 def save(out: Path, model, optimizer, tokenizer, state: dict) -> None:

@@ -1,4 +1,8 @@
-"""Atomic file writes (a temp file in the same folder, fsync, then os.replace), and output folders."""
+"""Atomic file writes (a temp file in the same folder, fsync, then os.replace), and output folders.
+
+`write_point()` marks each step of a write; with MLX_DLM_FAULT_AT=N in the environment (set by the crash
+tests only) the process dies at once, as under kill -9, at the N-th point reached while it is set.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,20 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+
+FAULT_ENV = "MLX_DLM_FAULT_AT"
+_points_reached = 0
+
+
+def write_point() -> None:
+    """A point between two file operations where a crash must leave readable files behind (see module doc)."""
+    global _points_reached
+    at = os.environ.get(FAULT_ENV)
+    if at is None:
+        return
+    _points_reached += 1
+    if _points_reached == int(at):
+        os._exit(137)  # no cleanup, no flush: what kill -9 leaves
 
 
 def ensure_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -32,12 +50,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        write_point()
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        write_point()
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

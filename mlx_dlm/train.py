@@ -558,8 +558,8 @@ def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
     while p.step < a.iters:
         tic = time.perf_counter()
         batch = mx.array(data.random_windows(run.train_tokens, a.batch_size * run.size, a.seq_len, run.rng)[rows])
-        lr = run.optimizer.learning_rate.item()
         loss, grad_norm, applied = train_step(batch)
+        lr = run.optimizer.learning_rate.item()  # the rate this update used (the schedule sets it before applying)
         p.step += 1
         if not applied.item():
             if not a.skip_nonfinite:

@@ -1,7 +1,8 @@
-"""Crash safety: kill -9 at random moments (also mid-save), SIGINT, non-finite losses, torn checkpoints."""
+"""Crash safety: kill -9 at every write point of a save and mid-training, SIGINT, non-finite losses, torn checkpoints."""
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,25 +27,36 @@ def _finite(model):
     return all(np.isfinite(np.array(v)).all() for _, v in tree_flatten(model.parameters()))
 
 
-def test_kill9_at_random_times_then_resume(tmp_path, small_text_path):
+def _saved_step(out) -> int:
+    try:
+        return json.loads((out / checkpoint.STATE_FILE).read_text())["step"]
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def test_kill9_five_times_mid_training_then_resume(tmp_path, small_text_path):
+    """Each round: resume, wait for a new checkpoint, kill -9 at a random moment of the saves that follow
+    (one per step). The directory is inspected in a copy: the trainer itself must cope with what a kill left."""
     out = tmp_path / "run"
     rng = random.Random(0)
     steps = []
-    for _ in range(5):
-        resume = ["--resume"] if (out / checkpoint.STATE_FILE).exists() else []
+    for round_ in range(5):
         proc = subprocess.Popen(_cmd(small_text_path, out, "--iters", "100000", "--save-every", "1",
-                                     "--eval-every", "100000", *resume),
+                                     "--eval-every", "100000", *(["--resume"] if round_ else [])),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(2.0, 4.0))
+        deadline = time.monotonic() + 120
+        while _saved_step(out) <= (steps[-1] if steps else 0):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if not (out / checkpoint.STATE_FILE).exists():
-            continue  # killed before the first checkpoint completed
-        state = checkpoint.restore(out)  # a complete pair is always there
-        model, _ = mlx_dlm.load(out)
+        copy = tmp_path / f"inspect{round_}"
+        shutil.copytree(out, copy)
+        steps.append(checkpoint.restore(copy)["step"])  # a complete pair is always there
+        model, _ = mlx_dlm.load(copy)
         assert _finite(model)
-        steps.append(state["step"])
-    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] > steps[0]
+    assert len(steps) == 5 and all(a < b for a, b in zip(steps, steps[1:]))
     final = steps[-1] + 3
     subprocess.run(_cmd(small_text_path, out, "--iters", str(final), "--resume", "--eval-every", "100000"),
                    check=True, capture_output=True)
@@ -52,6 +64,65 @@ def test_kill9_at_random_times_then_resume(tmp_path, small_text_path):
     rows = [json.loads(line) for line in (out / checkpoint.METRICS_FILE).read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "train_loss" in r]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == final  # no torn or duplicated rows
+
+
+SAVE_TWICE = """
+import os, sys
+from pathlib import Path
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_dlm import checkpoint, fileio
+from mlx_dlm.model import init_model, preset_args
+from mlx_dlm.tokenizer import CharTokenizer
+
+out, at = Path(sys.argv[1]), sys.argv[2]
+tok = CharTokenizer(list("abc"))
+model = init_model(preset_args("tiny", vocab_size=tok.vocab_size), seed=0)
+opt = optim.AdamW(1e-3)
+opt.init(model.trainable_parameters())
+for step in (1, 2):  # every weight and optimizer array holds the step
+    model.update(tree_map(lambda v: mx.full(v.shape, float(step)), model.parameters()))
+    opt.state = tree_map(lambda v: mx.full(v.shape, float(step)), opt.state)
+    if step == 2:
+        os.environ[fileio.FAULT_ENV] = at
+    checkpoint.save(out, model, opt, tok, {"step": step})
+print(fileio._points_reached)
+"""
+
+
+def test_kill_at_every_write_point_of_a_save_leaves_a_complete_checkpoint(tmp_path):
+    def save_twice(name, at):
+        return subprocess.Popen([sys.executable, "-c", SAVE_TWICE, str(tmp_path / name), str(at)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    probe = save_twice("probe", 10**9)
+    points = int(probe.communicate(timeout=120)[0])
+    assert probe.returncode == 0 and points >= 12  # 2 links to prev, then optimizer, tokenizer, weights, config, state
+    killed = [save_twice(f"kill{n}", n) for n in range(1, points + 1)]
+    restored = []
+    for n, proc in enumerate(killed, start=1):
+        proc.communicate(timeout=120)
+        assert proc.returncode == 137, f"not killed at write point {n}"
+        out = tmp_path / f"kill{n}"
+        step = checkpoint.restore(out)["step"]
+        model, _ = mlx_dlm.load(out)
+        for name, arrays in (("weights", [v for _, v in tree_flatten(model.parameters())]),
+                             ("optimizer", [v for _, v in checkpoint.load_optimizer_state(out)])):
+            assert all((np.array(v) == step).all() for v in arrays), f"{name} of another step at point {n}"
+        restored.append(step)
+    assert restored[0] == 1 and restored[-1] == 2 and restored == sorted(restored)  # the new pair, once complete
+
+
+def test_trim_metrics_drops_torn_lines_and_rows_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "val_loss": 4.0}, {"step": 10, "train_loss": 3.0}, {"step": 20, "train_loss": 2.5},
+            {"step": 20, "val_loss": 2.6}, {"step": 30, "train_loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "train_lo')
+    checkpoint.trim_metrics(path, 20)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]
+    checkpoint.trim_metrics(tmp_path / "absent.jsonl", 5)
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 def test_sigint_saves_a_loadable_checkpoint(tmp_path, small_text_path):

@@ -1,0 +1,128 @@
+"""Training flags reach what they control: each test fails when its flag is ignored.
+
+Expectations are closed forms (the learning-rate schedule, Adam's first moment after one clipped step),
+file contents (dtypes, SentencePiece scores) or the values handed to the loss and the optimizer.
+"""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_dlm import train
+from mlx_dlm.model import init_model, preset_args
+
+from conftest import TINY_TRAIN
+
+BETA1 = 0.9  # AdamW's default first-moment decay
+
+
+def _train(tmp_path, small_text_path, *flags, name="run"):
+    out = tmp_path / name
+    train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--eval-every", "1000", *flags])
+    return out
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_follows_warmup_then_cosine_to_the_floor(tmp_path, small_text_path):
+    peak, floor, warmup, iters = 0.01, 0.2, 4, 12
+    out = _train(tmp_path, small_text_path, "--iters", str(iters), "--warmup", str(warmup), "--learning-rate",
+                 str(peak), "--min-lr-ratio", str(floor), "--report-every", "1")
+
+    def expected(step):  # the rate of update `step` (1-based): the schedule at step - 1 updates done
+        k = step - 1
+        if k < warmup:
+            return peak * k / warmup
+        return peak * floor + (peak - peak * floor) * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (iters - warmup)))
+
+    rows = [r for r in _rows(out) if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(1, iters + 1))
+    assert [r["lr"] for r in rows] == pytest.approx([expected(r["step"]) for r in rows], rel=1e-5, abs=1e-12)
+    assert rows[warmup]["lr"] == pytest.approx(peak) and rows[-1]["lr"] < peak * (floor + 0.05)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+def test_grad_clip_bounds_the_update(tmp_path, small_text_path, clip):
+    """After one AdamW step from zero state, the first moments are (1 - beta1) x the (clipped) gradient."""
+    out = _train(tmp_path, small_text_path, "--iters", "1", "--warmup", "0", "--grad-clip", str(clip),
+                 "--report-every", "1")
+    moments = [v for k, v in mx.load(str(out / "optimizer.safetensors")).items() if k.endswith(".m")]
+    norm = math.sqrt(sum(float((m.astype(mx.float32) ** 2).sum()) for m in moments))
+    grad_norm = next(r["grad_norm"] for r in _rows(out) if "grad_norm" in r)  # before clipping
+    assert grad_norm > 10 * 1e-3
+    assert norm == pytest.approx((1 - BETA1) * (min(clip, grad_norm) if clip else grad_norm), rel=1e-3)
+
+
+def test_bfloat16_flag_trains_and_saves_bfloat16_weights(tmp_path, small_text_path):
+    out = _train(tmp_path, small_text_path, "--iters", "2", "--dtype", "bfloat16")
+    weights = mx.load(str(out / "model.safetensors"))
+    assert weights and all(v.dtype == mx.bfloat16 for v in weights.values())
+
+
+def test_loss_and_t_sampling_flags_reach_the_loss(tmp_path, small_text_path, monkeypatch):
+    seen = []
+    real = train.training_loss
+
+    def spy(model, mask_id, loss="elbo", t_sampling="stratified"):
+        seen.append((loss, t_sampling))
+        return real(model, mask_id, loss, t_sampling)
+
+    monkeypatch.setattr(train, "training_loss", spy)
+    _train(tmp_path, small_text_path, "--iters", "1", "--loss", "masked-mean", "--t-sampling", "batch")
+    assert ("masked-mean", "batch") in seen
+
+
+def test_weight_decay_reaches_adamw(tmp_path, small_text_path):
+    args = train.setup_arg_parser().parse_args(["--data", str(small_text_path), "--out", str(tmp_path / "r"),
+                                                "--weight-decay", "0.25", "--learning-rate", "0.1", "--warmup", "0",
+                                                *TINY_TRAIN])
+    run = train.prepare(args)
+    assert run.optimizer.weight_decay == 0.25
+    # With zero gradients an AdamW step only decays: w <- w (1 - lr x wd).
+    w = run.model.layers[0].mlp.fc1.weight
+    before = np.array(w)
+    run.optimizer.update(run.model, tree_map(mx.zeros_like, run.model.trainable_parameters()))
+    np.testing.assert_allclose(np.array(run.model.layers[0].mlp.fc1.weight), before * (1 - 0.1 * 0.25), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sp_model_type_flag_picks_the_sentencepiece_algorithm(tmp_path, small_text_path, kind):
+    """BPE pieces are scored by merge order (whole numbers); unigram pieces by log-probabilities."""
+    import sentencepiece as spm
+
+    out = _train(tmp_path, small_text_path, "--iters", "1", "--tokenizer", "sp", "--vocab-size", "200",
+                 "--sp-model-type", kind)
+    sp = spm.SentencePieceProcessor(model_file=str(next(out.glob("*.model"))))
+    scores = [sp.GetScore(i) for i in range(sp.GetPieceSize()) if not (sp.IsControl(i) or sp.IsUnknown(i))]
+    whole = all(float(s).is_integer() for s in scores)
+    assert whole == (kind == "bpe")
+
+
+def test_skipped_update_is_a_no_op():
+    """normal, skipped non-finite, normal == normal, normal: weights and optimizer state untouched by the skip."""
+    def run(scales):
+        model = init_model(preset_args("tiny", vocab_size=16), seed=0)
+        optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
+        tokens, t = mx.array(np.arange(32).reshape(2, 16) % 16), mx.array([0.3, 0.7])
+
+        def loss_fn(model, scale):
+            return (model(tokens, t) ** 2).mean() * scale
+
+        step = train.make_train_step(model, optimizer, loss_fn, grad_clip=1.0, skip_nonfinite=True)
+        applied = [bool(step(mx.array(s))[2]) for s in scales]
+        flat = dict(tree_flatten(model.parameters()))
+        flat.update({f"opt.{k}": v for k, v in tree_flatten(optimizer.state)})
+        return applied, {k: np.array(v) for k, v in flat.items()}
+
+    applied, with_skip = run([1.0, float("nan"), 1.0])
+    _, without = run([1.0, 1.0])
+    assert applied == [True, False, True]
+    assert with_skip.keys() == without.keys()
+    for k in without:
+        np.testing.assert_array_equal(with_skip[k], without[k], err_msg=k)
