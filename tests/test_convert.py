@@ -81,6 +81,40 @@ def test_nanogpt_parity(tmp_path, bias, compiled_prefix):
     assert text.startswith("Speak") and len(text) == 25 and "[MASK]" not in text
 
 
+@pytest.mark.parametrize("shuffled, tied, mask_buffers", [(True, True, False), (True, False, True), (False, False, False)],
+                         ids=["shuffled-stoi", "shuffled-untied-old-buffers", "untied"])
+def test_nanogpt_vocabulary_order_untied_head_and_old_buffers(tmp_path, shuffled, tied, mask_buffers):
+    """nanoGPT ids follow meta.pkl's stoi, in any order; ours are sorted characters after [MASK]. Logits of the
+    same text must agree character by character."""
+    torch.manual_seed(2)
+    chars = sorted(set(TEXT))
+    if shuffled:
+        chars = [chars[i] for i in np.random.default_rng(3).permutation(len(chars))]
+    ref = NanoGPT(len(chars), bias=True).eval()
+    if not tied:
+        ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(ref.lm_head.weight) * 0.1)
+    state = ref.state_dict()
+    if mask_buffers:  # nanoGPT before flash attention saved its causal masks
+        for i in range(2):
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    margs = dict(n_layer=2, n_head=4, n_embd=32, block_size=64, bias=True, vocab_size=len(chars), dropout=0.0)
+    torch.save({"model": state, "model_args": margs}, tmp_path / "ckpt.pt")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    out = _converted(tmp_path, ["nanogpt", str(tmp_path / "ckpt.pt"), "--meta", str(tmp_path / "meta.pkl")])
+    model, tok = mlx_dlm.load(out)
+    assert model.args.tie_embeddings == tied
+    ours = np.array([tok.encode(c)[0] for c in chars])  # our id of nanoGPT's id i
+    assert shuffled == (ours != np.arange(1, len(chars) + 1)).any()
+    x = np.random.default_rng(4).integers(0, len(chars), size=(3, 40))
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    got = np.array(model(mx.array(ours[x].astype(np.int32))))[..., ours]
+    assert np.abs(got - want).max() <= 1e-4
+    assert tok.decode(ours[x[0]].tolist()) == "".join(chars[i] for i in x[0])
+
+
 def _nanogpt_files(tmp_path):
     torch.manual_seed(2)
     chars = sorted(set(TEXT))

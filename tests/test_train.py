@@ -92,10 +92,15 @@ def test_resume_continues_exactly(tmp_path, small_text_path):
     b, _ = mlx_dlm.load(resumed)
     pa, pb = _params(a), _params(b)
     for k in pa:
-        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    steps_a = [json.loads(x)["step"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    steps_b = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps_a == steps_b  # rows after the checkpoint were dropped, none duplicated
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)  # bit-identical
+    # Timings differ; so does train_loss of the row whose window (steps 1-10) spans the resume at step 8.
+    timing = ("it_per_sec", "tokens_per_sec", "train_seconds", "train_loss")
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(x).items() if k not in timing}
+                for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(straight) == rows(resumed)  # same val losses, rates and norms; later rows dropped, none doubled
 
 
 def test_refuses_to_overwrite_and_resume_needs_checkpoint(tmp_path, small_text_path, tiny_model_dir):
