@@ -30,7 +30,10 @@ def test_random_pair_sweep(tmp_path, capsys):
     assert cached["blk8+dual"]["forward_tokens"] < cached["blk8+prefix"]["forward_tokens"] < cached["blk8"]["forward_tokens"]
     for r in dlm:
         assert r["nfe"] == r["steps"] and r["tokens_per_forward"] == 16 / r["steps"]
-        assert 0 < r["roofline_fraction"] and r["tokens_per_sec_min"] <= r["tokens_per_sec"] <= r["tokens_per_sec_max"]
+        # One trial: the rate is the generated tokens of the whole batch over its decode time.
+        assert r["tokens_per_sec"] == pytest.approx(16 * r["batch_size"] / (r["decode_ms"] / 1e3), rel=1e-6)
+        assert r["tokens_per_sec_min"] == r["tokens_per_sec"] == r["tokens_per_sec_max"]
+        assert 0 < r["roofline_fraction"]
         assert "gen_ppl" not in r  # random weights: speed only
     for r in ar:
         assert r["nfe"] == 16 and r["tokens_per_forward"] == 1 and r["ms_per_token"] > 0 and r["prompt_ms"] > 0

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mlx_dlm  # noqa: E402
+import mlx_dlm.model  # noqa: E402
 
 from torch_models import NanoGPT, SimpleDLM  # noqa: E402
 
@@ -138,8 +139,30 @@ def test_quantized_conversion_samples(tmp_path, capsys, bits):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": bits}
     assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
     x = mx.array(np.random.default_rng(3).integers(1, tok.vocab_size, size=(2, 20)).astype(np.int32))
-    a, b = np.array(full(x)), np.array(quant(x))
-    assert not np.array_equal(a, b) and np.abs(a - b).max() < (0.5 if bits == 4 else 0.05) * np.abs(a).max()
+    # Reference: the float model rebuilt from mx.dequantize of the stored weights computes what the quantized does.
+    from mlx.utils import tree_flatten
+
+    stored = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    floats, n_quantized = {}, 0
+    for name, value in stored.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{prefix}.scales" in stored:
+            w = mx.dequantize(value, stored[f"{prefix}.scales"], stored[f"{prefix}.biases"], group_size=32, bits=bits)
+            original = dict(tree_flatten(full.parameters()))[name]
+            # Affine quantization: each stored weight within one level (its group's scale) of the float weight.
+            step = mx.abs(mx.repeat(stored[f"{prefix}.scales"], 32, axis=-1)) + 1e-6
+            assert bool(mx.all(mx.abs(w - original) <= step)), name
+            floats[name], n_quantized = w, n_quantized + 1
+        else:
+            floats[name] = value
+    assert n_quantized == 1 + 4 * 2  # the embedding and the four Linear layers of each of 2 blocks
+    rebuilt = mlx_dlm.model.Model(full.args)
+    rebuilt.load_weights(list(floats.items()), strict=True)
+    a, b = np.array(rebuilt(x)), np.array(quant(x))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    assert not np.array_equal(np.array(full(x)), b)
     generate_cli.main(["--model", str(tmp_path / "q"), "--prompt", "All", "--max-tokens", "16", "--seed", "0"])
     out = capsys.readouterr().out
     assert out.startswith("All") and "Generation: 16 tokens" in out

@@ -73,6 +73,44 @@ def test_upload_writes_card_and_uploads_model_files(tmp_path, tiny_model_dir, mo
         assert text in card, text
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi replaced by a recorder: (method, args, kwargs) of every call."""
+    calls = []
+
+    class FakeApi:
+        def __getattr__(self, name):
+            return lambda *args, **kw: calls.append((name, args, kw))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return calls
+
+
+def test_upload_cli_passes_private_and_revision(tmp_path, tiny_model_dir, fake_hub, capsys):
+    directory = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, directory)
+    upload_module.main(["--path", str(directory), "--repo", "someone/x", "--private", "--revision", "dev"])
+    (create, args, create_kw), (upload, _, upload_kw) = fake_hub
+    assert (create, args, create_kw) == ("create_repo", ("someone/x",), {"private": True, "exist_ok": True})
+    assert upload == "upload_folder" and upload_kw["revision"] == "dev" and upload_kw["repo_id"] == "someone/x"
+    assert "Uploaded" in capsys.readouterr().out
+
+
+def test_train_upload_repo_uploads_the_finished_model(tmp_path, small_text_path, fake_hub):
+    from mlx_dlm import train
+
+    from conftest import TINY_TRAIN
+
+    out = tmp_path / "run"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "2", "--eval-every", "2",
+                "--upload-repo", "someone/run", *TINY_TRAIN])
+    assert [c[0] for c in fake_hub] == ["create_repo", "upload_folder"]
+    assert fake_hub[1][2]["folder_path"] == str(out) and fake_hub[1][2]["repo_id"] == "someone/run"
+    assert "someone/run" in (out / "README.md").read_text()
+
+
 def test_offline_upload_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir):
     directory = tmp_path / "m"
     shutil.copytree(tiny_model_dir, directory)

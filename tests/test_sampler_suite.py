@@ -39,8 +39,14 @@ def test_each_strategy_commits_the_scheduled_count(tiny, strategy, schedule):
 
 
 def test_cosine_schedule_shape():
-    counts = commit_schedule(100, 10, "cosine")
-    assert sum(counts) == 100 and min(counts) >= 1 and counts[0] < counts[-1]
+    import math
+
+    # MaskGIT's closed form: floor(n cos(pi k / 2K)) positions stay masked after step k.
+    remaining = [math.floor(100 * math.cos(math.pi * k / 20)) for k in range(11)]
+    assert commit_schedule(100, 10, "cosine") == [remaining[k] - remaining[k + 1] for k in range(10)]
+    assert commit_schedule(100, 10, "linear") == [10] * 10
+    counts = commit_schedule(12, 10, "cosine")  # where the closed form would commit nothing, one per step
+    assert sum(counts) == 12 and min(counts) >= 1
 
 
 def _first_step_reference(model, tok, prompt, n):
