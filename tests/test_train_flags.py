@@ -126,3 +126,19 @@ def test_skipped_update_is_a_no_op():
     assert with_skip.keys() == without.keys()
     for k in without:
         np.testing.assert_array_equal(with_skip[k], without[k], err_msg=k)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "sp"])
+def test_val_bpc_converts_nats_per_token_to_bits_per_character(tmp_path, small_text_path, tokenizer):
+    import mlx_dlm
+
+    flags = ["--tokenizer", "sp", "--vocab-size", "200"] if tokenizer == "sp" else []
+    out = _train(tmp_path, small_text_path, "--iters", "1", *flags)
+    _, tok = mlx_dlm.load(out)
+    text = small_text_path.read_text(encoding="utf-8")
+    tokens = tok.encode_array(text)
+    val = tokens[len(tokens) - round(0.1 * len(tokens)):]  # the held-out last 10% of tokens
+    chars_per_token = len(tok.decode(val)) / len(val)
+    assert (chars_per_token == 1.0) == (tokenizer == "char") and chars_per_token < 10
+    for row in (r for r in _rows(out) if "val_loss" in r):
+        assert row["val_bpc"] == pytest.approx(row["val_loss"] / math.log(2) / chars_per_token, rel=1e-9)
