@@ -99,7 +99,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
-    p.add_argument("--temp", type=float, default=1.0, help="DLM sampling temperature")
+    p.add_argument("--temp", type=_float_list, default=[1.0], help="DLM sampling temperatures to sweep (every DLM row)")
     p.add_argument("--ar-temps", type=_float_list, default=[1.0],
                    help="AR temperatures to sweep (the first, with the first --ar-top-k, is the AR's default)")
     p.add_argument("--ar-top-k", type=_int_list0, default=[0], help="AR top-k values to sweep (0: off)")
@@ -184,7 +184,6 @@ def run(args: argparse.Namespace) -> dict:
         model, tok = (dlm, dlm_tok) if kind == "dlm" else (ar, ar_tok)
         if peak_ok:
             mx.reset_peak_memory()
-        options = {"temp": args.temp, **options}
         stats, row_texts = _run(model, tok, args.prompt, args.trials, max_tokens=args.max_tokens,
                                 num_samples=batch, **options)
         row = {"model": kind, "strategy": options.get("strategy", "kv-cache"), "variant": variant,
@@ -270,27 +269,34 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
-    """(model, batch size, sampler options, variant label) of every row; the first AR row is its default."""
+    """(model, batch size, sampler options, variant label) of every row; the first AR row is its default.
+
+    Block rows run at --variant-steps and, for each --thresholds value, with that threshold instead."""
     plan = []
     for b in args.batch_size:
         for i, temp in enumerate(args.ar_temps):
             for j, k in enumerate(args.ar_top_k):
                 label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
                 plan.append(("ar", b, dict(temp=temp, top_k=k), label))
-        plan += [("dlm", b, dict(strategy=s, steps=k), "-") for s in args.strategies for k in args.steps]
-        plan += [("dlm", b, dict(strategy="confidence", threshold=p), f"thr{p:g}") for p in args.thresholds]
-        for n in args.block_lengths:
-            for cache in BLOCK_CACHES:
-                plan.append(("dlm", b, dict(strategy="confidence", steps=args.variant_steps, block_length=n,
-                                            cache=cache), f"blk{n}" + (f"+{cache}" if cache else "")))
-        plan += [("dlm", b, dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
-                 for r in args.remask]
+        for temp in args.temp:
+            dlm = [(dict(strategy=s, steps=k), "-") for s in args.strategies for k in args.steps]
+            dlm += [(dict(strategy="confidence", threshold=p), f"thr{p:g}") for p in args.thresholds]
+            for n in args.block_lengths:
+                for cache in BLOCK_CACHES:
+                    label = f"blk{n}" + (f"+{cache}" if cache else "")
+                    dlm.append((dict(strategy="confidence", steps=args.variant_steps, block_length=n, cache=cache),
+                                label))
+                    dlm += [(dict(strategy="confidence", threshold=p, block_length=n, cache=cache), f"{label}+thr{p:g}")
+                            for p in args.thresholds]
+            dlm += [(dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
+                    for r in args.remask]
+            plan += [("dlm", b, {**options, "temp": temp}, label) for options, label in dlm]
     return plan
 
 
 # (row key, header, width, format spec)
-COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("variant", "variant", 12, ""),
-           ("steps", "steps", 5, ""),
+COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("variant", "variant", 17, ""),
+           ("temp", "temp", 4, "g"), ("steps", "steps", 5, ""),
            ("batch_size", "batch", 5, ""), ("tokens_per_sec", "tok/s", 9, ".1f"), ("tokens_per_sec_min", "min", 9, ".1f"),
            ("tokens_per_sec_max", "max", 9, ".1f"), ("nfe", "NFE", 5, ""), ("tokens_per_forward", "tok/fw", 6, ".2f"),
            ("ms_per_forward", "ms/fw", 8, ".2f"), ("prompt_ms", "prompt_ms", 9, ".2f"),
