@@ -99,7 +99,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
-    p.add_argument("--temp", type=_float_list, default=[1.0], help="DLM sampling temperatures to sweep (every DLM row)")
+    p.add_argument("--temp", type=_float_list, default=[1.0],
+                   help="DLM sampling temperatures: the first for every DLM row, the others for confidence-ordered rows")
     p.add_argument("--ar-temps", type=_float_list, default=[1.0],
                    help="AR temperatures to sweep (the first, with the first --ar-top-k, is the AR's default)")
     p.add_argument("--ar-top-k", type=_int_list0, default=[0], help="AR top-k values to sweep (0: off)")
@@ -271,25 +272,27 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
     """(model, batch size, sampler options, variant label) of every row; the first AR row is its default.
 
-    Block rows run at --variant-steps and, for each --thresholds value, with that threshold instead."""
+    The first DLM temperature runs every DLM row; further temperatures only the confidence-ordered ones (the
+    settings that can reach the AR model's quality). Block rows run at --variant-steps without cache, with the
+    prefix cache and with the dual cache, and with the dual cache at each --thresholds value (Fast-dLLM)."""
     plan = []
     for b in args.batch_size:
         for i, temp in enumerate(args.ar_temps):
             for j, k in enumerate(args.ar_top_k):
                 label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
                 plan.append(("ar", b, dict(temp=temp, top_k=k), label))
-        for temp in args.temp:
-            dlm = [(dict(strategy=s, steps=k), "-") for s in args.strategies for k in args.steps]
+        for i, temp in enumerate(args.temp):
+            strategies = args.strategies if i == 0 else [s for s in args.strategies if s == "confidence"]
+            dlm = [(dict(strategy=s, steps=k), "-") for s in strategies for k in args.steps]
             dlm += [(dict(strategy="confidence", threshold=p), f"thr{p:g}") for p in args.thresholds]
             for n in args.block_lengths:
-                for cache in BLOCK_CACHES:
-                    label = f"blk{n}" + (f"+{cache}" if cache else "")
-                    dlm.append((dict(strategy="confidence", steps=args.variant_steps, block_length=n, cache=cache),
-                                label))
-                    dlm += [(dict(strategy="confidence", threshold=p, block_length=n, cache=cache), f"{label}+thr{p:g}")
-                            for p in args.thresholds]
-            dlm += [(dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
-                    for r in args.remask]
+                dlm += [(dict(strategy="confidence", steps=args.variant_steps, block_length=n, cache=cache),
+                         f"blk{n}" + (f"+{cache}" if cache else "")) for cache in BLOCK_CACHES]
+                dlm += [(dict(strategy="confidence", threshold=p, block_length=n, cache="dual"), f"blk{n}+dual+thr{p:g}")
+                        for p in args.thresholds]
+            if i == 0:
+                dlm += [(dict(strategy="confidence", steps=args.variant_steps, remask=r), f"remask{r:g}")
+                        for r in args.remask]
             plan += [("dlm", b, {**options, "temp": temp}, label) for options, label in dlm]
     return plan
 

@@ -25,8 +25,7 @@ def test_random_pair_sweep(tmp_path, capsys):
     sweep = [r for r in dlm if r["variant"] == "-"]
     assert len(sweep) == 2 * 2 * 2  # batch sizes x strategies x steps
     assert sorted(r["variant"] for r in dlm if r["batch_size"] == 1 and r["variant"] != "-") == \
-        ["blk8", "blk8+dual", "blk8+dual+thr0.5", "blk8+prefix", "blk8+prefix+thr0.5", "blk8+thr0.5", "remask0.2",
-         "thr0.5"]
+        ["blk8", "blk8+dual", "blk8+dual+thr0.5", "blk8+prefix", "remask0.2", "thr0.5"]
     cached = {r["variant"]: r for r in dlm if r["batch_size"] == 2 and r["variant"].startswith("blk")}
     assert cached["blk8+dual"]["forward_tokens"] < cached["blk8+prefix"]["forward_tokens"] < cached["blk8"]["forward_tokens"]
     for r in dlm:

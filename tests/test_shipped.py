@@ -11,11 +11,17 @@ import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.io import ASSETS_DIR, shipped_model
 
-SHIPPED = [name for name in ("shakespeare-dlm", "shakespeare-ar") if (ASSETS_DIR / name / "config.json").exists()]
+SHIPPED = ["shakespeare-dlm", "shakespeare-ar"]
 
 
-def test_the_reference_dlm_is_shipped():
-    assert "shakespeare-dlm" in SHIPPED
+def test_both_reference_models_are_shipped_and_matched():
+    configs = [json.loads((ASSETS_DIR / name / "config.json").read_text()) for name in SHIPPED]
+    assert [c["model_type"] for c in configs] == ["dlm", "ar"]
+    same = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size", "pos_emb", "norm", "mlp", "max_seq_len")
+    assert {k: configs[0][k] for k in same} == {k: configs[1][k] for k in same}  # same width, depth and layout
+    flops = [[json.loads(line) for line in (ASSETS_DIR / n / "metrics.jsonl").read_text().splitlines()][-1]["flops"]
+             for n in SHIPPED]
+    assert flops[1] == pytest.approx(flops[0], rel=0.02)  # trained for the same FLOPs
 
 
 @pytest.mark.parametrize("name", SHIPPED)
