@@ -29,10 +29,9 @@ import numpy as np
 
 from mlx_dlm import data, train
 from mlx_dlm.errors import TORCH_CPU_HINT, UserError
-from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.tokenizer import CharTokenizer
 
-from .machine import describe, machine_info
+from .machine import describe, machine_info, write_results
 
 SIMPLE_DLM_RECIPE = ("--preset simple_dlm --init simple_dlm --learning-rate 1e-4 --warmup 0 --min-lr-ratio 1 "
                      "--weight-decay 0 --grad-clip 0 --loss masked-mean --t-sampling batch")
@@ -263,6 +262,6 @@ def main(argv: list[str] | None = None) -> None:
             reached = f"{ratio:.1f}x fewer FLOPs" if ratio is not None else "not reached (or not a DLM)"
             print(f"To reach the PyTorch loop's final {s['torch_final_val']:.3f}: {name}: {reached}")
     if args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)
     if args.plot:
         plot(results, args.plot)

@@ -1,13 +1,15 @@
-"""What a benchmark ran on: platform, cores, MLX version and backend, BLAS."""
+"""What a benchmark ran on (platform, cores, MLX version and backend, BLAS), and writing its results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
 import mlx.core as mx
 
 from mlx_dlm import blas
+from mlx_dlm.fileio import atomic_write_text
 
 
 def backend() -> str:
@@ -51,3 +53,9 @@ def matmul_gflops(m: int = 4096, k: int = 1024, n: int = 1024, trials: int = 5) 
         mx.eval(a @ b)
         times.append(time.perf_counter() - tic)
     return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def write_results(path: str, results: dict) -> None:
+    """Write a benchmark's results as indented JSON (atomically) and say so."""
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    print(f"Wrote {path}")

@@ -12,22 +12,19 @@ copies between ops, memory traffic).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
-from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.train import make_optimizer, make_train_step, setup_arg_parser as train_parser
 
-from .machine import describe, machine_info
+from .machine import describe, machine_info, write_results
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -86,7 +83,7 @@ def op_rows(args, B: int, L: int, repeats: int) -> list[dict]:
     add(f"attention x values ({B}x{H}x{L}x{L} @ {L}x{hd})", n, lambda p, b: p @ b, scores, v)
     add(f"fused scaled_dot_product_attention ({B}x{H}x{L}x{hd}), instead of the three above", 0,
         lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=hd ** -0.5), q, k, v)
-    add(f"head transposes (B,L,H,hd) <-> (B,H,L,hd), 4 per layer", 4 * n,
+    add("head transposes (B,L,H,hd) <-> (B,H,L,hd), 4 per layer", 4 * n,
         lambda a: a.reshape(B, L, H, hd).transpose(0, 2, 1, 3).reshape(B, H, L * hd) * 1.0, x2)
     if args.attn_out_proj:
         add(f"attention output projection ({B * L}x{d} @ {d}x{d})", n, lambda a, w: a @ w, x, rnd(d, d))
@@ -144,4 +141,4 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Explained: {r['explained_fraction']:.0%} of the step; matmuls {r['matmul_fraction_of_step']:.0%} of the "
           f"step and {r['matmul_fraction_of_forward']:.0%} of the forward")
     if p.out:
-        atomic_write_text(p.out, json.dumps({"machine": info, **r}, indent=2) + "\n")
+        write_results(p.out, {"machine": info, **r})

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -24,12 +23,11 @@ import numpy as np
 
 from mlx_dlm import data
 from mlx_dlm.errors import TORCH_CPU_HINT, UserError
-from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.model import Model
 from mlx_dlm.sample import stream_generate
 from mlx_dlm.tokenizer import CharTokenizer
 
-from .machine import describe, machine_info
+from .machine import describe, machine_info, write_results
 
 PARITY_TOLERANCE = 1e-3  # max |logit difference| between the two frameworks on the same weights
 
@@ -163,5 +161,4 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     results = run(args)
     if args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
-        print(f"Wrote {args.out}")
+        write_results(args.out, results)

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import mlx.core as mx
@@ -28,13 +27,12 @@ import mlx.core as mx
 from mlx_dlm import data
 from mlx_dlm.errors import UserError
 from mlx_dlm.eval import ar_nll, char_entropy, dlm_elbo, generative_perplexity, infill_accuracy, val_windows
-from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.sample import STRATEGIES, stream_generate
 from mlx_dlm.tokenizer import CharTokenizer
 
-from .machine import backend, describe, machine_info, matmul_gflops
+from .machine import backend, describe, machine_info, matmul_gflops, write_results
 
 DEFAULT_STEPS = "8,16,32,64,128"
 DEFAULT_BATCH_SIZES = "1,8"
@@ -383,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     results = run(args)
     if args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
-        print(f"Wrote {args.out}")
+        write_results(args.out, results)
     if args.plot:
         plot(results, args.plot)
         print(f"Wrote {args.plot}")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -17,11 +16,10 @@ import numpy as np
 
 from mlx_dlm.diffusion import LOSSES, diffusion_loss
 from mlx_dlm.errors import TORCH_CPU_HINT, UserError
-from mlx_dlm.fileio import atomic_write_text
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.train import make_optimizer, make_train_step, setup_arg_parser as train_parser
 
-from .machine import describe, machine_info
+from .machine import describe, machine_info, write_results
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -112,4 +110,4 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch_row['steps_per_sec']:.2f} steps/s, {torch_row['tokens_per_sec']:,.0f} tokens/s, "
               f"{torch_row['ms_per_step']:.1f} ms/step; MLX / torch speed: {torch_row['mlx_over_torch']:.2f}x")
     if args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)

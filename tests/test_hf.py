@@ -14,7 +14,6 @@ tokenizers = pytest.importorskip("tokenizers")
 jinja2 = pytest.importorskip("jinja2")
 
 import mlx_dlm  # noqa: E402
-from mlx_dlm.errors import UserError  # noqa: E402
 
 convert = importlib.import_module("mlx_dlm.convert.__main__")
 generate_cli = importlib.import_module("mlx_dlm.generate")
