@@ -220,13 +220,14 @@ def _add_quality(rows: list[dict], texts: list[tuple[str, list[str]]], ar, ar_to
     scores = {}
     for key, samples in pooled.items():
         try:
-            scores[key] = (generative_perplexity(ar, ar_tok, samples, prompt), len(samples))
+            gen_ppl = generative_perplexity(ar, ar_tok, samples, prompt)
         except UserError as err:
-            scores[key] = (None, len(samples))
+            gen_ppl = None
             print(f"note: cannot score samples with the AR model ({err})")
+        scores[key] = {"gen_ppl": gen_ppl, "quality_samples": len(samples),
+                       "entropy_bits": char_entropy(samples, prompt)}
     for row, (key, _) in zip(rows, texts):
-        row["gen_ppl"], row["quality_samples"] = scores[key]
-        row["entropy_bits"] = char_entropy(pooled[key], prompt)
+        row.update(scores[key])
 
 
 def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> list[dict]:
