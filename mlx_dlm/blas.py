@@ -10,6 +10,7 @@ loads that library instead of searching for one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -29,6 +30,7 @@ _SEARCH_GLOBS = (
 # What happened, for benchmarks and `mlx_dlm.blas_in_use()`: "openblas:<path>",
 # "reference", "disabled", "too-late" or "not-linux".
 status = "not-run"
+_library = None  # the loaded OpenBLAS (for its thread count)
 
 
 def find_openblas() -> str | None:
@@ -67,10 +69,32 @@ def use_openblas() -> str:
         try:
             if path is None:
                 raise OSError("no OpenBLAS found")
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            global _library
+            _library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             status = f"openblas:{path}"
         except OSError as err:
             status = "reference"
             _warn(f"MLX will use the slow reference BLAS ({err}); fix: {FIX_HINT} "
                   f"(or set {ENV_VAR}=0 to silence)")
     return status
+
+
+def get_threads() -> int | None:
+    """Threads the loaded OpenBLAS uses (None when it was not loaded or cannot say)."""
+    fn = getattr(_library, "openblas_get_num_threads", None)
+    return int(fn()) if fn is not None else None
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run the block with the loaded OpenBLAS at n threads (None, or no OpenBLAS: unchanged), then restore."""
+    before = get_threads() if n is not None else None
+    setter = getattr(_library, "openblas_set_num_threads", None)
+    if before is None or setter is None or before == n:
+        yield
+        return
+    setter(n)
+    try:
+        yield
+    finally:
+        setter(before)

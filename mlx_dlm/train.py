@@ -8,7 +8,8 @@ A map of the module:
 - flags: `setup_arg_parser`; which flags define a run (`RUN_SETTINGS`) and how `--resume` takes them
   from the checkpoint (`resume_settings`);
 - the step: `make_optimizer`, `training_loss`, `make_train_step` (one compiled function: masks, loss,
-  gradients, clipping, update), `make_evaluator` (validation over fixed windows and masks);
+  gradients, clipping, update; on a multi-core CPU the batch is split over CPU streams,
+  `default_cpu_streams`), `make_evaluator` (validation over fixed windows and masks);
 - the run: `prepare` (data, model, optimizer, resumed state) -> `_loop` (steps, reports, validation,
   checkpoints, signals) -> `train`, which ties them together.
 """
@@ -109,6 +110,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=int, default=64, help="length of the sample shown at eval (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, batches and masks")
     p.add_argument("--upload-repo", help="upload the final model to this Hugging Face repo (user/name)")
+    p.add_argument("--cpu-streams", type=int,
+                   help="split each batch into this many parts computed side by side on CPU streams, the cores "
+                        "shared among their BLAS calls (default: 2 on a CPU with 2+ cores for batches of 1024+ tokens, else 1); "
+                        "the same draws and loss")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) updates whose loss or gradient is not finite instead of stopping")
     return p
@@ -165,6 +170,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"{_flag(name)} must be at least 1")
     if args.seq_len < 2:
         raise UserError("--seq-len must be at least 2")
+    if args.cpu_streams is not None and (args.cpu_streams < 1 or args.batch_size % args.cpu_streams):
+        raise UserError(f"--cpu-streams must be at least 1 and divide --batch-size {args.batch_size}, "
+                        f"got {args.cpu_streams}")
     if args.learning_rate <= 0:
         raise UserError("--learning-rate must be positive")
     if args.preset not in PRESETS:
@@ -191,20 +199,62 @@ def _assign(tree, values) -> None:
             tree[k] = values[k]
 
 
+MIN_TOKENS_TO_SPLIT = 1024  # below this a step is too short for two streams to pay (measured: README)
+
+
+def default_cpu_streams(batch_size: int, seq_len: int) -> int:
+    """Parts of the batch computed side by side: 2 on a CPU backend with two or more cores, when the batch
+    splits evenly and holds at least MIN_TOKENS_TO_SPLIT tokens; else 1. MLX runs a CPU stream's element-wise
+    ops on one thread, so two streams with a one-thread BLAS keep both cores busy (measured in
+    benchmarks/README.md); a GPU needs no such split."""
+    if mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or batch_size % 2:
+        return 1
+    return 2 if batch_size * seq_len >= MIN_TOKENS_TO_SPLIT else 1
+
+
+def _split_loss_and_grad(loss_and_grad: Callable, model: Model, batch: mx.array, key: mx.array,
+                         shard: tuple[int, int], streams: list) -> tuple[mx.array, dict]:
+    """Loss and gradients as the mean over equal parts of the batch, each part on its own stream.
+
+    Part r of process `rank` is shard rank * n + r of size * n, with the same key: the parts see exactly the
+    mask ratios and masks one whole-batch call would draw."""
+    rank, size = shard
+    n = len(streams)
+    parts = []
+    for r, (stream, part) in enumerate(zip(streams, mx.split(batch, n))):
+        with mx.stream(stream):
+            parts.append(loss_and_grad(model, part, key=key, shard=(rank * n + r, size * n)))
+    loss = sum(p[0] for p in parts) / n
+    grads = tree_map(lambda *g: sum(g) / n, *(p[1] for p in parts))
+    return loss, grads
+
+
 def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0,
-                    skip_nonfinite: bool = False, distributed: bool = False):
+                    skip_nonfinite: bool = False, distributed: bool = False, streams: int = 1,
+                    shard: tuple[int, int] = (0, 1)):
     """One compiled step: loss, gradients (averaged over processes when distributed), clipping and update.
 
-    Random state is compiled state, so masks and mask ratios are fresh on every call. With
-    skip_nonfinite, an update whose loss or gradient norm is not finite leaves weights and optimizer
-    untouched. Returns step(batch) -> (loss, grad_norm, applied)."""
+    loss_fn(model, batch, key=, shard=). Each step draws one key from the random state (compiled state, so
+    masks and mask ratios are fresh on every call). streams > 1: the batch is split into that many parts,
+    computed side by side on separate CPU streams with the cores shared out among their BLAS calls (one
+    thread each on 2 cores), and their gradients
+    averaged (the same draws as one part; the masked-mean loss becomes the mean of the parts' means).
+    shard=(rank, size) of this process in a distributed run. With skip_nonfinite, an update whose loss or
+    gradient norm is not finite leaves weights and optimizer untouched. Returns step(batch) -> (loss,
+    grad_norm, applied)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state; fills the rest
     state = [model.state, optimizer.state, mx.random.state]
+    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
+    blas_threads = max(1, (os.cpu_count() or 1) // streams) if cpu_streams else None
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        loss, grads = loss_and_grad(model, batch)
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # a key drawn from the random state
+        if cpu_streams:
+            loss, grads = _split_loss_and_grad(loss_and_grad, model, batch, key, shard, cpu_streams)
+        else:
+            loss, grads = loss_and_grad(model, batch, key=key, shard=shard)
         if distributed:
             grads = nn.average_gradients(grads)
             loss = mx.distributed.all_sum(loss) / mx.distributed.init().size()
@@ -223,8 +273,9 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
         return loss, grad_norm, ok
 
     def run(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        out = step(batch)
-        mx.eval(state, out)
+        with blas.threads(blas_threads):  # the cores shared between the streams while they run
+            out = step(batch)
+            mx.eval(state, out)
         return out
 
     return run
@@ -233,7 +284,7 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
 def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified") -> Callable:
     """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, or next-token NLL for AR."""
     if model.args.model_type == "ar":
-        return lambda model, batch, key=None: ar_loss(model, batch)
+        return lambda model, batch, key=None, shard=(0, 1): ar_loss(model, batch)
     return partial(diffusion_loss, mask_id=mask_id, loss=loss, t_sampling=t_sampling)
 
 
@@ -380,6 +431,11 @@ class Run:
         return self.rank == 0
 
     @property
+    def cpu_streams(self) -> int:
+        """Parts of the batch computed side by side (--cpu-streams, or the default for this machine)."""
+        return self.args.cpu_streams or default_cpu_streams(self.args.batch_size, self.args.seq_len)
+
+    @property
     def flops_per_step(self) -> float:
         """Forward + backward (~3x forward) FLOPs of one step over the global batch."""
         a = self.args
@@ -473,7 +529,8 @@ def _banner(run: Run) -> str:
             f"{len(run.train_tokens):,} train tokens, batch {a.batch_size} x {a.seq_len}"
             + (f" per process x {run.size} processes = effective batch {a.batch_size * run.size}"
                if run.size > 1 else "")
-            + f", device {mx.default_device()}, blas {blas.status}")
+            + f", device {mx.default_device()}, blas {blas.status}"
+            + (f", {run.cpu_streams} CPU streams" if run.cpu_streams > 1 else ""))
 
 
 class _Logger:
@@ -547,9 +604,8 @@ def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
     loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling)
-    if run.model.args.model_type == "dlm" and run.size > 1:
-        loss_fn = partial(loss_fn, shard=(run.rank, run.size))
-    train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1)
+    train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1,
+                                 streams=run.cpu_streams, shard=(run.rank, run.size))
     rows = slice(run.rank * a.batch_size, (run.rank + 1) * a.batch_size)
     save_every = a.save_every or a.eval_every
     if run.evaluate is not None and p.step == 0:

@@ -51,6 +51,8 @@ def test_train_errors(capsys, tmp_path, small_text_path):
     _one_line_error(capsys, train.main, ["--data", str(short), "--out", str(tmp_path / "o"), *TINY_TRAIN],
                     "fewer than one window of --seq-len 64")
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--preset", "galactic"], "unknown preset")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--cpu-streams", "3"],
+                    "--cpu-streams must be at least 1 and divide --batch-size 8, got 3")
 
 
 def test_generate_errors(capsys, tiny_model_dir, tmp_path):

@@ -185,8 +185,9 @@ def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
     n_frames = printed.count("--- step")
     assert n_frames >= 1 and "Generation: 64 tokens" in printed and f"{n_frames} forward passes" in printed
     assert f"Saved {n_frames} frames to {tmp_path / 'f.html'}" in captured.err
-    text = printed.split("\n==========\n")[0].split("\n")[-1]
-    assert text.startswith("ROMEO:") and text.endswith(" thee.")
+    before = printed.split("\n==========\n")[0]  # frames, then the final text (which may hold newlines)
+    text = before[before.rindex("\nROMEO:") + 1:]
+    assert text.endswith(" thee.") and "\u2591" not in text  # prompt, filled middle, suffix
     html = (tmp_path / "f.html").read_text()
     frames = json.loads(html.split("const frames = ")[1].split(";\n")[0])
     assert len(frames) == n_frames and 'class="new"' in frames[0] and 'class="given"' in frames[-1]

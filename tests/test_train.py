@@ -46,6 +46,41 @@ def test_compiled_step_learns():
     assert last < 0.5 * first
 
 
+@pytest.mark.parametrize("objective,loss", [("dlm", "elbo"), ("ar", "elbo")])
+def test_batch_split_over_cpu_streams_is_the_whole_batch_step(objective, loss):
+    """Two parts on two CPU streams give the loss, gradient norm and update of one whole-batch step: the parts
+    see the same mask ratios and masks (shards of one draw), and the mean of their losses is the batch's."""
+    def one_step(streams):
+        model = init_model(preset_args("tiny", vocab_size=20, model_type=objective), seed=0)
+        loss_fn = train.training_loss(model, mask_id=0, loss=loss)
+        # SGD: the update is the (clipped) gradient itself (Adam's first step would amplify float noise in
+        # near-zero gradients to +-lr)
+        step = train.make_train_step(model, optim.SGD(learning_rate=1.0), loss_fn, 1.0, streams=streams)
+        mx.random.seed(7)
+        batch = mx.array(np.random.default_rng(0).integers(1, 20, size=(8, 32)), dtype=mx.int32)
+        out = [float(a) for a in step(batch)[:2]]
+        return out, {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+    (loss1, norm1), params1 = one_step(1)
+    (loss2, norm2), params2 = one_step(2)
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-4)
+    for name in params1:
+        np.testing.assert_allclose(params2[name], params1[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_blas_threads_are_set_for_the_block_and_restored():
+    from mlx_dlm import blas
+
+    before = blas.get_threads()
+    if before is None:
+        pytest.skip("no OpenBLAS loaded")
+    with blas.threads(1):
+        assert blas.get_threads() == 1
+    assert blas.get_threads() == before
+    with blas.threads(None):
+        assert blas.get_threads() == before
+
+
 def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
     rows = [json.loads(line) for line in (tiny_model_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train_loss" in r]

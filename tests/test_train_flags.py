@@ -111,7 +111,7 @@ def test_skipped_update_is_a_no_op():
         optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
         tokens, t = mx.array(np.arange(32).reshape(2, 16) % 16), mx.array([0.3, 0.7])
 
-        def loss_fn(model, scale):
+        def loss_fn(model, scale, key=None, shard=(0, 1)):
             return (model(tokens, t) ** 2).mean() * scale
 
         step = train.make_train_step(model, optimizer, loss_fn, grad_clip=1.0, skip_nonfinite=True)
@@ -142,3 +142,15 @@ def test_val_bpc_converts_nats_per_token_to_bits_per_character(tmp_path, small_t
     assert (chars_per_token == 1.0) == (tokenizer == "char") and chars_per_token < 10
     for row in (r for r in _rows(out) if "val_loss" in r):
         assert row["val_bpc"] == pytest.approx(row["val_loss"] / math.log(2) / chars_per_token, rel=1e-9)
+
+
+def test_cpu_streams_flag_reaches_the_step_and_keeps_the_loss(tmp_path, small_text_path, capsys):
+    """--cpu-streams 2 splits the batch (the banner says so) and trains to the same losses as one stream."""
+    one = _rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "1",
+                       name="one"))
+    assert "CPU streams" not in capsys.readouterr().out
+    two = _rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "2",
+                       name="two"))
+    assert "2 CPU streams" in capsys.readouterr().out
+    losses = lambda rows: [r["train_loss"] for r in rows if "train_loss" in r]  # noqa: E731
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
