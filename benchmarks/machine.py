@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 
 import mlx.core as mx
 
@@ -30,13 +31,22 @@ def machine_info() -> dict:
         "mlx": mx.__version__,
         "backend": backend(),
         "blas": blas.status,
+        "cpu_compile": cpu_compile(),
     }
+
+
+def cpu_compile() -> str:
+    """What mx.compile can do on the CPU here: it fuses element-wise ops into C++ kernels that it builds with
+    g++ at run time; without g++ it still simplifies the graph but fuses nothing."""
+    if backend() != "cpu":
+        return "n/a"
+    return "fuses (g++ found)" if shutil.which("g++") else "no fusion (g++ not found)"
 
 
 def describe(info: dict) -> str:
     """One line naming the machine."""
     return (f"{info['platform']}, {info['cores']} cores, mlx {info['mlx']} ({info['backend']} backend), "
-            f"BLAS {info['blas']}")
+            f"BLAS {info['blas']}, CPU compile: {info.get('cpu_compile', '?')}")
 
 
 def matmul_gflops(m: int = 4096, k: int = 1024, n: int = 1024, trials: int = 5) -> float:
