@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 bench = importlib.import_module("mlx_dlm.benchmark.__main__")
@@ -123,9 +124,36 @@ def test_train_speed_side_by_side_with_torch(tmp_path):
 def test_profile_rows_add_up(tmp_path):
     out = tmp_path / "p.json"
     bench.main(["profile", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
-                "--out", str(out)])
+                "--variants", "shipped,not-compiled", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert r["step_s"] > 0 and r["forward_s"] > 0
+    assert r["step_s"] > 0 and r["forward_s"] > 0 and r["loss_and_gradients_s"] > 0
     assert r["explained_s"] == pytest.approx(sum(row["forward_backward_s"] * row["count"] for row in r["rows"]))
     counts = {row["op"].split(" (")[0]: row["count"] for row in r["rows"]}
     assert counts["softmax"] == 2 and counts["rmsnorm"] == 2 * 2 + 1  # per layer (2 layers), plus the final norm
+    assert counts["AdamW update"] == 1 and counts["fused scaled_dot_product_attention"] == 0
+    assert {row["op"].split(" (")[0] for row in r["rows"] if row["matmul"]} == {
+        "qkv projection", "attention scores q @ k^T", "attention x values", "attention output projection",
+        "MLP in", "MLP out", "output layer"}
+    assert [v["variant"] for v in r["variants"]] == ["shipped", "not-compiled"]
+    assert r["machine"]["cpu_compile"] in ("fuses (g++ found)", "no fusion (g++ not found)")
+
+
+@pytest.mark.parametrize("variant", ["explicit-attention", "composed-softmax", "composed-layernorm"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_profile_variants_compute_the_same_model(variant, causal):
+    """A variant changes how the step is computed, never what: the same logits as the shipped mx.fast kernels
+    (LayerNorm layout, so every patched path runs; causal and bidirectional masks)."""
+    import mlx.core as mx
+
+    from mlx_dlm.benchmark import profile
+    from mlx_dlm.model import init_model, preset_args
+
+    args = preset_args("simple_dlm", dim=64, n_layers=2, hidden_dim=128, n_heads=2,
+                       model_type="ar" if causal else "dlm")
+    tokens = mx.random.randint(1, 66, (2, 24), key=mx.random.key(0))
+    t = mx.full((2,), 0.4)
+    model = init_model(args, seed=0)
+    want = model(tokens, t)
+    with profile.VARIANTS[variant]():
+        got = model(tokens, t)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
