@@ -343,7 +343,8 @@ def print_report(r: dict) -> None:
     print(f"{'variant':<20} {'step ms':>9} {'min':>8} {'max':>8} {'forward':>9} {'speed vs shipped':>17}  what")
     for v in r["variants"]:
         ratio = f"{base['step_s'] / v['step_s']:.2f}x" if base else "-"
-        print(f"{v['variant']:<20} {v['step_s'] * 1e3:>9.1f} {v['step_min_s'] * 1e3:>8.1f} {v['step_max_s'] * 1e3:>8.1f} "
+        print(f"{v['variant']:<20} {v['step_s'] * 1e3:>9.1f} {v['step_min_s'] * 1e3:>8.1f} "
+              f"{v['step_max_s'] * 1e3:>8.1f} "
               f"{v['forward_s'] * 1e3:>9.1f} {ratio:>17}  {v['what']}")
 
 

@@ -112,8 +112,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-repo", help="upload the final model to this Hugging Face repo (user/name)")
     p.add_argument("--cpu-streams", type=int,
                    help="split each batch into this many parts computed side by side on CPU streams, the cores "
-                        "shared among their BLAS calls (default: 2 on a CPU with 2+ cores for batches of 1024+ tokens, else 1); "
-                        "the same draws and loss")
+                        "shared among their BLAS calls (CPU backend only; default: 2 on a CPU with 2+ cores for "
+                        "batches of 1024+ tokens, else 1); the same draws and loss")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) updates whose loss or gradient is not finite instead of stopping")
     return p
@@ -173,6 +173,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.cpu_streams is not None and (args.cpu_streams < 1 or args.batch_size % args.cpu_streams):
         raise UserError(f"--cpu-streams must be at least 1 and divide --batch-size {args.batch_size}, "
                         f"got {args.cpu_streams}")
+    if (args.cpu_streams or 1) > 1 and mx.default_device() != mx.cpu:
+        raise UserError(f"--cpu-streams applies to MLX's CPU backend; this run uses {mx.default_device()}")
     if args.learning_rate <= 0:
         raise UserError("--learning-rate must be positive")
     if args.preset not in PRESETS:
@@ -237,8 +239,8 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
     loss_fn(model, batch, key=, shard=). Each step draws one key from the random state (compiled state, so
     masks and mask ratios are fresh on every call). streams > 1: the batch is split into that many parts,
     computed side by side on separate CPU streams with the cores shared out among their BLAS calls (one
-    thread each on 2 cores), and their gradients
-    averaged (the same draws as one part; the masked-mean loss becomes the mean of the parts' means).
+    thread each on 2 cores), and their gradients averaged (the same draws as one part; the masked-mean loss
+    becomes the mean of the parts' means).
     shard=(rank, size) of this process in a distributed run. With skip_nonfinite, an update whose loss or
     gradient norm is not finite leaves weights and optimizer untouched. Returns step(batch) -> (loss,
     grad_norm, applied)."""
