@@ -8,7 +8,17 @@ import pytest
 
 import mlx_dlm  # noqa: F401  (BLAS switch before mlx.core)
 
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+def _shared_text() -> Path:
+    """../shared/data/tinyshakespeare.txt beside the repository (looked for upwards: mutmut runs the tests from a
+    copy of the repository one folder deeper, in mutants/)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        candidate = parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+        if candidate.exists():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+SHARED_TEXT = _shared_text()
 
 
 @pytest.fixture(scope="session")

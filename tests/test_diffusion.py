@@ -65,3 +65,48 @@ def test_masked_mean_ignores_visible_positions():
     ce0 = -log_softmax(np.array(logits, dtype=np.float64))[0, 0, 1]
     np.testing.assert_allclose(masked_loss(logits, targets, hidden, t, "masked-mean").item(), ce0, rtol=1e-5)
     np.testing.assert_allclose(masked_loss(logits, targets, hidden, t, "elbo").item(), ce0 / 0.25 / 4, rtol=1e-5)
+
+
+def test_batch_and_uniform_t_sampling():
+    """"batch": one ratio for the whole batch, reproducible from its key; "uniform": independent draws, so (with
+    this key) not one per bin; an unknown mode names the choices. (Survivors of a mutmut run on diffusion.py.)"""
+    key = mx.random.key(4)
+    t = np.array(sample_t(8, "batch", key=key))
+    assert (t == t[0]).all() and T_MIN <= t[0] < 1
+    assert np.array_equal(t, np.array(sample_t(8, "batch", key=key)))
+    assert not np.array_equal(t, np.array(sample_t(8, "batch", key=mx.random.key(5))))
+    u = np.array(sample_t(8, "uniform", key=key))
+    assert sorted(np.floor((u - T_MIN) / (1 - T_MIN) * 8).astype(int)) != list(range(8))
+    with pytest.raises(ValueError, match="unknown t sampling 'sorted' \\(choose from stratified, uniform, batch\\)"):
+        sample_t(8, "sorted")
+
+
+def test_corrupt_keeps_the_token_dtype():
+    tokens = mx.array(np.arange(40, dtype=np.uint16).reshape(2, 20) + 1)
+    noisy, hidden = corrupt(tokens, mx.array([0.5, 0.5]), mask_id=0, key=mx.random.key(0))
+    assert noisy.dtype == mx.uint16 and hidden.dtype == mx.bool_
+
+
+def test_diffusion_loss_passes_t_sampling_and_draws_from_the_random_state_without_a_key():
+    seen = []
+
+    def spy_model(noisy, t):
+        seen.append(np.array(t))
+        return mx.zeros((*noisy.shape, 5))
+
+    tokens = mx.ones((8, 16), dtype=mx.int32)
+    diffusion_loss(spy_model, tokens, mask_id=0, t_sampling="batch", key=mx.random.key(1))
+    assert (seen[-1] == seen[-1][0]).all()
+    diffusion_loss(spy_model, tokens, mask_id=0, t_sampling="stratified", key=mx.random.key(1))
+    assert sorted(np.floor((seen[-1] - T_MIN) / (1 - T_MIN) * 8).astype(int)) == list(range(8))
+    mx.random.seed(3)
+    first = float(diffusion_loss(spy_model, tokens, mask_id=0))
+    second = float(diffusion_loss(spy_model, tokens, mask_id=0))
+    mx.random.seed(3)
+    assert float(diffusion_loss(spy_model, tokens, mask_id=0)) == first and second != first
+
+
+def test_unknown_loss_names_the_choices():
+    ce = mx.zeros((1, 4, 5))
+    with pytest.raises(ValueError, match="unknown loss 'mse' \\(choose from elbo, masked-mean\\)"):
+        masked_loss(ce, mx.zeros((1, 4), dtype=mx.int32), mx.ones((1, 4), dtype=mx.bool_), mx.array([0.5]), "mse")
