@@ -44,12 +44,20 @@ def _keep_previous(out: Path) -> None:
             write_point()
 
 
-def save(out: Path, model, optimizer, tokenizer, state: dict) -> None:
-    """Write a checkpoint of `state["step"]` without ever leaving no complete one behind."""
+TRAIN_WEIGHTS = "train_weights."  # prefix of the trained weights in the optimizer file when the model file holds an EMA
+
+
+def save(out: Path, model, optimizer, tokenizer, state: dict, train_weights: dict | None = None) -> None:
+    """Write a checkpoint of `state["step"]` without ever leaving no complete one behind.
+
+    train_weights: the weights being trained, when `model` holds others (their moving average); they are
+    stored in the optimizer file."""
     out.mkdir(parents=True, exist_ok=True)
     _keep_previous(out)
     tag = {"step": str(state["step"])}
     opt_state = dict(tree_flatten(optimizer.state))
+    if train_weights is not None:
+        opt_state.update({TRAIN_WEIGHTS + k: v for k, v in tree_flatten(train_weights)})
     meta = {**tag, "state": json.dumps(state)}
     # Optimizer first: a first save killed early leaves no config.json, so a fresh run may start over.
     atomic_write(out / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, opt_state, metadata=meta))
@@ -81,9 +89,12 @@ def restore(out: Path) -> dict:
                     "from the same step)")
 
 
-def load_optimizer_state(out: Path) -> list:
-    """The optimizer arrays of the current checkpoint, as (name, array) pairs."""
-    return list(mx.load(str(out / OPTIMIZER_FILE)).items())
+def load_optimizer_state(out: Path) -> tuple[list, list]:
+    """The optimizer arrays of the current checkpoint and the trained weights stored beside them (empty unless
+    the model file holds a moving average), each as (name, array) pairs."""
+    arrays = mx.load(str(out / OPTIMIZER_FILE)).items()
+    return ([(k, v) for k, v in arrays if not k.startswith(TRAIN_WEIGHTS)],
+            [(k[len(TRAIN_WEIGHTS):], v) for k, v in arrays if k.startswith(TRAIN_WEIGHTS)])
 
 
 def trim_metrics(path: Path, step: int) -> None:

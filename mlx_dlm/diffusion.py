@@ -51,7 +51,7 @@ def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = 
 def _hidden_ce(logits: mx.array, targets: mx.array, hidden: mx.array) -> mx.array:
     """Cross-entropy (B, L) in float32 at hidden positions, 0 elsewhere."""
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
-    return ce * hidden.astype(mx.float32)
+    return mx.where(hidden, ce, 0.0)  # not a product: a visible target may have probability 0 (SUBS), ce inf
 
 
 def elbo_per_sequence(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array) -> mx.array:

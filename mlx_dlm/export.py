@@ -148,6 +148,10 @@ def build(model, tokenizer):
         head = g.op("Slice", logits, zero, g.const("one_i", np.array([1], np.int64)), axis0)
         body = g.op("Slice", logits, zero, g.const("minus_one", np.array([-1], np.int64)), axis0)
         logits = g.op("Concat", head, body, axis=0)
+    if a.subs_mask_id is not None:  # SUBS: the mask id never gets probability
+        banned = np.zeros(a.vocab_size, np.float32)
+        banned[a.subs_mask_id] = -np.inf
+        logits = g.op("Add", logits, g.const("subs_banned", banned))
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     graph = helper.make_graph(
         g.nodes, "mlx_dlm", [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["seq"]),

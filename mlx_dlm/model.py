@@ -41,6 +41,8 @@ class ModelArgs:
     output_bias: bool = True
     tie_embeddings: bool = False
     logit_shift: bool = False  # Dream: position i's logits come from hidden state i-1 (position 0 from its own)
+    dropout: float = 0.0  # residual dropout on the embeddings and each block's outputs while training
+    subs_mask_id: int | None = None  # MDLM's SUBS: this (mask) id gets logit -inf, never probability
 
     def __post_init__(self) -> None:
         choices = {"model_type": ("dlm", "ar"), "pos_emb": ("learned", "rope"),
@@ -55,6 +57,11 @@ class ModelArgs:
             raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise UserError(f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.subs_mask_id is not None and not 0 <= self.subs_mask_id < self.vocab_size:
+            raise UserError(f"model config: subs_mask_id {self.subs_mask_id} is not a token id of the vocabulary "
+                            f"of {self.vocab_size}")
 
     @property
     def kv_heads(self) -> int:
@@ -162,10 +169,11 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(args)
         self.mlp_norm = _norm(args)
         self.mlp = MLP(args)
+        self.drop = nn.Dropout(args.dropout)  # no parameters; the identity at 0 or in eval mode
 
     def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
-        x = x + self.attn(self.attn_norm(x), cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class KVCache:
@@ -208,6 +216,7 @@ class KVCache:
 class Model(nn.Module):
     """`model(tokens, t)` -> logits (B, L, V); t (B,) is the mask ratio.
 
+    With dropout > 0 it is active in training mode only (`model.train()`; `io.load` returns models in eval mode).
     AR models: `model(tokens, cache=KVCache(...))` continues from the cache's offset and advances it.
     """
 
@@ -219,6 +228,7 @@ class Model(nn.Module):
             self.pos_emb = mx.random.normal((args.max_seq_len, args.dim)) * 0.02
         if args.time_cond:
             self.t_proj = nn.Linear(1, args.dim)
+        self.emb_drop = nn.Dropout(args.dropout)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         if args.final_norm:
             self.norm = _norm(args)
@@ -235,6 +245,7 @@ class Model(nn.Module):
             if t is None:
                 raise ValueError("this diffusion model needs the mask ratio t (B,)")
             x = x + self.t_proj(t.astype(x.dtype).reshape(-1, 1, 1))
+        x = self.emb_drop(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
         if cache is not None:
@@ -244,6 +255,9 @@ class Model(nn.Module):
         logits = self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
         if args.logit_shift:  # predictions for position i sit at i-1 in such checkpoints: move them home
             logits = mx.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+        if args.subs_mask_id is not None:
+            banned = mx.arange(logits.shape[-1]) == args.subs_mask_id
+            logits = mx.where(banned, mx.array(-mx.inf, dtype=logits.dtype), logits)
         return logits
 
     def num_params(self) -> int:

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +60,7 @@ DEFAULT_EVAL_BATCHES = 8
 # What defines a run: --resume takes these from the checkpoint, and refuses a flag that contradicts it.
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
-                "t_sampling", "dtype", "val_fraction", "seed")
+                "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -102,6 +103,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="how mask ratios are drawn: one per bin across the batch, independently, or one for the "
                         "whole batch (simple_dlm)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="residual dropout on the embeddings and every block's outputs, while training only")
+    p.add_argument("--subs", action="store_true",
+                   help="MDLM's SUBS parameterisation: the mask token's logit is -inf (it is never predicted)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); "
+                        "validation, samples and the saved model use it")
     p.add_argument("--val-fraction", type=float, default=data.DEFAULT_VAL_FRACTION, help="held-out tail of the corpus")
     p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY, help="steps between training-loss lines")
     p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY, help="steps between validations")
@@ -177,6 +185,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--cpu-streams applies to MLX's CPU backend; this run uses {mx.default_device()}")
     if args.learning_rate <= 0:
         raise UserError("--learning-rate must be positive")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.ema < 1.0:
+        raise UserError(f"--ema must be a decay in [0, 1) (0: off), got {args.ema}")
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
     parse_arch(args.arch)
@@ -231,9 +243,20 @@ def _split_loss_and_grad(loss_and_grad: Callable, model: Model, batch: mx.array,
     return loss, grads
 
 
+EMA_WARMUP = 10  # the EMA's decay at optimizer step n is min(decay, (1 + n) / (EMA_WARMUP + n))
+
+
+def ema_update(ema: dict, params: dict, decay: float, step: mx.array, ok: mx.array) -> dict:
+    """One step of the exponential moving average of the weights (kept in float32): ema += (1 - d) (params - ema)
+    with d = min(decay, (1 + step) / (EMA_WARMUP + step)), so early averages are not dominated by the
+    initial weights; unchanged where ok is false (a skipped update)."""
+    d = mx.minimum(decay, (1 + step) / (EMA_WARMUP + step))
+    return tree_map(lambda e, p: mx.where(ok, e + (1 - d) * (p.astype(mx.float32) - e), e), ema, params)
+
+
 def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0,
                     skip_nonfinite: bool = False, distributed: bool = False, streams: int = 1,
-                    shard: tuple[int, int] = (0, 1)):
+                    shard: tuple[int, int] = (0, 1), ema: dict | None = None, ema_decay: float = 0.0):
     """One compiled step: loss, gradients (averaged over processes when distributed), clipping and update.
 
     loss_fn(model, batch, key=, shard=). Each step draws one key from the random state (compiled state, so
@@ -242,11 +265,12 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
     thread each on 2 cores), and their gradients averaged (the same draws as one part; the masked-mean loss
     becomes the mean of the parts' means).
     shard=(rank, size) of this process in a distributed run. With skip_nonfinite, an update whose loss or
-    gradient norm is not finite leaves weights and optimizer untouched. Returns step(batch) -> (loss,
+    gradient norm is not finite leaves weights and optimizer untouched. ema: a float32 copy of the trainable
+    parameters, moved towards them after every update (`ema_update`). Returns step(batch) -> (loss,
     grad_norm, applied)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state; fills the rest
-    state = [model.state, optimizer.state, mx.random.state]
+    state = [model.state, optimizer.state, mx.random.state] + ([ema] if ema is not None else [])
     cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
     blas_threads = max(1, (os.cpu_count() or 1) // streams) if cpu_streams else None
 
@@ -267,11 +291,13 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
         ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
         if not skip_nonfinite:
             optimizer.update(model, grads)
-            return loss, grad_norm, ok
-        old_params, old_opt = model.trainable_parameters(), tree_map(lambda a: a, optimizer.state)
-        new_params = optimizer.apply_gradients(grads, old_params)
-        model.update(tree_map(lambda new, old: mx.where(ok, new, old), new_params, old_params))
-        _assign(optimizer.state, tree_map(lambda new, old: mx.where(ok, new, old), optimizer.state, old_opt))
+        else:
+            old_params, old_opt = model.trainable_parameters(), tree_map(lambda a: a, optimizer.state)
+            new_params = optimizer.apply_gradients(grads, old_params)
+            model.update(tree_map(lambda new, old: mx.where(ok, new, old), new_params, old_params))
+            _assign(optimizer.state, tree_map(lambda new, old: mx.where(ok, new, old), optimizer.state, old_opt))
+        if ema is not None:
+            _assign(ema, ema_update(ema, model.trainable_parameters(), ema_decay, optimizer.state["step"], ok))
         return loss, grad_norm, ok
 
     def run(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -427,6 +453,7 @@ class Run:
     progress: Progress
     rank: int = 0
     size: int = 1
+    ema: dict | None = None  # float32 moving average of the trainable parameters (--ema)
 
     @property
     def main_rank(self) -> bool:
@@ -454,8 +481,12 @@ def _restore(out: Path, rank: int, size: int) -> dict:
 
 
 def _new_model(args: argparse.Namespace, tokenizer) -> Model:
-    model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective,
-                             **parse_arch(args.arch))
+    overrides = parse_arch(args.arch)
+    if args.dropout:
+        overrides["dropout"] = args.dropout
+    if args.subs:
+        overrides["subs_mask_id"] = tokenizer.mask_id
+    model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective, **overrides)
     return init_model(model_args, seed=args.seed, init=args.init)
 
 
@@ -506,9 +537,15 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     optimizer = make_optimizer(args)
     rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
     progress = Progress()
+    ema = None
     if resume_state is not None:
         optimizer.init(model.trainable_parameters())
-        optimizer.state = tree_unflatten(checkpoint.load_optimizer_state(out))
+        saved, train_weights = checkpoint.load_optimizer_state(out)
+        optimizer.state = tree_unflatten(saved)
+        if args.ema:  # the model file holds the average; the weights being trained sit beside the optimizer
+            ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
+            model.update(tree_map(lambda w, p: w.astype(p.dtype), tree_unflatten(train_weights),
+                                  model.trainable_parameters()))
         progress = Progress(**{k: resume_state[k] for k in ("step", "skipped", "train_seconds", "flops", "val_loss")
                                if resume_state.get(k) is not None})
         rng.bit_generator.state = resume_state["data_rng"]
@@ -517,10 +554,12 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
             checkpoint.trim_metrics(out / checkpoint.METRICS_FILE, progress.step)
     else:
         mx.random.seed(args.seed)
+        if args.ema:
+            ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
         if rank == 0:
             (out / checkpoint.METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that saved no model
     return Run(args, out, model, tokenizer, optimizer, train_tokens, evaluate, chars_per_token, data_sha, rng,
-               progress, rank, size)
+               progress, rank, size, ema)
 
 
 def _banner(run: Run) -> str:
@@ -568,19 +607,36 @@ class _Logger:
                 f.close()
 
 
+@contextmanager
+def _inference_weights(run: Run):
+    """The model as it is evaluated and saved: eval mode (no dropout), and the EMA weights when kept."""
+    trained = run.model.trainable_parameters()
+    if run.ema is not None:
+        run.model.update(tree_map(lambda e, p: e.astype(p.dtype), run.ema, trained))
+    run.model.eval()
+    try:
+        yield trained
+    finally:
+        run.model.train()
+        if run.ema is not None:
+            run.model.update(trained)
+
+
 def _validate(run: Run, log: _Logger) -> float:
     t0 = time.perf_counter()
     p = run.progress
-    val = run.evaluate()
-    bound = "ELBO" if run.model.args.model_type == "dlm" else "NLL"
-    row = {"step": p.step, "val_loss": val, "val_bpc": val / math.log(2) / run.chars_per_token,
-           "train_seconds": p.train_seconds, "flops": p.flops}
-    log.line(f"Iter {p.step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
-             f"Val took {time.perf_counter() - t0:.2f}s")
-    log.row(row)
-    n = min(run.args.sample_tokens, run.args.seq_len)
-    if n > 0 and p.step > 0 and run.main_rank:
-        log.line(f"Sample: {generate(run.model, run.tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=p.step)!r}")
+    with _inference_weights(run):
+        val = run.evaluate()
+        bound = ("ELBO" if run.model.args.model_type == "dlm" else "NLL") + (", EMA weights" if run.ema else "")
+        row = {"step": p.step, "val_loss": val, "val_bpc": val / math.log(2) / run.chars_per_token,
+               "train_seconds": p.train_seconds, "flops": p.flops}
+        log.line(f"Iter {p.step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
+                 f"Val took {time.perf_counter() - t0:.2f}s")
+        log.row(row)
+        n = min(run.args.sample_tokens, run.args.seq_len)
+        if n > 0 and p.step > 0 and run.main_rank:
+            text = generate(run.model, run.tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=p.step)
+            log.line(f"Sample: {text!r}")
     return val
 
 
@@ -590,7 +646,9 @@ def _save(run: Run, on_checkpoint: Callable[[int], None] | None) -> None:
              "data_sha256": run.data_sha, "val_loss": p.val_loss, "skipped": p.skipped,
              "train_seconds": p.train_seconds, "flops": p.flops, "processes": run.size, "args": vars(run.args)}
     if run.main_rank:
-        checkpoint.save(run.out, run.model, run.optimizer, run.tokenizer, state)
+        with _inference_weights(run) as trained:  # with --ema the model file holds the average
+            checkpoint.save(run.out, run.model, run.optimizer, run.tokenizer, state,
+                            trained if run.ema is not None else None)
         if on_checkpoint is not None:
             on_checkpoint(p.step)
 
@@ -606,8 +664,10 @@ def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
     loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling)
+    run.model.train()  # dropout on while training (`_inference_weights` switches it off)
     train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1,
-                                 streams=run.cpu_streams, shard=(run.rank, run.size))
+                                 streams=run.cpu_streams, shard=(run.rank, run.size), ema=run.ema,
+                                 ema_decay=a.ema)
     rows = slice(run.rank * a.batch_size, (run.rank + 1) * a.batch_size)
     save_every = a.save_every or a.eval_every
     if run.evaluate is not None and p.step == 0:

@@ -23,10 +23,12 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.!\n")
     dict(preset="base", dim=32, n_layers=2, hidden_dim=64, n_heads=4),
     dict(preset="tiny", n_heads=4, n_kv_heads=2, mlp="gelu", norm="layernorm", bias=True),
     dict(preset="tiny", n_heads=4, n_kv_heads=1, qkv_bias=True, logit_shift=True, tie_embeddings=True),
-], ids=["simple_dlm", "base", "gqa-gelu-layernorm", "dream-like"])
+    dict(preset="base", dim=32, n_layers=2, hidden_dim=64, n_heads=4, subs_mask_id=0, dropout=0.2),
+], ids=["simple_dlm", "base", "gqa-gelu-layernorm", "dream-like", "subs-dropout"])
 def test_onnx_logits_match_mlx(tmp_path, layout):
     layout = dict(layout)
     model = init_model(preset_args(layout.pop("preset"), vocab_size=TOK.vocab_size, **layout), seed=2)
+    model.eval()  # as loaded (dropout off)
     mlx_dlm.save_model(tmp_path / "m", model, TOK)
     export.main(["onnx", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "web")])
     session = ort.InferenceSession(str(tmp_path / "web" / "model.onnx"), providers=["CPUExecutionProvider"])
