@@ -91,10 +91,11 @@ PRESETS: dict[str, dict] = {
     "simple_dlm": dict(dim=256, n_layers=10, n_heads=1, hidden_dim=1024, max_seq_len=1024,
                        pos_emb="learned", norm="layernorm", mlp="relu", bias=True,
                        attn_out_proj=False, final_norm=False, output_bias=True),
-    # The default: simple_dlm's layout with RoPE instead of the learned table and 4 heads of 64 (learns
-    # fastest per FLOP at this size; measured in README "Learning speed").
+    # The default: simple_dlm's layout with RoPE instead of the learned table, 4 heads of 64 and no time
+    # conditioning (learns fastest per FLOP at this size; measured in README "Learning speed").
     "base": dict(dim=256, n_layers=10, n_heads=4, hidden_dim=1024, max_seq_len=1024, pos_emb="rope",
-                 norm="layernorm", mlp="relu", bias=True, attn_out_proj=False, final_norm=False, output_bias=True),
+                 norm="layernorm", mlp="relu", bias=True, attn_out_proj=False, final_norm=False, output_bias=True,
+                 time_cond=False),
     "small": dict(dim=384, n_layers=8, n_heads=6, hidden_dim=1024, max_seq_len=1024, pos_emb="rope",
                   norm="rmsnorm", mlp="swiglu", bias=False, attn_out_proj=True, final_norm=True,
                   output_bias=False),

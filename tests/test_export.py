@@ -23,7 +23,7 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.!\n")
     dict(preset="base", dim=32, n_layers=2, hidden_dim=64, n_heads=4),
     dict(preset="tiny", n_heads=4, n_kv_heads=2, mlp="gelu", norm="layernorm", bias=True),
     dict(preset="tiny", n_heads=4, n_kv_heads=1, qkv_bias=True, logit_shift=True, tie_embeddings=True),
-    dict(preset="base", dim=32, n_layers=2, hidden_dim=64, n_heads=4, subs_mask_id=0, dropout=0.2),
+    dict(preset="base", dim=32, n_layers=2, hidden_dim=64, n_heads=4, subs_mask_id=0, dropout=0.2, time_cond=True),
 ], ids=["simple_dlm", "base", "gqa-gelu-layernorm", "dream-like", "subs-dropout"])
 def test_onnx_logits_match_mlx(tmp_path, layout):
     layout = dict(layout)
