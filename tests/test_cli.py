@@ -53,6 +53,12 @@ def test_train_errors(capsys, tmp_path, small_text_path):
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--preset", "galactic"], "unknown preset")
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--cpu-streams", "3"],
                     "--cpu-streams must be at least 1 and divide --batch-size 8, got 3")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--dropout", "1"],
+                    "--dropout must be in [0, 1), got 1.0")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--ema", "-0.5"],
+                    "--ema must be a decay in [0, 1)")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--out", str(tmp_path / "s"), *TINY_TRAIN,
+                                         "--arch", "subs_mask_id=500"], "subs_mask_id 500 is not a token id")
 
 
 def test_generate_errors(capsys, tiny_model_dir, tmp_path):
