@@ -8,8 +8,9 @@ A map of the module:
 - flags: `setup_arg_parser`; which flags define a run (`RUN_SETTINGS`) and how `--resume` takes them
   from the checkpoint (`resume_settings`);
 - the step: `make_optimizer`, `training_loss`, `make_train_step` (one compiled function: masks, loss,
-  gradients, clipping, update; on a multi-core CPU the batch is split over CPU streams,
-  `default_cpu_streams`), `make_evaluator` (validation over fixed windows and masks);
+  gradients, clipping, update, and the weights' moving average `ema_update` with --ema; on a multi-core CPU
+  the batch is split over CPU streams, `default_cpu_streams`), `make_evaluator` (validation over fixed
+  windows and masks), `_inference_weights` (eval mode and the averaged weights, for validation and saving);
 - the run: `prepare` (data, model, optimizer, resumed state) -> `_loop` (steps, reports, validation,
   checkpoints, signals) -> `train`, which ties them together.
 """
