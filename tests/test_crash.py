@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -114,6 +115,42 @@ def test_kill_at_every_write_point_of_a_save_leaves_a_complete_checkpoint(tmp_pa
     assert restored[0] == 1 and restored[-1] == 2 and restored == sorted(restored)  # the new pair, once complete
 
 
+def _tiny_save(out, step, monkeypatch=None):
+    import mlx.optimizers as optim
+
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abc"))
+    model = init_model(preset_args("tiny", vocab_size=tok.vocab_size), seed=step)
+    opt = optim.AdamW(1e-3)
+    opt.init(model.trainable_parameters())
+    checkpoint.save(out, model, opt, tok, {"step": step})
+    return model
+
+
+def test_save_creates_parents_tags_both_files_with_the_step_and_copies_without_hard_links(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "run"  # parents created
+    _tiny_save(out, 3)
+    for name in ("model.safetensors", checkpoint.OPTIMIZER_FILE):  # the step in each file's own metadata
+        assert mx.load(str(out / name), return_metadata=True)[1]["step"] == "3"
+    current = {n: (out / n).read_bytes() for n in checkpoint.PREVIOUS}
+
+    def no_links(*_):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)  # a filesystem without hard links: copies instead
+    _tiny_save(out, 4)
+    assert {n: (out / p).read_bytes() for n, p in checkpoint.PREVIOUS.items()} == current
+    assert checkpoint.restore(out)["step"] == 4
+
+
+def test_restore_names_what_a_complete_checkpoint_needs(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="need model.safetensors and optimizer.safetensors from the same step"):
+        checkpoint.restore(tmp_path)
+
+
 def test_trim_metrics_drops_torn_lines_and_rows_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "val_loss": 4.0}, {"step": 10, "train_loss": 3.0}, {"step": 20, "train_loss": 2.5},
@@ -121,6 +158,9 @@ def test_trim_metrics_drops_torn_lines_and_rows_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "train_lo')
     checkpoint.trim_metrics(path, 20)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]
+    path.write_text('{"step": 0}\n{"step": 1, "tr\n{"step": 2}\n')  # a torn line in the middle: rows after it stay
+    checkpoint.trim_metrics(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2]
     checkpoint.trim_metrics(tmp_path / "absent.jsonl", 5)
     assert not (tmp_path / "absent.jsonl").exists()
 
