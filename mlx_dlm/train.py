@@ -538,13 +538,13 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     optimizer = make_optimizer(args)
     rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
     progress = Progress()
-    ema = None
+    # With --ema: the initial weights, or on resume the model file, which holds the average.
+    ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()) if args.ema else None
     if resume_state is not None:
         optimizer.init(model.trainable_parameters())
         saved, train_weights = checkpoint.load_optimizer_state(out)
         optimizer.state = tree_unflatten(saved)
-        if args.ema:  # the model file holds the average; the weights being trained sit beside the optimizer
-            ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
+        if ema is not None:  # the weights being trained sit beside the optimizer
             model.update(tree_map(lambda w, p: w.astype(p.dtype), tree_unflatten(train_weights),
                                   model.trainable_parameters()))
         progress = Progress(**{k: resume_state[k] for k in ("step", "skipped", "train_seconds", "flops", "val_loss")
@@ -555,8 +555,6 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
             checkpoint.trim_metrics(out / checkpoint.METRICS_FILE, progress.step)
     else:
         mx.random.seed(args.seed)
-        if args.ema:
-            ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
         if rank == 0:
             (out / checkpoint.METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that saved no model
     return Run(args, out, model, tokenizer, optimizer, train_tokens, evaluate, chars_per_token, data_sha, rng,

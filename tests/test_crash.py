@@ -115,7 +115,7 @@ def test_kill_at_every_write_point_of_a_save_leaves_a_complete_checkpoint(tmp_pa
     assert restored[0] == 1 and restored[-1] == 2 and restored == sorted(restored)  # the new pair, once complete
 
 
-def _tiny_save(out, step, monkeypatch=None):
+def _tiny_save(out, step):
     import mlx.optimizers as optim
 
     from mlx_dlm.model import init_model, preset_args
@@ -126,7 +126,6 @@ def _tiny_save(out, step, monkeypatch=None):
     opt = optim.AdamW(1e-3)
     opt.init(model.trainable_parameters())
     checkpoint.save(out, model, opt, tok, {"step": step})
-    return model
 
 
 def test_save_creates_parents_tags_both_files_with_the_step_and_copies_without_hard_links(tmp_path, monkeypatch):
