@@ -183,11 +183,11 @@ class KVCache:
     `state` (offset and buffers) is what a compiled decode step lists as inputs and outputs.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, size: int, dtype: mx.Dtype = mx.float32):
-        shape = (batch_size, args.kv_heads, size, args.head_dim)
+    def __init__(self, args: ModelArgs, batch_size: int, size: int):
+        shape = (batch_size, args.kv_heads, size, args.head_dim)  # float32 whatever the weights' dtype
         self.state = {"offset": mx.array(0, dtype=mx.int32),
-                      "keys": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)],
-                      "values": [mx.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]}
+                      "keys": [mx.zeros(shape) for _ in range(args.n_layers)],
+                      "values": [mx.zeros(shape) for _ in range(args.n_layers)]}
 
     @property
     def offset(self) -> mx.array:
@@ -345,7 +345,7 @@ def init_model(args: ModelArgs, seed: int | None = None, init: str = "local") ->
 
 
 
-def quantize(model: Model, group_size: int = 64, bits: int = 4) -> dict:
+def quantize(model: Model, *, group_size: int, bits: int) -> dict:
     """Quantize, in place, every Linear/Embedding whose input width divides group_size (others stay float).
 
     Returns the config entry that lets `load` rebuild the same quantized model.

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import mlx_dlm  # noqa: F401  (BLAS switch before mlx.core)
+
+CONVERT_MODULES = ("checkpoint", "hf", "nanogpt", "simple_dlm", "__main__")
+
+
+def _alias_mutated_convert() -> None:
+    """Under mutmut, make `mlx_dlm.convert` the mutated copy of convert/.
+
+    The package installs convert/ as `mlx_dlm.convert` (pyproject package-dir), so a test importing
+    `mlx_dlm.convert` gets the original files, while mutmut names the mutants of convert/ `convert.*` and
+    switches a mutant on only where the function's module has that name. Importing the copy in mutants/
+    as `convert` and registering it under `mlx_dlm.convert` too lets the tests reach the mutants."""
+    import importlib
+    import sys
+
+    copy_root = Path(__file__).resolve().parents[1]
+    if not (copy_root / "convert" / "__init__.py").exists():
+        return
+    sys.path.insert(0, str(copy_root))
+    package = importlib.import_module("convert")
+    sys.modules["mlx_dlm.convert"] = package
+    mlx_dlm.convert = package
+    for name in CONVERT_MODULES:
+        sys.modules[f"mlx_dlm.convert.{name}"] = importlib.import_module(f"convert.{name}")
+
+
+if os.environ.get("MUTANT_UNDER_TEST"):
+    _alias_mutated_convert()
+
 
 def _shared_text() -> Path:
     """../shared/data/tinyshakespeare.txt beside the repository (looked for upwards: mutmut runs the tests from a

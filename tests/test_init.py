@@ -45,6 +45,18 @@ def test_sinusoid_table_is_a_rotation_per_offset():
     np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
 
 
+@pytest.mark.parametrize("dim", [16, 7])
+def test_sinusoid_table_matches_its_closed_form(dim):
+    """Interleaved pairs sqrt(2)(sin, cos)(i / base^(j / (d // 2))), j < d // 2; an odd width ends in a zero column."""
+    from mlx_dlm.model import SINUSOID_BASE, sinusoid_table
+
+    half = dim // 2
+    angles = np.arange(40)[:, None] / SINUSOID_BASE ** (np.arange(half)[None, :] / half)
+    expected = np.zeros((40, dim))
+    expected[:, 0:2 * half:2], expected[:, 1:2 * half:2] = np.sin(angles), np.cos(angles)
+    np.testing.assert_allclose(np.array(sinusoid_table(40, dim)), np.sqrt(2.0) * expected, atol=2e-5)
+
+
 def test_simple_dlm_scheme_draws_unit_normal_tables():
     model = init_model(preset_args("simple_dlm", vocab_size=66), seed=0, init="simple_dlm")
     for table in (np.array(model.tok_emb.weight), np.array(model.pos_emb)):

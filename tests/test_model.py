@@ -86,3 +86,24 @@ def test_kv_cache_decode_matches_full_forward(pos):
     pieces += [model(tokens[:, i:i + 1], cache=cache) for i in range(6, 15)]  # one token at a time
     np.testing.assert_allclose(np.concatenate([np.array(p) for p in pieces], axis=1), full, atol=1e-5, rtol=1e-5)
     assert cache.offset.item() == 15
+
+
+@pytest.mark.parametrize("layout", [
+    dict(preset="simple_dlm", n_heads=1),
+    dict(preset="tiny", n_heads=4, n_kv_heads=2),  # SwiGLU, output projection, GQA
+    dict(preset="tiny", n_heads=4, mlp="gelu", attn_out_proj=False, tie_embeddings=True),
+])
+def test_flops_per_token_counts_every_weight_matmul_and_attention(layout):
+    """2 FLOPs per multiply-add of every weight matrix a token goes through (the blocks' Linear layers and the
+    output head, tied or not), plus 4 x seq_len x dim per layer for attention scores and values."""
+    import mlx.nn as nn
+
+    layout = dict(layout)
+    args = preset_args(layout.pop("preset"), **SMALL, **layout)
+    model = init_model(args, seed=0)
+    block_weights = sum(module.weight.size for name, module in model.named_modules()
+                        if name.startswith("layers.") and isinstance(module, nn.Linear))
+    head = args.vocab_size * args.dim
+    for seq_len in (1, 33):
+        want = 2 * (block_weights + head) + 4 * args.n_layers * seq_len * args.dim
+        assert model.flops_per_token(seq_len) == want
