@@ -37,6 +37,21 @@ if os.environ.get("MUTANT_UNDER_TEST"):
     _alias_mutated_convert()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, while a mutant is tested, run its tests fastest first (durations from mutmut's own stats).
+
+    mutmut stops at a mutant's first failing test (-x), so a kill then costs the cheapest test that sees it."""
+    import json
+
+    if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "fail"):
+        return
+    stats = Path(__file__).resolve().parents[1] / "mutmut-stats.json"
+    if not stats.exists():
+        return
+    seconds = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
+
+
 def _shared_text() -> Path:
     """../shared/data/tinyshakespeare.txt beside the repository (looked for upwards: mutmut runs the tests from a
     copy of the repository one folder deeper, in mutants/)."""
