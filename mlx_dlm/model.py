@@ -310,7 +310,7 @@ def _tie_query_key(model: Model) -> None:
             qkv.bias = mx.concatenate([qkv.bias[:d], qkv.bias[:d], qkv.bias[2 * d:]])
 
 
-def initialise(model: Model, scheme: str = "local") -> None:
+def initialise(model: Model, scheme: str) -> None:
     """Initialise the embedding tables (and attention) by scheme, in place; other layers keep MLX's defaults.
 
     "simple_dlm": its N(0, 1) token and position tables. "local" (default): every key projection starts as

@@ -78,3 +78,32 @@ def test_simple_dlm_first_layer_attends_to_neighbours_at_init():
     dist = np.abs(np.arange(128)[:, None] - np.arange(128)[None, :])
     near, far = attn[:, dist == 1].mean(), attn[:, dist >= 32].mean()
     assert near > 3 * far  # a random table (the old init) gives near == far
+
+
+def _query_key_rows(model, layer=0):
+    """(query rows, key rows) of a layer's fused projection: weights, and biases when it has them."""
+    qkv, d = model.layers[layer].attn.qkv, model.args.dim
+    weight, bias = np.array(qkv.weight), np.array(qkv.bias) if "bias" in qkv else None
+    return (weight[:d], weight[d:2 * d]), (None if bias is None else (bias[:d], bias[d:2 * d]))
+
+
+@pytest.mark.parametrize("preset", ["simple_dlm", "base"])  # a learned table, and RoPE; both with biases
+def test_local_init_starts_every_key_projection_as_its_query(preset):
+    model = init_model(preset_args(preset, vocab_size=66, n_layers=2), seed=0)
+    for layer in range(2):
+        (q, k), (bq, bk) = _query_key_rows(model, layer)
+        np.testing.assert_array_equal(q, k)
+        np.testing.assert_array_equal(bq, bk)
+    # The other scheme leaves MLX's independent draws, and grouped keys (GQA) cannot equal the queries.
+    (q, k), _ = _query_key_rows(init_model(preset_args(preset, vocab_size=66, n_layers=2), seed=0,
+                                           init="simple_dlm"))
+    assert not np.allclose(q, k)
+    gqa = init_model(preset_args(preset, vocab_size=66, n_layers=2, n_heads=4, n_kv_heads=2), seed=0)
+    assert gqa.layers[0].attn.qkv.weight.shape[0] == 256 + 2 * 2 * 64  # untouched: 4 query heads, 2 key, 2 value
+
+
+def test_unknown_init_scheme_is_named_with_the_choices():
+    from mlx_dlm.errors import UserError
+
+    with pytest.raises(UserError, match=r"^unknown init 'xavier' \(choose from local, simple_dlm\)$"):
+        init_model(preset_args("tiny", vocab_size=66), init="xavier")
