@@ -347,7 +347,8 @@ def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps:
 
     Returns the filled canvases; given positions are unchanged. Greedy at temp 0 (infill evaluation)."""
     _check_options(dict(steps=steps, temp=temp, top_k=0, top_p=1.0, num_samples=len(canvases), strategy=strategy,
-                        threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0))
+                        threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0,
+                        cfg_scale=0.0))
     canvases = np.where(editable, mask_id, canvases).astype(np.int32)
     x = mx.array(canvases)
     for x, *_ in _unmask(model, mask_id, canvases, editable, min(steps, int(editable.sum())), schedule, strategy,
@@ -375,9 +376,9 @@ def _check_options(o: dict) -> None:
         raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
     if o["block_length"] < 0 or o["cache_refresh"] < 0:
         raise UserError("--block-length and --cache-refresh must be >= 0")
-    if o.get("alg_temp", 0) < 0 or o.get("cfg_scale", 0) < 0:
+    if o["alg_temp"] < 0 or o["cfg_scale"] < 0:
         raise UserError("--alg-temp and --cfg-scale must be >= 0")
-    if o.get("cfg_scale", 0) and o["cache"]:
+    if o["cfg_scale"] and o["cache"]:
         raise UserError("--cfg-scale needs the whole canvas in both passes: it does not combine with --cache")
     if o["cache"] not in (None, False, True, "prefix", "dual"):
         raise UserError(f"--cache must be prefix or dual, got {o['cache']!r}")

@@ -158,6 +158,47 @@ def test_option_errors(tiny):
             mlx_dlm.generate(model, tok, "A", max_tokens=8, **options)
 
 
+# Every option at the last value it accepts and the first it refuses, with the whole one-line message.
+_DEFAULTS = dict(steps=1, temp=0.0, top_k=0, top_p=1.0, num_samples=1, strategy="confidence", threshold=None,
+                 remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0, cfg_scale=0.0)
+_ACCEPTED = [dict(steps=1), dict(temp=0.0), dict(top_k=0, top_p=1.0), dict(top_p=1e-6), dict(num_samples=1),
+             *[dict(strategy=s) for s in STRATEGIES], dict(threshold=1.0), dict(threshold=1e-6),
+             dict(remask=0.0), dict(remask=0.99), dict(block_length=0, cache_refresh=0), dict(alg_temp=0.0),
+             dict(cfg_scale=0.5), dict(cache="dual", block_length=4), dict(cache=True, block_length=4),
+             dict(cache="prefix", block_length=4, cache_refresh=2)]
+_REFUSED = [(dict(steps=0), "--steps must be at least 1, got 0"),
+            (dict(temp=-0.1), "--temp must be >= 0, got -0.1"),
+            (dict(top_k=-1), "--top-k must be >= 0 and --top-p in (0, 1]"),
+            (dict(top_p=0.0), "--top-k must be >= 0 and --top-p in (0, 1]"),
+            (dict(top_p=1.01), "--top-k must be >= 0 and --top-p in (0, 1]"),
+            (dict(num_samples=0), "--num-samples must be at least 1, got 0"),
+            (dict(strategy="best"), "unknown strategy 'best' (choose from confidence, margin, entropy, random)"),
+            (dict(threshold=0.0), "--threshold must be in (0, 1], got 0.0"),
+            (dict(threshold=1.01), "--threshold must be in (0, 1], got 1.01"),
+            (dict(remask=-0.1), "--remask must be in [0, 1), got -0.1"),
+            (dict(remask=1.0), "--remask must be in [0, 1), got 1.0"),
+            (dict(remask=0.1, threshold=0.9), "--remask needs a step schedule: it cannot be combined with --threshold"),
+            (dict(block_length=-1), "--block-length and --cache-refresh must be >= 0"),
+            (dict(cache_refresh=-1), "--block-length and --cache-refresh must be >= 0"),
+            (dict(alg_temp=-0.1), "--alg-temp and --cfg-scale must be >= 0"),
+            (dict(cfg_scale=-0.1), "--alg-temp and --cfg-scale must be >= 0"),
+            (dict(cfg_scale=1.0, cache="prefix", block_length=4),
+             "--cfg-scale needs the whole canvas in both passes: it does not combine with --cache"),
+            (dict(cache="full", block_length=4), "--cache must be prefix or dual, got 'full'"),
+            (dict(cache="dual"), "--cache needs --block-length (the cache holds the blocks before the current one)")]
+
+
+def test_option_bounds_and_messages():
+    from mlx_dlm.sample import _check_options
+
+    for accepted in _ACCEPTED:
+        _check_options({**_DEFAULTS, **accepted})
+    for refused, message in _REFUSED:
+        with pytest.raises(UserError) as err:
+            _check_options({**_DEFAULTS, **refused})
+        assert str(err.value) == message, refused
+
+
 def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):
     model, tok = tiny
     states = _run(model, tok, max_tokens=12, steps=3, seed=0)
