@@ -129,7 +129,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
         self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
 
-    def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int) -> mx.array:
         B, L, D = x.shape
         q, k, v = mx.split(self.qkv(x), self.split, axis=-1)
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -172,7 +172,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)  # no parameters; the identity at 0 or in eval mode
 
-    def __call__(self, x: mx.array, cache: "KVCache | None" = None, layer: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int) -> mx.array:
         x = x + self.drop(self.attn(self.attn_norm(x), cache, layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
