@@ -45,6 +45,8 @@ def test_attention_is_bidirectional_and_t_matters():
     t = mx.array([0.5])
     assert not np.allclose(np.array(model(x, t)[0, 0]), np.array(model(y, t)[0, 0]))  # the future is seen
     assert not np.allclose(np.array(model(x, t)), np.array(model(x, mx.array([0.9]))))
+    with pytest.raises(ValueError, match=r"^this diffusion model needs the mask ratio t \(B,\)$"):
+        model(x)
 
 
 def test_bad_config():
