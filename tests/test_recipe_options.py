@@ -77,6 +77,14 @@ def test_subs_bans_the_mask_logit_and_renormalises_the_loss():
     assert plain_loss > want  # the mask's share of probability is gone
 
 
+def test_subs_keeps_half_precision_logits_half():
+    """The banned logit is written in the logits' own dtype: a bfloat16 model's logits stay bfloat16."""
+    subs = _model(subs_mask_id=0)
+    subs.set_dtype(mx.bfloat16)
+    logits = subs(TOKENS, T)
+    assert logits.dtype == mx.bfloat16 and np.all(np.isneginf(np.array(logits[..., 0].astype(mx.float32))))
+
+
 def test_subs_flag_sets_the_tokenizers_mask_id(tmp_path, small_text_path):
     out = _train(tmp_path, small_text_path, "--iters", "2", "--subs")
     model, tokenizer = mlx_dlm.load(out)
