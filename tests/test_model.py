@@ -13,9 +13,10 @@ SMALL = dict(vocab_size=20, dim=32, n_layers=2, hidden_dim=48, max_seq_len=40)
 @pytest.mark.parametrize("layout", [
     dict(preset="simple_dlm", n_heads=1),
     dict(preset="tiny", n_heads=4),
-    dict(preset="tiny", n_heads=2, mlp="gelu", norm="layernorm", bias=True, pos_emb="learned"),
+    # norm_eps far from the norms' own defaults, so the configured one must reach them
+    dict(preset="tiny", n_heads=2, mlp="gelu", norm="layernorm", bias=True, pos_emb="learned", norm_eps=0.5),
     # LLaDA-like (GQA 4/2, RoPE theta, no time conditioning) and Dream-like (q/k/v bias only, shifted logits)
-    dict(preset="tiny", n_heads=4, n_kv_heads=2, rope_theta=500000.0, time_cond=False),
+    dict(preset="tiny", n_heads=4, n_kv_heads=2, rope_theta=500000.0, time_cond=False, norm_eps=0.3),
     dict(preset="tiny", n_heads=4, n_kv_heads=1, qkv_bias=True, logit_shift=True, time_cond=False),
 ])
 def test_forward_matches_numpy_reference(layout):
