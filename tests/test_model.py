@@ -110,3 +110,19 @@ def test_flops_per_token_counts_every_weight_matmul_and_attention(layout):
     for seq_len in (1, 33):
         want = 2 * (block_weights + head) + 4 * args.n_layers * seq_len * args.dim
         assert model.flops_per_token(seq_len) == want
+
+
+@pytest.mark.parametrize("mlp", ["relu", "swiglu"])
+@pytest.mark.parametrize("bias, qkv_bias", [(True, None), (False, None), (False, True)])
+def test_bias_flags_reach_every_layer(mlp, bias, qkv_bias):
+    """bias: every Linear and LayerNorm of the blocks has one (or none); qkv_bias overrides it for the q/k/v
+    projection alone (Qwen2/Dream); output_bias decides the head's."""
+    import mlx.nn as nn
+
+    args = preset_args("tiny", **SMALL, mlp=mlp, norm="layernorm", bias=bias, qkv_bias=qkv_bias, output_bias=True)
+    model = init_model(args, seed=0)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and name.startswith("layers."):
+            want = qkv_bias if qkv_bias is not None and name.endswith(".qkv") else bias
+            assert ("bias" in module) == want, name
+    assert "bias" in model.lm_head
