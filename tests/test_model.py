@@ -50,13 +50,24 @@ def test_attention_is_bidirectional_and_t_matters():
         model(x)
 
 
-def test_bad_config():
-    with pytest.raises(UserError, match="not divisible"):
-        ModelArgs(dim=30, n_heads=4)
-    with pytest.raises(UserError, match="norm must be one of"):
-        ModelArgs(norm="batchnorm")
-    with pytest.raises(UserError, match="unknown preset"):
-        preset_args("huge")
+@pytest.mark.parametrize("build, message", [
+    (lambda: ModelArgs(dim=30, n_heads=4), "model config: dim 30 is not divisible by n_heads 4"),
+    (lambda: ModelArgs(norm="batchnorm"), "model config: norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
+    (lambda: ModelArgs(n_heads=4, n_kv_heads=3), "model config: n_heads 4 is not a multiple of n_kv_heads 3"),
+    (lambda: ModelArgs(dropout=1.0), "model config: dropout must be in [0, 1), got 1.0"),
+    (lambda: ModelArgs(vocab_size=10, subs_mask_id=10),
+     "model config: subs_mask_id 10 is not a token id of the vocabulary of 10"),
+    (lambda: preset_args("huge"), "unknown preset 'huge' (choose from tiny, simple_dlm, base, small)"),
+])
+def test_bad_config_is_one_line_naming_the_field(build, message):
+    with pytest.raises(UserError) as err:
+        build()
+    assert str(err.value) == message
+
+
+def test_ar_models_are_never_time_conditioned():
+    args = ModelArgs(model_type="ar", time_cond=True)
+    assert args.time_cond is False and args.to_dict()["time_cond"] is False
 
 
 def _ar_model(**overrides):
