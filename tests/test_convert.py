@@ -1,5 +1,6 @@
 """Converter: exact logits parity with PyTorch models of the source layouts, safety, errors."""
 
+import hashlib
 import importlib
 import json
 import pickle
@@ -50,7 +51,10 @@ def test_simple_dlm_parity(tmp_path, text_file, fused):
         got = np.array(model(mx.array(x.astype(np.int32)), mx.array(t, dtype=mx.float32)))
         assert np.abs(got - want).max() <= 1e-4
     card = (out / "README.md").read_text()
-    assert card.count("# out") == 1 and "simple_dlm PyTorch checkpoint" in card and "--model out " in card
+    assert card.count("# out") == 1 and "--model out " in card
+    sha = hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()
+    assert (f"Converted from a simple_dlm PyTorch checkpoint (`checkpoint.pt`, sha256 `{sha[:16]}…`) with "
+            "`mlx_dlm.convert`.\nWeights: float32.\n") in card
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -132,8 +136,14 @@ def test_quantized_conversion_samples(tmp_path, capsys, bits):
     argv = _nanogpt_files(tmp_path)
     convert.main([*argv, "--out", str(tmp_path / "fp32")])
     convert.main([*argv, "--out", str(tmp_path / "q"), "-q", "--q-bits", str(bits), "--q-group-size", "32"])
-    printed = capsys.readouterr().out
-    assert "model.safetensors:" in printed
+    printed = capsys.readouterr().out.splitlines()
+    n_params = sum(v.size for v in mx.load(str(tmp_path / "fp32" / "model.safetensors")).values())
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert printed[-2:] == [
+        f"Converted nanogpt checkpoint {argv[1]} ({n_params / 1e6:.2f}M parameters, ar) -> {tmp_path / 'q'}",
+        f"model.safetensors: {size / 1e6:.2f} MB (float32 weights would be {4 * n_params / 1e6:.2f} MB)"]
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert f"\nWeights: float32, quantized to {bits} bits (group size 32).\n" in card
     full, tok = mlx_dlm.load(tmp_path / "fp32")
     quant, _ = mlx_dlm.load(tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": bits}
