@@ -28,7 +28,7 @@ def tokenizer_from_meta(meta: object) -> tuple[CharTokenizer, dict[str, int]]:
     return CharTokenizer(list(stoi)), stoi
 
 
-def _expected_keys(n_layer: int, bias: bool, tied: bool) -> set[str]:
+def _expected_keys(n_layer: int, bias: bool) -> set[str]:
     ps = ("weight", "bias") if bias else ("weight",)
     keys = {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
     keys |= {f"transformer.ln_f.{p}" for p in ps}
@@ -52,7 +52,7 @@ def convert(ckpt: dict, tokenizer: CharTokenizer, stoi: dict[str, int],
     state = {k.removeprefix(PREFIX): v for k, v in to_numpy(ckpt["model"]).items()}
     # Older nanoGPT (no flash attention) also saved the causal-mask buffers.
     state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    check_keys("nanoGPT", set(state), _expected_keys(n_layer, bias, True))
+    check_keys("nanoGPT", set(state), _expected_keys(n_layer, bias))
 
     wte = state["transformer.wte.weight"]
     tied = np.array_equal(state["lm_head.weight"], wte)

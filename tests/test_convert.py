@@ -99,10 +99,12 @@ def test_nanogpt_vocabulary_order_untied_head_and_old_buffers(tmp_path, shuffled
     if not tied:
         ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(ref.lm_head.weight) * 0.1)
     state = ref.state_dict()
-    if mask_buffers:  # nanoGPT before flash attention saved its causal masks
-        for i in range(2):
-            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
     margs = dict(n_layer=2, n_head=4, n_embd=32, block_size=64, bias=True, vocab_size=len(chars), dropout=0.0)
+    if mask_buffers:  # nanoGPT before flash attention saved its causal masks (and GPT-2 ports a masked_bias);
+        for i in range(2):  # model_args before the `bias` option had neither it nor always vocab_size
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        del margs["bias"], margs["vocab_size"]
     torch.save({"model": state, "model_args": margs}, tmp_path / "ckpt.pt")
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
@@ -266,6 +268,45 @@ def test_wrong_meta_is_refused(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "bpe.pt")
     _one_line_error(capsys, [argv[0], str(tmp_path / "bpe.pt"), *argv[2:], "--out", str(tmp_path / "o")],
                     "the checkpoint's vocabulary has 50304 tokens but meta.pkl has")
+    assert not (tmp_path / "o").exists()
+
+
+def _error(capsys, argv) -> str:
+    """The one-line message of a refused conversion (exit code 1), without its "error: " prefix."""
+    with pytest.raises(SystemExit) as exc:
+        convert.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.removeprefix("error: ")
+
+
+def test_nanogpt_layout_errors_name_the_problem(tmp_path, capsys):
+    argv = _nanogpt_files(tmp_path)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    out = ["--out", str(tmp_path / "o")]
+
+    def refused(obj, name="bad.pt", meta=argv[3]):
+        torch.save(obj, tmp_path / name)
+        return _error(capsys, ["nanogpt", str(tmp_path / name), "--meta", meta, *out])
+
+    for obj in (ckpt["model"], {"model": ckpt["model"]}, {"model_args": ckpt["model_args"]}):
+        assert refused(obj) == "not a nanoGPT checkpoint: expected a dict with `model` and `model_args`"
+    no_heads = {k: v for k, v in ckpt["model_args"].items() if k != "n_head"}
+    assert refused({**ckpt, "model_args": no_heads}) == "nanoGPT model_args is incomplete ('n_head')"
+    odd = dict(ckpt["model"])
+    odd["transformer.h.0.mlp.c_gate.weight"] = odd.pop("transformer.h.0.mlp.c_fc.weight")
+    assert refused({**ckpt, "model": odd}) == ("not a nanoGPT checkpoint layout: unexpected keys: "
+                                               "transformer.h.0.mlp.c_gate.weight; missing keys: "
+                                               "transformer.h.0.mlp.c_fc.weight")
+    chars = sorted(set(TEXT))
+    vocab_error = (f"the checkpoint's vocabulary has {len(chars)} tokens but meta.pkl has {len(chars)} characters: "
+                   "only character-level nanoGPT checkpoints convert, with the meta.pkl of their own dataset")
+    with open(tmp_path / "gap.pkl", "wb") as f:  # as many characters, but the ids skip one (last id = V)
+        pickle.dump({"stoi": {c: i + (i == len(chars) - 1) for i, c in enumerate(chars)}}, f)
+    assert refused(ckpt, meta=str(tmp_path / "gap.pkl")) == vocab_error
+    wider = dict(ckpt["model"])  # model_args says V tokens, the embedding table has V + 1 rows
+    wider["transformer.wte.weight"] = torch.cat([wider["transformer.wte.weight"], wider["transformer.wte.weight"][:1]])
+    assert refused({**ckpt, "model": wider}) == vocab_error
     assert not (tmp_path / "o").exists()
 
 
