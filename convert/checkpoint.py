@@ -12,9 +12,10 @@ import numpy as np
 from mlx_dlm.errors import TORCH_CPU_HINT, UserError
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's first line, at most `limit` characters (its type's name when it has no message)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
 
 
 def load_torch(path: str | Path) -> dict:
@@ -35,7 +36,7 @@ def load_torch(path: str | Path) -> dict:
         raise UserError(f"{path} was refused by the safe loader: it holds more than tensors and plain data "
                         "(is it a checkpoint? a meta.pkl goes to --meta)") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)[:200]})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(err)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
@@ -63,9 +64,9 @@ def load_plain_pickle(path: str | Path) -> object:
     try:
         return _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except pickle.UnpicklingError as err:
-        raise UserError(f"{path} is not plain data ({_first_line(err)}); refusing to unpickle it") from None
+        raise UserError(f"{path} is not plain data ({first_line(err)}); refusing to unpickle it") from None
     except Exception as err:  # truncated or not a pickle at all
-        raise UserError(f"{path} is not a readable pickle ({_first_line(err)[:200]})") from None
+        raise UserError(f"{path} is not a readable pickle ({first_line(err)})") from None
 
 
 def check_keys(source: str, found: set[str], expected: set[str]) -> None:

@@ -24,6 +24,8 @@ import mlx.nn as nn
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs
 
+from .checkpoint import first_line
+
 HF_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.jinja"]
 SUPPORTED = ("llada", "dream")
@@ -43,8 +45,7 @@ def resolve_source(src: str) -> Path:
     try:
         return Path(snapshot_download(src, allow_patterns=HF_PATTERNS))
     except Exception as err:  # offline without a cache, unknown repo, network errors
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"cannot get {src} from the Hugging Face Hub or its cache ({first})") from None
+        raise UserError(f"cannot get {src} from the Hugging Face Hub or its cache ({first_line(err)})") from None
 
 
 def read_config(folder: Path) -> dict:

@@ -212,16 +212,59 @@ def _one_line_error(capsys, argv, match):
 def test_malicious_checkpoint_does_not_run(tmp_path, text_file, capsys):
     marker = tmp_path / "pwned"
     torch.save({"token_emb": torch.zeros(3, 4), "evil": _Payload(marker)}, tmp_path / "evil.pt")
-    _one_line_error(capsys, ["simple_dlm", str(tmp_path / "evil.pt"), "--text", str(text_file),
-                             "--out", str(tmp_path / "o")], "refused by the safe loader")
+    assert _error(capsys, ["simple_dlm", str(tmp_path / "evil.pt"), "--text", str(text_file),
+                           "--out", str(tmp_path / "o")]) == (
+        f"{tmp_path / 'evil.pt'} was refused by the safe loader: it holds more than tensors and plain data "
+        "(is it a checkpoint? a meta.pkl goes to --meta)")
     argv = _nanogpt_files(tmp_path)[:2] + ["--meta", str(tmp_path / "evil.pkl"), "--out", str(tmp_path / "o")]
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"stoi": {"a": 0}, "evil": _Payload(marker)}, f)
-    _one_line_error(capsys, argv, "refusing to unpickle it")
+    import os
+
+    assert _error(capsys, argv) == (f"{tmp_path / 'evil.pkl'} is not plain data "
+                                    f"(refused to load {os.system.__module__}.system); refusing to unpickle it")
     assert not marker.exists() and not (tmp_path / "o").exists()
     with open(tmp_path / "evil.pkl", "rb") as f:
         pickle.load(f)  # the plain unpickler would have run it: the payload is real
     assert marker.exists()
+
+
+def test_checkpoint_readers_say_what_is_wrong(tmp_path, monkeypatch):
+    import sys
+
+    from mlx_dlm.convert.checkpoint import first_line, load_plain_pickle, load_torch, to_numpy
+    from mlx_dlm.errors import TORCH_CPU_HINT, UserError
+
+    assert first_line(ValueError("first\nsecond")) == "first" and first_line(EOFError()) == "EOFError"
+    assert first_line(ValueError("x" * 300)) == "x" * 200
+
+    def message(read, path):
+        with pytest.raises(UserError) as err:
+            read(path)
+        return str(err.value)
+
+    missing = tmp_path / "none.pt"
+    assert message(load_plain_pickle, missing) == f"{missing} does not exist"
+    assert message(load_torch, missing) == f"checkpoint {missing} does not exist"
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    assert message(load_plain_pickle, empty) == f"{empty} is not a readable pickle (Ran out of input)"
+    a_list = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], a_list)
+    assert message(load_torch, a_list) == f"{a_list} holds a list, not a state dict or checkpoint dict"
+    torch.save({"w": torch.zeros(2)}, tmp_path / "whole.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    with pytest.raises(Exception) as torch_error:  # what torch itself says about that file
+        torch.load(truncated, weights_only=True)
+    assert message(load_torch, truncated) == (f"{truncated} is not a readable PyTorch checkpoint "
+                                              f"({first_line(torch_error.value)})")
+    # bfloat16 checkpoints (numpy has no bfloat16) become float32; non-tensors are dropped
+    arrays = to_numpy({"w": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "step": 3})
+    assert list(arrays) == ["w"] and arrays["w"].dtype == np.float32 and arrays["w"].tolist() == [1.5, -2.0]
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
+    assert message(load_torch, a_list) == ("converting PyTorch checkpoints needs torch, the CPU build is enough: "
+                                           f"{TORCH_CPU_HINT}")
 
 
 def test_conversion_errors(tmp_path, text_file, capsys):
