@@ -267,6 +267,37 @@ def test_checkpoint_readers_say_what_is_wrong(tmp_path, monkeypatch):
                                            f"{TORCH_CPU_HINT}")
 
 
+def test_meta_tables_are_checked_one_by_one():
+    from mlx_dlm.convert.nanogpt import tokenizer_from_meta
+    from mlx_dlm.errors import UserError
+
+    no_table = "meta.pkl has no `stoi` character table (only character-level nanoGPT models convert)"
+    bad_entry = "meta.pkl `stoi` must map single characters to integer ids"
+    for meta, message in [(["a", "b"], no_table), ({"itos": {0: "a"}}, no_table), ({"stoi": ["a"]}, no_table),
+                          ({"stoi": {"a": 0, "bc": 1}}, bad_entry), ({"stoi": {"a": 0, "b": "1"}}, bad_entry),
+                          ({"stoi": {"a": 0, 7: 1}}, bad_entry)]:
+        with pytest.raises(UserError) as err:
+            tokenizer_from_meta(meta)
+        assert str(err.value) == message, meta
+    tokenizer, stoi = tokenizer_from_meta({"stoi": {"b": 0, "a": 1}})
+    assert stoi == {"b": 0, "a": 1} and tokenizer.encode("ab") == [1, 2]  # ours: [MASK] = 0, sorted characters
+
+
+@pytest.mark.parametrize("kind, prefix", [("llada", "model.transformer.blocks.3."),
+                                          ("dream", "model.layers.3.self_attn.")])
+def test_hf_keys_map_skip_rotary_buffers_and_refuse_strangers(kind, prefix):
+    from mlx_dlm.convert.hf import our_key
+    from mlx_dlm.errors import UserError
+
+    assert our_key(kind, prefix + "q_proj.weight") == "layers.3.q.weight"
+    for buffer in ("inv_freq", "cos_cached", "sin_cached"):
+        assert our_key(kind, f"{prefix}rotary_emb.{buffer}") is None
+    for key in (prefix + "q_norm.weight", "model.vision_tower.weight"):
+        with pytest.raises(UserError) as err:
+            our_key(kind, key)
+        assert str(err.value) == f"unexpected key {key} for a {kind} checkpoint"
+
+
 def test_conversion_errors(tmp_path, text_file, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "c.pt"
