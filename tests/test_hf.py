@@ -241,6 +241,57 @@ def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folders
 
 
+def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+
+    from mlx_dlm.convert import hf
+    from mlx_dlm.errors import UserError
+
+    def message(call, *args):
+        with pytest.raises(UserError) as err:
+            call(*args)
+        return str(err.value)
+
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    assert message(hf.resolve_source, str(tmp_path / "weights.pt")) == (
+        f"{tmp_path / 'weights.pt'} is a file; give a Hugging Face model folder or a repo id (user/name)")
+    for src in ("no-slash", "a/b/c", "./x", "/x", "~/x"):
+        assert message(hf.resolve_source, src) == (f"{src} is not a folder, and does not look like a Hub repo id "
+                                                   "(user/name)")
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns=None):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert hf.resolve_source("user/name") == tmp_path / "snapshot" and asked["repo_id"] == "user/name"
+    # Only what a conversion reads is fetched: config, weights and index, tokenizer and template files.
+    make_hf_folder(tmp_path / "model", dream=True)
+    wanted = [p.name for p in (tmp_path / "model").iterdir()] + ["generation_config.json", "chat_template.jinja"]
+    unwanted = ["pytorch_model.bin", "original/consolidated.00.pth", "README.md", "assets/figure.png"]
+    fetched = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in asked["allow_patterns"])  # noqa: E731
+    assert all(map(fetched, wanted)) and not any(map(fetched, unwanted))
+
+    def offline(repo_id, allow_patterns=None):
+        raise OSError("no cached snapshot\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert message(hf.resolve_source, "user/name") == ("cannot get user/name from the Hugging Face Hub or its cache "
+                                                       "(no cached snapshot)")
+    (tmp_path / "empty").mkdir()
+    assert message(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty'} has no config.json: not a "
+                                                           "Hugging Face model folder")
+    (tmp_path / "empty" / "config.json").write_text("{'model_type': 'llada'}")
+    with pytest.raises(ValueError) as json_error:
+        json.loads("{'model_type': 'llada'}")
+    assert message(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty' / 'config.json'} is not valid JSON "
+                                                           f"({json_error.value})")
+    assert message(hf.family, {}) == "unsupported model_type None in config.json (supported: llada, dream)"
+
+
 @pytest.fixture
 def tiny_instruct(tmp_path):
     make_hf_folder(tmp_path / "hf", dream=False)
