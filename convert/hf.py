@@ -8,6 +8,9 @@ config.json names the family:
   non-interleaved), bidirectional GQA attention, no biases, untied `ff_out` head; logits at i predict token i.
 - Dream (`dream`, Qwen2's layout): q/k/v projections with bias, `o_proj` without, RMSNorm, SwiGLU, RoPE, GQA;
   its logits at i predict token i+1, so the model shifts them home (`logit_shift`) and the sampler stays the same.
+Optional config keys, when absent: no GQA (as many key/value heads as heads), RoPE theta 10000, no biases
+(LLaDA's include_bias), untied head; LLaDA: embedding_size rows (the padded table) or else vocab_size, context
+4096, RMSNorm eps 1e-5; Dream: context 32768, eps 1e-6.
 Shards are read one at a time (`model.safetensors.index.json`), so the model is never held twice; q, k and v
 of a layer are fused into our one projection as soon as all three have been read.
 """

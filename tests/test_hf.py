@@ -335,6 +335,41 @@ def test_chat_without_a_template_is_one_line(tmp_path, tiny_model_dir, capsys):
     assert exc.value.code == 1 and len(err.splitlines()) == 1 and "has no chat template" in err
 
 
+LLADA_REQUIRED = {"d_model": 96, "n_layers": 3, "n_heads": 6, "mlp_hidden_size": 160, "vocab_size": 300}
+DREAM_REQUIRED = {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6, "intermediate_size": 160,
+                  "vocab_size": 300}
+COMMON = dict(model_type="dlm", dim=96, n_layers=3, n_heads=6, hidden_dim=160, pos_emb="rope", norm="rmsnorm",
+              mlp="swiglu", attn_out_proj=True, final_norm=True, time_cond=False, output_bias=False)
+
+
+@pytest.mark.parametrize("kind, config, want", [
+    ("llada", LLADA_REQUIRED, dict(vocab_size=300, n_kv_heads=6, max_seq_len=4096, rope_theta=10000.0,
+                                   norm_eps=1e-5, bias=False, tie_embeddings=False)),
+    ("llada", {**LLADA_REQUIRED, "embedding_size": 320, "n_kv_heads": 2, "max_sequence_length": 777,
+               "rope_theta": 12345.0, "rms_norm_eps": 3e-6, "include_bias": True, "weight_tying": True},
+     dict(vocab_size=320, n_kv_heads=2, max_seq_len=777, rope_theta=12345.0, norm_eps=3e-6, bias=True,
+          tie_embeddings=True)),
+    ("dream", DREAM_REQUIRED, dict(vocab_size=300, n_kv_heads=6, max_seq_len=32768, rope_theta=10000.0,
+                                   norm_eps=1e-6, bias=False, qkv_bias=True, tie_embeddings=False, logit_shift=True)),
+    ("dream", {**DREAM_REQUIRED, "num_key_value_heads": 2, "max_position_embeddings": 777, "rope_theta": 12345.0,
+               "rms_norm_eps": 3e-6, "tie_word_embeddings": True},
+     dict(vocab_size=300, n_kv_heads=2, max_seq_len=777, rope_theta=12345.0, norm_eps=3e-6, bias=False,
+          qkv_bias=True, tie_embeddings=True, logit_shift=True)),
+], ids=["llada-required-only", "llada-every-key", "dream-required-only", "dream-every-key"])
+def test_model_args_read_every_config_key_and_default_the_rest(kind, config, want):
+    """Every optional key reaches ModelArgs (values unlike any default), and a config with the required keys
+    alone gets the fallbacks hf.py's docstring states."""
+    from mlx_dlm.convert.hf import model_args
+    from mlx_dlm.errors import UserError
+    from mlx_dlm.model import ModelArgs
+
+    assert model_args(config, kind) == ModelArgs(**COMMON, **want)
+    required = next(iter(config))
+    with pytest.raises(UserError) as err:
+        model_args({k: v for k, v in config.items() if k != required}, kind)
+    assert str(err.value) == f"config.json of this {kind} model is incomplete or malformed ('{required}')"
+
+
 def test_quantized_while_read_equals_quantized_after_loading(tmp_path):
     make_hf_folder(tmp_path / "hf", dream=False)
     convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "q"), "-q", "--q-bits", "8",
