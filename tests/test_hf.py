@@ -104,6 +104,8 @@ def _hf_keys(params, dream: bool) -> dict[str, np.ndarray]:
     for i, p in enumerate(params["layers"]):
         for ours, theirs in names.items():
             out[f"{prefix}.{i}.{theirs}.weight"] = p[ours]
+        # Older checkpoints also saved the rotary frequencies, a buffer the converter skips.
+        out[f"{prefix}.{i}.{'self_attn.' if dream else ''}rotary_emb.inv_freq"] = torch.arange(D // HEADS // 2) * 1.0
         for ours, theirs in biases.items():
             out[f"{prefix}.{i}.{theirs}.bias"] = p[ours]
     return {k: v.float().numpy() for k, v in out.items()}
@@ -239,6 +241,47 @@ def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
     _one_line(capsys, ["hf", "someone/not-cached", *out], "cannot get someone/not-cached")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folders
+
+
+def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
+    from mlx_dlm.convert import hf
+    from mlx_dlm.errors import UserError
+
+    def message(call, *args):
+        with pytest.raises(UserError) as err:
+            call(*args)
+        return str(err.value)
+
+    folder = tmp_path / "hf"
+    _, config = make_hf_folder(folder, dream=False)
+    args = hf.model_args(config, "llada")
+    indexed = hf.read_weights(folder, "llada", args, mx.float32)
+    (folder / "model.safetensors.index.json").unlink()  # shards found by name alone, in order
+    assert hf.shard_files(folder) == [folder / "model-00001-of-00002.safetensors",
+                                      folder / "model-00002-of-00002.safetensors"]
+    unindexed = hf.read_weights(folder, "llada", args, mx.float32)
+    assert sorted(unindexed) == sorted(indexed) and all(mx.array_equal(unindexed[k], indexed[k]) for k in indexed)
+    # A tied model keeps no head of its own, even when the checkpoint stores one.
+    tied = hf.read_weights(folder, "llada", hf.model_args({**config, "weight_tying": True}, "llada"), mx.float32)
+    assert sorted(tied) == sorted(k for k in indexed if k != "lm_head.weight")
+    for gone in ("model.transformer.blocks.0.k_proj.weight", "model.transformer.blocks.0.v_proj.weight"):
+        shard = next(f for f in hf.shard_files(folder) if gone in mx.load(str(f)))
+        mx.save_safetensors(str(shard), {k: v for k, v in mx.load(str(shard)).items() if k != gone})
+    assert message(hf.read_weights, folder, "llada", args, mx.float32) == (
+        "layer 0 lacks its k, v projection weight: a shard is missing or the checkpoint is incomplete")
+    first = folder / "model-00001-of-00002.safetensors"
+    first.write_bytes(b"not safetensors")
+    with pytest.raises(Exception) as mlx_error:
+        mx.load(str(first))
+    assert message(hf.read_weights, folder, "llada", args, mx.float32) == (
+        f"{first} is not a readable safetensors file ({mlx_error.value})")
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    assert message(hf.shard_files, folder) == (f"{folder / 'model.safetensors.index.json'} is not a valid "
+                                               "safetensors index ('weight_map')")
+    (folder / "model.safetensors.index.json").unlink()
+    for shard in folder.glob("*.safetensors"):
+        shard.unlink()
+    assert message(hf.shard_files, folder) == f"{folder} holds no .safetensors weights"
 
 
 def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
