@@ -35,7 +35,9 @@ def convert(state: dict[str, np.ndarray], tokenizer: CharTokenizer) -> tuple[Mod
     if "token_emb" not in state:
         check_keys("simple_dlm", set(state), _expected_keys(0, FUSED))
     layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
-    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    if not layer_ids:
+        raise UserError("this simple_dlm checkpoint has no layers (no layers.N.* keys)")
+    n_layers = max(layer_ids) + 1
     modules = {int(m.group(1)) for k in state if (m := re.match(r"layers\.0\.(\d+)\.", k))}
     layout = SEPARATE_QKV if modules == set(SEPARATE_QKV) else FUSED
     check_keys("simple_dlm", set(state), _expected_keys(n_layers, layout))

@@ -303,8 +303,10 @@ def test_conversion_errors(tmp_path, text_file, capsys):
     ckpt = tmp_path / "c.pt"
     torch.save(SimpleDLM(len(set(TEXT)) + 1).state_dict(), ckpt)
     out = ["--out", str(tmp_path / "o")]
-    _one_line_error(capsys, ["simple_dlm", str(ckpt), *out], "pass --text")
-    _one_line_error(capsys, ["nanogpt", str(ckpt), *out], "pass --meta")
+    assert _error(capsys, ["simple_dlm", str(ckpt), *out]) == ("simple_dlm checkpoints hold no vocabulary: pass --text "
+                                                               "TRAIN.txt (the training text)")
+    assert _error(capsys, ["nanogpt", str(ckpt), *out]) == ("nanoGPT checkpoints hold no vocabulary: pass --meta "
+                                                            "META.pkl from the dataset folder")
     _one_line_error(capsys, ["simple_dlm", str(tmp_path / "none.pt"), "--text", str(text_file), *out], "does not exist")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpt.read_bytes()[:500])
@@ -312,12 +314,22 @@ def test_conversion_errors(tmp_path, text_file, capsys):
                     "not a readable PyTorch checkpoint")
     other = tmp_path / "other.txt"
     other.write_text("abc")
-    _one_line_error(capsys, ["simple_dlm", str(ckpt), "--text", str(other), *out], "pass the text it was trained on")
+    vocab = len(set(TEXT)) + 1
+    assert _error(capsys, ["simple_dlm", str(ckpt), "--text", str(other), *out]) == (
+        f"the checkpoint has {vocab} tokens but --text gives 4 (3 characters + [MASK]): pass the text it was trained on")
     state = torch.load(ckpt)
     state["layers.0.9.weight"] = state.pop("layers.0.5.weight")
     torch.save(state, tmp_path / "odd.pt")
-    _one_line_error(capsys, ["simple_dlm", str(tmp_path / "odd.pt"), "--text", str(text_file), *out],
-                    "unexpected keys: layers.0.9.weight; missing keys: layers.0.5.weight")
+    assert _error(capsys, ["simple_dlm", str(tmp_path / "odd.pt"), "--text", str(text_file), *out]) == (
+        "not a simple_dlm checkpoint layout: unexpected keys: layers.0.9.weight; missing keys: layers.0.5.weight")
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "foreign.pt")  # no simple_dlm key at all
+    assert _error(capsys, ["simple_dlm", str(tmp_path / "foreign.pt"), "--text", str(text_file), *out]) == (
+        "not a simple_dlm checkpoint layout: unexpected keys: foo; missing keys: mask_prob_emb.bias, "
+        "mask_prob_emb.weight, output.bias, output.weight, pos_emb, token_emb")
+    top = {k: v for k, v in state.items() if not k.startswith("layers.")}
+    torch.save(top, tmp_path / "no_layers.pt")
+    assert _error(capsys, ["simple_dlm", str(tmp_path / "no_layers.pt"), "--text", str(text_file), *out]) == (
+        "this simple_dlm checkpoint has no layers (no layers.N.* keys)")
     _one_line_error(capsys, [*_nanogpt_files(tmp_path)[:3], str(text_file), *out], "not a readable pickle")
     existing = tmp_path / "exists"
     existing.mkdir()
@@ -399,7 +411,35 @@ def test_out_paths_that_cannot_be_directories(tmp_path, text_file, capsys):
     argv = ["simple_dlm", str(tmp_path / "c.pt"), "--text", str(text_file)]
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
-    _one_line_error(capsys, [*argv, "--out", str(a_file), "--force"], "is a file, not a model directory")
-    _one_line_error(capsys, [*argv, "--out", str(a_file / "model")], "notes.txt is a file")
+    assert _error(capsys, [*argv, "--out", str(a_file), "--force"]) == (
+        f"--out {a_file} is a file, not a model directory: choose another --out")
+    assert _error(capsys, [*argv, "--out", str(a_file / "model")]) == f"--out's parent {a_file} is a file, not a folder"
     assert a_file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.txt", "train.txt"]  # nothing left behind
+
+
+def test_a_failed_conversion_leaves_nothing_and_a_good_one_is_readable(tmp_path, text_file, monkeypatch):
+    """The model is built in a hidden temp folder beside --out and swapped in; a failure removes it and leaves an
+    existing --out alone. The result gets the usual folder permissions (mkdtemp makes 0o700)."""
+    import stat
+
+    torch.manual_seed(0)
+    state = SimpleDLM(len(set(TEXT)) + 1).state_dict()
+    torch.save({"model": state, "step": 7}, tmp_path / "wrapped.pt")  # a training checkpoint dict, not bare weights
+    argv = ["simple_dlm", str(tmp_path / "wrapped.pt"), "--text", str(text_file), "--out", str(tmp_path / "out")]
+    convert.main(argv)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    seen = []
+
+    def failing_save(directory, *args, **kwargs):
+        seen.append(directory)
+        (directory / "partial.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_model", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert.main([*argv, "--force"])
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".out.") and not seen[0].exists()
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.txt", "wrapped.pt"]

@@ -168,6 +168,9 @@ def test_hf_conversion_logits_match_pytorch(tmp_path, dream):
     got = np.array(model(mx.array(tokens, dtype=mx.int32)))
     want = _reference_logits(params, tokens, config.get("rope_theta"), config["rms_norm_eps"], dream)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    kind = "dream" if dream else "llada"
+    assert (f"Converted from the {kind} Hugging Face model `{tmp_path / 'hf'}` with `mlx_dlm.convert hf`.\n"
+            "Weights: float32.\n") in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("dream", [False, True], ids=["llada", "dream"])
