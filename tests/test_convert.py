@@ -443,3 +443,18 @@ def test_a_failed_conversion_leaves_nothing_and_a_good_one_is_readable(tmp_path,
     assert seen[0].parent == tmp_path and seen[0].name.startswith(".out.") and not seen[0].exists()
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.txt", "wrapped.pt"]
+
+
+def test_upload_repo_uploads_the_converted_directory(tmp_path, text_file, monkeypatch, capsys):
+    import mlx_dlm.upload
+
+    calls = []
+    monkeypatch.setattr(mlx_dlm.upload, "upload",
+                        lambda directory, repo: calls.append((directory, repo)) or f"https://hf.co/{repo}")
+    torch.save(SimpleDLM(len(set(TEXT)) + 1).state_dict(), tmp_path / "c.pt")
+    convert.main(["simple_dlm", str(tmp_path / "c.pt"), "--text", str(text_file), "--out", str(tmp_path / "out"),
+                  "--upload-repo", "someone/tiny"])
+    assert calls == [(tmp_path / "out", "someone/tiny")] and (tmp_path / "out" / "config.json").exists()
+    assert capsys.readouterr().out.splitlines()[-1] == "Uploaded to https://hf.co/someone/tiny"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["source"] == "simple_dlm" and config["dtype"] == "float32"

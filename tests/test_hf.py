@@ -287,6 +287,18 @@ def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
     assert message(hf.shard_files, folder) == f"{folder} holds no .safetensors weights"
 
 
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, capsys):
+    make_hf_folder(tmp_path / "hf", dream=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "mlp_hidden_size": FF + 16}))
+    with pytest.raises(SystemExit):
+        convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: converted weights do not fit the model: ") and len(err.splitlines()) == 1
+    assert f"({FF + 16}, {D})" in err and f"({FF}, {D})" in err and ".mlp." in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
     import fnmatch
 
@@ -422,6 +434,9 @@ def test_quantized_while_read_equals_quantized_after_loading(tmp_path):
                   "--q-group-size", "32"])
     convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "f")])
     float_model, _ = mlx_dlm.load(tmp_path / "f", keep_dtype=True)
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert config["source"] == "hf" and config["dtype"] == "bfloat16"  # hf's default dtype
+    assert float_model.tok_emb.weight.dtype == mx.bfloat16
     mlx_dlm.model.quantize(float_model, group_size=32, bits=8)  # the usual path: the whole model, then quantize
     streamed = mx.load(str(tmp_path / "q" / "model.safetensors"))
     from mlx.utils import tree_flatten
