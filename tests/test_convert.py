@@ -298,6 +298,24 @@ def test_hf_keys_map_skip_rotary_buffers_and_refuse_strangers(kind, prefix):
         assert str(err.value) == f"unexpected key {key} for a {kind} checkpoint"
 
 
+def test_layout_errors_list_at_most_six_keys_of_each_kind():
+    from mlx_dlm.convert.checkpoint import check_keys
+    from mlx_dlm.errors import UserError
+
+    def message(found, expected):
+        with pytest.raises(UserError) as err:
+            check_keys("demo", set(found), set(expected))
+        return str(err.value)
+
+    six, seven = [f"k{i}" for i in range(6)], [f"k{i}" for i in range(7)]
+    assert message(["x"], []) == "not a demo checkpoint layout: unexpected keys: x; missing keys: none"
+    assert message([], ["y", "x"]) == "not a demo checkpoint layout: unexpected keys: none; missing keys: x, y"
+    assert message(six, []) == "not a demo checkpoint layout: unexpected keys: k0, k1, k2, k3, k4, k5; missing keys: none"
+    assert message(seven, ["z"]) == ("not a demo checkpoint layout: unexpected keys: k0, k1, k2, k3, k4, k5 (+1 more); "
+                                     "missing keys: z")
+    check_keys("demo", {"a", "b"}, {"b", "a"})  # the same keys: no complaint
+
+
 def test_conversion_errors(tmp_path, text_file, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "c.pt"
