@@ -32,32 +32,41 @@ from .checkpoint import load_plain_pickle, load_torch, to_numpy
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
+# The flags' help texts: wording, not behaviour, so kept out of mutation testing (the parser's names, choices,
+# types and defaults stay in it).
+# pragma: no mutate start
+HELP = {
+    "description": "Convert a PyTorch checkpoint for MLX.",
+    "source": "what made the checkpoint (hf: a LLaDA or Dream model from Hugging Face)",
+    "checkpoint": "the .pt file, or for hf a model folder or Hub repo id (user/name)",
+    "out": "model directory to create",
+    "text": "simple_dlm: the training text (its characters are the vocabulary)",
+    "meta": "nanoGPT: the dataset's meta.pkl (stoi/itos)",
+    "dtype": "dtype of the stored weights (default: float32; bfloat16 for hf)",
+    "quantize": "quantize Linear and Embedding weights",
+    "q_bits": "bits per quantized weight (with -q)",
+    "q_group_size": "weights per quantization scale (with -q)",
+    "force": "replace --out if it exists",
+    "upload_repo": "then upload the model directory to this Hugging Face repo (user/name)",
+}
+# pragma: no mutate end
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
-    """Flags of mlx_dlm.convert. Help texts sit on lines of their own, kept out of mutation testing: wording."""
-    p = argparse.ArgumentParser(prog="mlx_dlm.convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Convert a PyTorch checkpoint for MLX.")  # pragma: no mutate
-    p.add_argument("source", choices=("simple_dlm", "nanogpt", "hf"),
-                   help="what made the checkpoint (hf: a LLaDA or Dream model from Hugging Face)")  # pragma: no mutate
-    p.add_argument("checkpoint",
-                   help="the .pt file, or for hf a model folder or Hub repo id (user/name)")  # pragma: no mutate
-    p.add_argument("--out", required=True,
-                   help="model directory to create")  # pragma: no mutate
-    p.add_argument("--text",
-                   help="simple_dlm: the training text (its characters are the vocabulary)")  # pragma: no mutate
-    p.add_argument("--meta",
-                   help="nanoGPT: the dataset's meta.pkl (stoi/itos)")  # pragma: no mutate
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="dtype of the stored weights (default: float32; bfloat16 for hf)")  # pragma: no mutate
-    p.add_argument("-q", "--quantize", action="store_true",
-                   help="quantize Linear and Embedding weights")  # pragma: no mutate
-    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4,
-                   help="bits per quantized weight (with -q)")  # pragma: no mutate
-    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64,
-                   help="weights per quantization scale (with -q)")  # pragma: no mutate
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it exists")  # pragma: no mutate
-    p.add_argument("--upload-repo",
-                   help="then upload the model directory to this Hugging Face repo (user/name)")  # pragma: no mutate
+    """Flags of mlx_dlm.convert (help texts in HELP)."""
+    p = argparse.ArgumentParser(prog="mlx_dlm.convert", description=HELP["description"],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", choices=("simple_dlm", "nanogpt", "hf"), help=HELP["source"])
+    p.add_argument("checkpoint", help=HELP["checkpoint"])
+    p.add_argument("--out", required=True, help=HELP["out"])
+    p.add_argument("--text", help=HELP["text"])
+    p.add_argument("--meta", help=HELP["meta"])
+    p.add_argument("--dtype", choices=DTYPES, help=HELP["dtype"])
+    p.add_argument("-q", "--quantize", action="store_true", help=HELP["quantize"])
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help=HELP["q_bits"])
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help=HELP["q_group_size"])
+    p.add_argument("--force", action="store_true", help=HELP["force"])
+    p.add_argument("--upload-repo", help=HELP["upload_repo"])
     return p
 
 
