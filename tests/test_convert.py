@@ -476,3 +476,18 @@ def test_upload_repo_uploads_the_converted_directory(tmp_path, text_file, monkey
     assert capsys.readouterr().out.splitlines()[-1] == "Uploaded to https://hf.co/someone/tiny"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["source"] == "simple_dlm" and config["dtype"] == "float32"
+
+
+def test_help_documents_every_flag_and_the_parser_refuses_what_it_must(capsys):
+    with pytest.raises(SystemExit) as exc:
+        convert.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exc.value.code == 0 and shown.startswith("usage: mlx_dlm.convert ")
+    for text in convert.HELP.values():
+        assert text in shown, text
+    for argv, complaint in [(["gguf", "c.pt", "--out", "o"], "argument source: invalid choice: 'gguf'"),
+                            (["simple_dlm", "c.pt"], "the following arguments are required: --out")]:
+        with pytest.raises(SystemExit) as exc:
+            convert.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and complaint in err and "mlx_dlm.convert: error: " in err, err
