@@ -485,8 +485,18 @@ def test_help_documents_every_flag_and_the_parser_refuses_what_it_must(capsys):
     assert exc.value.code == 0 and shown.startswith("usage: mlx_dlm.convert ")
     for text in convert.HELP.values():
         assert text in shown, text
+    args = convert.setup_arg_parser().parse_args(["hf", "some/model", "--out", "o", "-q"])
+    assert (args.q_bits, args.q_group_size, args.dtype, args.force) == (4, 64, None, False)  # as README documents
+    for bits, group, dtype in [(8, 32, "float16"), (4, 128, "bfloat16"), (8, 64, "float32")]:
+        args = convert.setup_arg_parser().parse_args(["hf", "a/b", "--out", "o", "-q", "--q-bits", str(bits),
+                                                      "--q-group-size", str(group), "--dtype", dtype])
+        assert (args.q_bits, args.q_group_size, args.dtype) == (bits, group, dtype)
     for argv, complaint in [(["gguf", "c.pt", "--out", "o"], "argument source: invalid choice: 'gguf'"),
-                            (["simple_dlm", "c.pt"], "the following arguments are required: --out")]:
+                            (["simple_dlm", "c.pt"], "the following arguments are required: --out"),
+                            (["hf", "a/b", "--out", "o", "-q", "--q-bits", "3"], "argument --q-bits: invalid choice: 3"),
+                            (["hf", "a/b", "--out", "o", "--q-group-size", "48"],
+                             "argument --q-group-size: invalid choice: 48"),
+                            (["hf", "a/b", "--out", "o", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'")]:
         with pytest.raises(SystemExit) as exc:
             convert.main(argv)
         err = capsys.readouterr().err
