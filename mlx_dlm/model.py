@@ -313,8 +313,8 @@ def _tie_query_key(model: Model) -> None:
 def initialise(model: Model, scheme: str) -> None:
     """Initialise the embedding tables (and attention) by scheme, in place; other layers keep MLX's defaults.
 
-    "simple_dlm": its N(0, 1) token and position tables. "local" (default): every key projection starts as
-    its query projection (without GQA); with a learned position table also unit-scale tables like simple_dlm's
+    "simple_dlm": its N(0, 1) token and position tables. "local" (init_model's default): every key projection
+    starts as its query projection (without GQA); with a learned position table also unit-scale tables like simple_dlm's
     (Adam moves each weight by about the learning rate per step, so unit-scale tables keep their structure
     while the layers learn to read them), the position table starting as a sinusoid, so attention is local
     from step 0. A learned position table drawn at random must discover locality from scratch: that is the
