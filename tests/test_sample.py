@@ -1,3 +1,4 @@
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -87,3 +88,36 @@ def test_errors(tiny):
         mlx_dlm.generate(model, tok, "", max_tokens=10, strategy="best")
     with pytest.raises(UserError, match="--steps"):
         mlx_dlm.generate(model, tok, "", max_tokens=10, steps=0)
+
+
+def test_all_stopped_matches_numpy_row_by_row():
+    """True only when every row holds one of the stop ids at one of the given positions."""
+    from mlx_dlm.sample import _all_stopped
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x = rng.integers(0, 6, size=(rng.integers(1, 4), 9)).astype(np.int32)
+        positions = np.sort(rng.choice(9, size=rng.integers(1, 5), replace=False))
+        stop_ids = sorted(set(rng.integers(0, 6, size=rng.integers(1, 4)).tolist()))
+        want = bool(np.isin(x[:, positions], stop_ids).any(axis=1).all())
+        assert _all_stopped(mx.array(x), stop_ids, positions) == want, (x, positions, stop_ids)
+
+
+def test_completion_reports_why_it_ended():
+    """OpenAI's finish_reason: "stop" when a stop token cut the text, "length" when the canvas ran out."""
+    from mlx_dlm.sample import GenerationStep, completion
+
+    class Tok:
+        stop_ids = (9,)
+
+        def decode(self, ids):
+            return "".join("abcdefgh"[i] for i in ids)
+
+    editable = np.array([False, False, True, True, True, True])
+    none = np.zeros((1, 6), bool)
+
+    def step(row):
+        return GenerationStep(1, np.array([row]), editable, none, none, 4, 1, 6, 0.0, 0.0, 0)
+
+    assert completion(Tok(), step([0, 1, 2, 9, 3, 4])) == ("c", "stop")
+    assert completion(Tok(), step([0, 1, 2, 3, 4, 5])) == ("cdef", "length")
