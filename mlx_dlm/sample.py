@@ -350,6 +350,8 @@ def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps:
                         threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0,
                         cfg_scale=0.0))
     canvases = np.where(editable, mask_id, canvases).astype(np.int32)
+    if not editable.any():  # nothing to fill (and no block to split the positions into)
+        return canvases
     x = mx.array(canvases)
     for x, *_ in _unmask(model, mask_id, canvases, editable, min(steps, int(editable.sum())), schedule, strategy,
                          temp, 0, 1.0, None, 0, False, 0, 0.0, mx.random.key(seed), len(canvases)):

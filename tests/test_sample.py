@@ -121,3 +121,12 @@ def test_completion_reports_why_it_ended():
 
     assert completion(Tok(), step([0, 1, 2, 9, 3, 4])) == ("c", "stop")
     assert completion(Tok(), step([0, 1, 2, 3, 4, 5])) == ("cdef", "length")
+
+
+def test_fill_with_nothing_to_fill_returns_the_canvases(tiny):
+    from mlx_dlm.sample import fill
+
+    model, tok = tiny
+    canvases = np.array([tok.encode("ROMEO: "), tok.encode("JULIET:")], dtype=np.int32)
+    out = fill(model, tok.mask_id, canvases, np.zeros(canvases.shape[1], bool), steps=4)
+    np.testing.assert_array_equal(out, canvases)
