@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
 
 
+def user_error(call, *args, **kwargs) -> str:
+    """The message of the UserError that call(*args, **kwargs) must raise."""
+    from mlx_dlm.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        call(*args, **kwargs)
+    return str(err.value)
+
+
 def _shared_text() -> Path:
     """../shared/data/tinyshakespeare.txt beside the repository (looked for upwards: mutmut runs the tests from a
     copy of the repository one folder deeper, in mutants/)."""

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import mlx_dlm  # noqa: E402
 import mlx_dlm.model  # noqa: E402
+from conftest import user_error  # noqa: E402
 
 from torch_models import NanoGPT, SimpleDLM  # noqa: E402
 
@@ -233,52 +234,44 @@ def test_checkpoint_readers_say_what_is_wrong(tmp_path, monkeypatch):
     import sys
 
     from mlx_dlm.convert.checkpoint import first_line, load_plain_pickle, load_torch, to_numpy
-    from mlx_dlm.errors import TORCH_CPU_HINT, UserError
+    from mlx_dlm.errors import TORCH_CPU_HINT
 
     assert first_line(ValueError("first\nsecond")) == "first" and first_line(EOFError()) == "EOFError"
     assert first_line(ValueError("x" * 300)) == "x" * 200
 
-    def message(read, path):
-        with pytest.raises(UserError) as err:
-            read(path)
-        return str(err.value)
-
     missing = tmp_path / "none.pt"
-    assert message(load_plain_pickle, missing) == f"{missing} does not exist"
-    assert message(load_torch, missing) == f"checkpoint {missing} does not exist"
+    assert user_error(load_plain_pickle, missing) == f"{missing} does not exist"
+    assert user_error(load_torch, missing) == f"checkpoint {missing} does not exist"
     empty = tmp_path / "empty.pkl"
     empty.write_bytes(b"")
-    assert message(load_plain_pickle, empty) == f"{empty} is not a readable pickle (Ran out of input)"
+    assert user_error(load_plain_pickle, empty) == f"{empty} is not a readable pickle (Ran out of input)"
     a_list = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], a_list)
-    assert message(load_torch, a_list) == f"{a_list} holds a list, not a state dict or checkpoint dict"
+    assert user_error(load_torch, a_list) == f"{a_list} holds a list, not a state dict or checkpoint dict"
     torch.save({"w": torch.zeros(2)}, tmp_path / "whole.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
     with pytest.raises(Exception) as torch_error:  # what torch itself says about that file
         torch.load(truncated, weights_only=True)
-    assert message(load_torch, truncated) == (f"{truncated} is not a readable PyTorch checkpoint "
+    assert user_error(load_torch, truncated) == (f"{truncated} is not a readable PyTorch checkpoint "
                                               f"({first_line(torch_error.value)})")
     # bfloat16 checkpoints (numpy has no bfloat16) become float32; non-tensors are dropped
     arrays = to_numpy({"w": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "step": 3})
     assert list(arrays) == ["w"] and arrays["w"].dtype == np.float32 and arrays["w"].tolist() == [1.5, -2.0]
     monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
-    assert message(load_torch, a_list) == ("converting PyTorch checkpoints needs torch, the CPU build is enough: "
+    assert user_error(load_torch, a_list) == ("converting PyTorch checkpoints needs torch, the CPU build is enough: "
                                            f"{TORCH_CPU_HINT}")
 
 
 def test_meta_tables_are_checked_one_by_one():
     from mlx_dlm.convert.nanogpt import tokenizer_from_meta
-    from mlx_dlm.errors import UserError
 
     no_table = "meta.pkl has no `stoi` character table (only character-level nanoGPT models convert)"
     bad_entry = "meta.pkl `stoi` must map single characters to integer ids"
     for meta, message in [(["a", "b"], no_table), ({"itos": {0: "a"}}, no_table), ({"stoi": ["a"]}, no_table),
                           ({"stoi": {"a": 0, "bc": 1}}, bad_entry), ({"stoi": {"a": 0, "b": "1"}}, bad_entry),
                           ({"stoi": {"a": 0, 7: 1}}, bad_entry)]:
-        with pytest.raises(UserError) as err:
-            tokenizer_from_meta(meta)
-        assert str(err.value) == message, meta
+        assert user_error(tokenizer_from_meta, meta) == message, meta
     tokenizer, stoi = tokenizer_from_meta({"stoi": {"b": 0, "a": 1}})
     assert stoi == {"b": 0, "a": 1} and tokenizer.encode("ab") == [1, 2]  # ours: [MASK] = 0, sorted characters
 
@@ -287,25 +280,19 @@ def test_meta_tables_are_checked_one_by_one():
                                           ("dream", "model.layers.3.self_attn.")])
 def test_hf_keys_map_skip_rotary_buffers_and_refuse_strangers(kind, prefix):
     from mlx_dlm.convert.hf import our_key
-    from mlx_dlm.errors import UserError
 
     assert our_key(kind, prefix + "q_proj.weight") == "layers.3.q.weight"
     for buffer in ("inv_freq", "cos_cached", "sin_cached"):
         assert our_key(kind, f"{prefix}rotary_emb.{buffer}") is None
     for key in (prefix + "q_norm.weight", "model.vision_tower.weight"):
-        with pytest.raises(UserError) as err:
-            our_key(kind, key)
-        assert str(err.value) == f"unexpected key {key} for a {kind} checkpoint"
+        assert user_error(our_key, kind, key) == f"unexpected key {key} for a {kind} checkpoint"
 
 
 def test_layout_errors_list_at_most_six_keys_of_each_kind():
     from mlx_dlm.convert.checkpoint import check_keys
-    from mlx_dlm.errors import UserError
 
     def message(found, expected):
-        with pytest.raises(UserError) as err:
-            check_keys("demo", set(found), set(expected))
-        return str(err.value)
+        return user_error(check_keys, "demo", set(found), set(expected))
 
     six, seven = [f"k{i}" for i in range(6)], [f"k{i}" for i in range(7)]
     assert message(["x"], []) == "not a demo checkpoint layout: unexpected keys: x; missing keys: none"

@@ -14,6 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 jinja2 = pytest.importorskip("jinja2")
 
 import mlx_dlm  # noqa: E402
+from conftest import user_error  # noqa: E402
 
 convert = importlib.import_module("mlx_dlm.convert.__main__")
 generate_cli = importlib.import_module("mlx_dlm.generate")
@@ -248,12 +249,6 @@ def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
 
 def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
     from mlx_dlm.convert import hf
-    from mlx_dlm.errors import UserError
-
-    def message(call, *args):
-        with pytest.raises(UserError) as err:
-            call(*args)
-        return str(err.value)
 
     folder = tmp_path / "hf"
     _, config = make_hf_folder(folder, dream=False)
@@ -270,21 +265,21 @@ def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
     for gone in ("model.transformer.blocks.0.k_proj.weight", "model.transformer.blocks.0.v_proj.weight"):
         shard = next(f for f in hf.shard_files(folder) if gone in mx.load(str(f)))
         mx.save_safetensors(str(shard), {k: v for k, v in mx.load(str(shard)).items() if k != gone})
-    assert message(hf.read_weights, folder, "llada", args, mx.float32) == (
+    assert user_error(hf.read_weights, folder, "llada", args, mx.float32) == (
         "layer 0 lacks its k, v projection weight: a shard is missing or the checkpoint is incomplete")
     first = folder / "model-00001-of-00002.safetensors"
     first.write_bytes(b"not safetensors")
     with pytest.raises(Exception) as mlx_error:
         mx.load(str(first))
-    assert message(hf.read_weights, folder, "llada", args, mx.float32) == (
+    assert user_error(hf.read_weights, folder, "llada", args, mx.float32) == (
         f"{first} is not a readable safetensors file ({mlx_error.value})")
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    assert message(hf.shard_files, folder) == (f"{folder / 'model.safetensors.index.json'} is not a valid "
+    assert user_error(hf.shard_files, folder) == (f"{folder / 'model.safetensors.index.json'} is not a valid "
                                                "safetensors index ('weight_map')")
     (folder / "model.safetensors.index.json").unlink()
     for shard in folder.glob("*.safetensors"):
         shard.unlink()
-    assert message(hf.shard_files, folder) == f"{folder} holds no .safetensors weights"
+    assert user_error(hf.shard_files, folder) == f"{folder} holds no .safetensors weights"
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, capsys):
@@ -305,18 +300,12 @@ def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
     import huggingface_hub
 
     from mlx_dlm.convert import hf
-    from mlx_dlm.errors import UserError
-
-    def message(call, *args):
-        with pytest.raises(UserError) as err:
-            call(*args)
-        return str(err.value)
 
     (tmp_path / "weights.pt").write_bytes(b"x")
-    assert message(hf.resolve_source, str(tmp_path / "weights.pt")) == (
+    assert user_error(hf.resolve_source, str(tmp_path / "weights.pt")) == (
         f"{tmp_path / 'weights.pt'} is a file; give a Hugging Face model folder or a repo id (user/name)")
     for src in ("no-slash", "a/b/c", "./x", "/x", "~/x"):
-        assert message(hf.resolve_source, src) == (f"{src} is not a folder, and does not look like a Hub repo id "
+        assert user_error(hf.resolve_source, src) == (f"{src} is not a folder, and does not look like a Hub repo id "
                                                    "(user/name)")
     asked = {}
 
@@ -337,17 +326,17 @@ def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
         raise OSError("no cached snapshot\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    assert message(hf.resolve_source, "user/name") == ("cannot get user/name from the Hugging Face Hub or its cache "
+    assert user_error(hf.resolve_source, "user/name") == ("cannot get user/name from the Hugging Face Hub or its cache "
                                                        "(no cached snapshot)")
     (tmp_path / "empty").mkdir()
-    assert message(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty'} has no config.json: not a "
+    assert user_error(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty'} has no config.json: not a "
                                                            "Hugging Face model folder")
     (tmp_path / "empty" / "config.json").write_text("{'model_type': 'llada'}")
     with pytest.raises(ValueError) as json_error:
         json.loads("{'model_type': 'llada'}")
-    assert message(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty' / 'config.json'} is not valid JSON "
+    assert user_error(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty' / 'config.json'} is not valid JSON "
                                                            f"({json_error.value})")
-    assert message(hf.family, {}) == "unsupported model_type None in config.json (supported: llada, dream)"
+    assert user_error(hf.family, {}) == "unsupported model_type None in config.json (supported: llada, dream)"
 
 
 @pytest.fixture
@@ -418,14 +407,12 @@ def test_model_args_read_every_config_key_and_default_the_rest(kind, config, wan
     """Every optional key reaches ModelArgs (values unlike any default), and a config with the required keys
     alone gets the fallbacks hf.py's docstring states."""
     from mlx_dlm.convert.hf import model_args
-    from mlx_dlm.errors import UserError
     from mlx_dlm.model import ModelArgs
 
     assert model_args(config, kind) == ModelArgs(**COMMON, **want)
     required = next(iter(config))
-    with pytest.raises(UserError) as err:
-        model_args({k: v for k, v in config.items() if k != required}, kind)
-    assert str(err.value) == f"config.json of this {kind} model is incomplete or malformed ('{required}')"
+    assert user_error(model_args, {k: v for k, v in config.items() if k != required}, kind) == (
+        f"config.json of this {kind} model is incomplete or malformed ('{required}')")
 
 
 def test_quantized_while_read_equals_quantized_after_loading(tmp_path):

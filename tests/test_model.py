@@ -2,9 +2,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs, init_model, preset_args
 
+from conftest import user_error
 from reference import forward
 
 SMALL = dict(vocab_size=20, dim=32, n_layers=2, hidden_dim=48, max_seq_len=40)
@@ -60,9 +60,7 @@ def test_attention_is_bidirectional_and_t_matters():
     (lambda: preset_args("huge"), "unknown preset 'huge' (choose from tiny, simple_dlm, base, small)"),
 ])
 def test_bad_config_is_one_line_naming_the_field(build, message):
-    with pytest.raises(UserError) as err:
-        build()
-    assert str(err.value) == message
+    assert user_error(build) == message
 
 
 def test_ar_models_are_never_time_conditioned():
