@@ -253,14 +253,16 @@ def test_checkpoint_readers_say_what_is_wrong(tmp_path, monkeypatch):
     truncated.write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
     with pytest.raises(Exception) as torch_error:  # what torch itself says about that file
         torch.load(truncated, weights_only=True)
-    assert user_error(load_torch, truncated) == (f"{truncated} is not a readable PyTorch checkpoint "
-                                              f"({first_line(torch_error.value)})")
+    assert user_error(load_torch, truncated) == (
+        f"{truncated} is not a readable PyTorch checkpoint "
+        f"({first_line(torch_error.value)})")
     # bfloat16 checkpoints (numpy has no bfloat16) become float32; non-tensors are dropped
     arrays = to_numpy({"w": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "step": 3})
     assert list(arrays) == ["w"] and arrays["w"].dtype == np.float32 and arrays["w"].tolist() == [1.5, -2.0]
     monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
-    assert user_error(load_torch, a_list) == ("converting PyTorch checkpoints needs torch, the CPU build is enough: "
-                                           f"{TORCH_CPU_HINT}")
+    assert user_error(load_torch, a_list) == (
+        "converting PyTorch checkpoints needs torch, the CPU build is enough: "
+        f"{TORCH_CPU_HINT}")
 
 
 def test_meta_tables_are_checked_one_by_one():

@@ -274,8 +274,9 @@ def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
     assert user_error(hf.read_weights, folder, "llada", args, mx.float32) == (
         f"{first} is not a readable safetensors file ({mlx_error.value})")
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    assert user_error(hf.shard_files, folder) == (f"{folder / 'model.safetensors.index.json'} is not a valid "
-                                               "safetensors index ('weight_map')")
+    assert user_error(hf.shard_files, folder) == (
+        f"{folder / 'model.safetensors.index.json'} is not a valid "
+        "safetensors index ('weight_map')")
     (folder / "model.safetensors.index.json").unlink()
     for shard in folder.glob("*.safetensors"):
         shard.unlink()
@@ -305,8 +306,9 @@ def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
     assert user_error(hf.resolve_source, str(tmp_path / "weights.pt")) == (
         f"{tmp_path / 'weights.pt'} is a file; give a Hugging Face model folder or a repo id (user/name)")
     for src in ("no-slash", "a/b/c", "./x", "/x", "~/x"):
-        assert user_error(hf.resolve_source, src) == (f"{src} is not a folder, and does not look like a Hub repo id "
-                                                   "(user/name)")
+        assert user_error(hf.resolve_source, src) == (
+            f"{src} is not a folder, and does not look like a Hub repo id "
+            "(user/name)")
     asked = {}
 
     def fake_download(repo_id, allow_patterns=None):
@@ -326,16 +328,19 @@ def test_hf_source_and_config_errors_name_the_problem(tmp_path, monkeypatch):
         raise OSError("no cached snapshot\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    assert user_error(hf.resolve_source, "user/name") == ("cannot get user/name from the Hugging Face Hub or its cache "
-                                                       "(no cached snapshot)")
+    assert user_error(hf.resolve_source, "user/name") == (
+        "cannot get user/name from the Hugging Face Hub or its cache "
+        "(no cached snapshot)")
     (tmp_path / "empty").mkdir()
-    assert user_error(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty'} has no config.json: not a "
-                                                           "Hugging Face model folder")
+    assert user_error(hf.read_config, tmp_path / "empty") == (
+        f"{tmp_path / 'empty'} has no config.json: not a "
+        "Hugging Face model folder")
     (tmp_path / "empty" / "config.json").write_text("{'model_type': 'llada'}")
     with pytest.raises(ValueError) as json_error:
         json.loads("{'model_type': 'llada'}")
-    assert user_error(hf.read_config, tmp_path / "empty") == (f"{tmp_path / 'empty' / 'config.json'} is not valid JSON "
-                                                           f"({json_error.value})")
+    assert user_error(hf.read_config, tmp_path / "empty") == (
+        f"{tmp_path / 'empty' / 'config.json'} is not valid JSON "
+        f"({json_error.value})")
     assert user_error(hf.family, {}) == "unsupported model_type None in config.json (supported: llada, dream)"
 
 
