@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import user_error
 from mlx_dlm.model import init_model, preset_args
 
 
@@ -103,7 +104,5 @@ def test_local_init_starts_every_key_projection_as_its_query(preset):
 
 
 def test_unknown_init_scheme_is_named_with_the_choices():
-    from mlx_dlm.errors import UserError
-
-    with pytest.raises(UserError, match=r"^unknown init 'xavier' \(choose from local, simple_dlm\)$"):
-        init_model(preset_args("tiny", vocab_size=66), init="xavier")
+    assert user_error(init_model, preset_args("tiny", vocab_size=66), init="xavier") == (
+        "unknown init 'xavier' (choose from local, simple_dlm)")
