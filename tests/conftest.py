@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
 
 
+def cli_error(capsys, main, argv) -> str:
+    """The message (without "error: ") of a command that must refuse argv in one line with exit code 1."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err.removeprefix("error: ")
+
+
 def user_error(call, *args, **kwargs) -> str:
     """The message of the UserError that call(*args, **kwargs) must raise."""
     from mlx_dlm.errors import UserError

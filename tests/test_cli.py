@@ -12,15 +12,11 @@ from mlx_dlm import train
 
 generate = importlib.import_module("mlx_dlm.generate")  # the module; mlx_dlm.generate is also the API function
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_error
 
 
 def _one_line_error(capsys, main, argv, match):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and match in err, err
+    assert match in cli_error(capsys, main, argv)
 
 
 def test_generate_cli_prints_text_and_stats(tiny_model_dir):

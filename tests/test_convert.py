@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import mlx_dlm  # noqa: E402
 import mlx_dlm.model  # noqa: E402
-from conftest import user_error  # noqa: E402
+from conftest import cli_error, user_error  # noqa: E402
 
 from torch_models import NanoGPT, SimpleDLM  # noqa: E402
 
@@ -203,11 +203,13 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+def _error(capsys, argv) -> str:
+    """The one-line message of a refused conversion (exit code 1), without its "error: " prefix."""
+    return cli_error(capsys, convert.main, argv)
+
+
 def _one_line_error(capsys, argv, match):
-    with pytest.raises(SystemExit) as exc:
-        convert.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and match in err, err
+    assert match in _error(capsys, argv)
 
 
 def test_malicious_checkpoint_does_not_run(tmp_path, text_file, capsys):
@@ -362,15 +364,6 @@ def test_wrong_meta_is_refused(tmp_path, capsys):
     _one_line_error(capsys, [argv[0], str(tmp_path / "bpe.pt"), *argv[2:], "--out", str(tmp_path / "o")],
                     "the checkpoint's vocabulary has 50304 tokens but meta.pkl has")
     assert not (tmp_path / "o").exists()
-
-
-def _error(capsys, argv) -> str:
-    """The one-line message of a refused conversion (exit code 1), without its "error: " prefix."""
-    with pytest.raises(SystemExit) as exc:
-        convert.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err.removeprefix("error: ")
 
 
 def test_nanogpt_layout_errors_name_the_problem(tmp_path, capsys):

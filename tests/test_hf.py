@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 jinja2 = pytest.importorskip("jinja2")
 
 import mlx_dlm  # noqa: E402
-from conftest import user_error  # noqa: E402
+from conftest import cli_error, user_error  # noqa: E402
 
 convert = importlib.import_module("mlx_dlm.convert.__main__")
 generate_cli = importlib.import_module("mlx_dlm.generate")
@@ -221,10 +221,7 @@ def test_quantized_tiny_model_samples(tmp_path):
 
 
 def _one_line(capsys, argv, match):
-    with pytest.raises(SystemExit) as exc:
-        convert.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and match in err, err
+    assert match in cli_error(capsys, convert.main, argv)
 
 
 def test_hf_errors_are_one_line_and_leave_no_out(tmp_path, capsys):
@@ -374,17 +371,13 @@ def test_chat_command_answers_each_line(tiny_instruct, monkeypatch, capsys):
 
 
 def test_chat_without_a_template_is_one_line(tmp_path, tiny_model_dir, capsys):
-    with pytest.raises(SystemExit) as exc:
-        generate_cli.main(["--model", str(tiny_model_dir), "--chat", "Hi"])
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "--chat needs a model with a chat template" in err
+    assert "--chat needs a model with a chat template" in cli_error(
+        capsys, generate_cli.main, ["--model", str(tiny_model_dir), "--chat", "Hi"])
     make_hf_folder(tmp_path / "hf", dream=True, template=None)
     convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "base")])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        generate_cli.main(["--model", str(tmp_path / "base"), "--chat", "Hi"])
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "has no chat template" in err
+    assert "has no chat template" in cli_error(capsys, generate_cli.main,
+                                               ["--model", str(tmp_path / "base"), "--chat", "Hi"])
 
 
 LLADA_REQUIRED = {"d_model": 96, "n_layers": 3, "n_heads": 6, "mlp_hidden_size": 160, "vocab_size": 300}
