@@ -232,24 +232,26 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
     return np.asarray(ids, dtype=np.int32), np.asarray(editable)
 
 
-def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_k, top_p, threshold,
-            block_length, use_cache, cache_refresh, remask, key, num_samples, n_valid=None, stop_ids=(),
-            alg_temp=0.0, cfg_scale=0.0):
+def _unmask(model, mask_id, ids, editable, key, schedule, n_valid=None, stop_ids=(), *, steps, strategy, temp,
+            top_k, top_p, threshold, block_length, cache, cache_refresh, remask, num_samples, alg_temp, cfg_scale):
     """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
 
     ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout.
-    stop_ids: once every sample holds one of these (eos/eot) after a block completes, decoding ends."""
+    stop_ids: once every sample holds one of these (eos/eot) after a block completes, decoding ends.
+    The keyword options are the checked ones (`_check_options`); steps beyond one per position are not run."""
     L = ids.shape[-1]
     positions = np.flatnonzero(editable)
+    steps = min(steps, len(positions))
+    use_cache = "prefix" if cache is True else (cache or None)  # True: the prefix cache, as before "dual" existed
     size = block_length or len(positions)
     blocks = [positions[i:i + size] for i in range(0, len(positions), size)]
-    cache = _memo(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
+    kv_cache = _memo(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
         if use_cache else None
 
     def step_fn(start, end):
         options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid, alg_temp, cfg_scale)
         return _memo(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
-                     lambda: _make_unmask_step(model, *options, start, cache, end))
+                     lambda: _make_unmask_step(model, *options, start, kv_cache, end))
 
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
     given = mx.array(np.tile(~editable, (num_samples, 1)))
@@ -265,11 +267,11 @@ def _unmask(model, mask_id, ids, editable, steps, schedule, strategy, temp, top_
         else:
             targets = [0] * len(block)  # at most one pass per position; stops when the block is full
         for j, target in enumerate(targets):
-            refresh = cache is None or j == 0 or (cache_refresh and j % cache_refresh == 0)
+            refresh = kv_cache is None or j == 0 or (cache_refresh and j % cache_refresh == 0)
             start = 0 if refresh else int(block[0])
             end = int(block[-1]) + 1 if use_cache == "dual" and not refresh else None
-            if cache is not None:
-                cache.state["offset"] = mx.array(start, dtype=mx.int32)
+            if kv_cache is not None:
+                kv_cache.state["offset"] = mx.array(start, dtype=mx.int32)
             key, step_key = mx.random.split(key)
             frac = remask if j < len(targets) - 1 else 0.0
             x, conf, committed, remasked = step_fn(start, end)(
@@ -346,15 +348,15 @@ def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps:
     """Fill the editable positions of many canvases (N, L) that share one layout, in one batch.
 
     Returns the filled canvases; given positions are unchanged. Greedy at temp 0 (infill evaluation)."""
-    _check_options(dict(steps=steps, temp=temp, top_k=0, top_p=1.0, num_samples=len(canvases), strategy=strategy,
-                        threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0,
-                        cfg_scale=0.0))
+    options = dict(steps=steps, temp=temp, top_k=0, top_p=1.0, num_samples=len(canvases), strategy=strategy,
+                   threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0,
+                   cfg_scale=0.0)
+    _check_options(options)
     canvases = np.where(editable, mask_id, canvases).astype(np.int32)
     if not editable.any():  # nothing to fill (and no block to split the positions into)
         return canvases
     x = mx.array(canvases)
-    for x, *_ in _unmask(model, mask_id, canvases, editable, min(steps, int(editable.sum())), schedule, strategy,
-                         temp, 0, 1.0, None, 0, False, 0, 0.0, mx.random.key(seed), len(canvases)):
+    for x, *_ in _unmask(model, mask_id, canvases, editable, mx.random.key(seed), schedule, **options):
         pass
     return np.array(x)
 
@@ -406,7 +408,6 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
                    threshold=threshold, remask=remask, block_length=block_length, cache=cache,
                    cache_refresh=cache_refresh, alg_temp=alg_temp, cfg_scale=cfg_scale)
     _check_options(options)
-    cache = "prefix" if cache is True else (cache or None)  # True: the prefix cache, as before "dual" existed
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
@@ -427,9 +428,8 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
             _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples, n_valid)))
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
-            model, mask_id, ids, editable, min(steps, int(editable.sum())), schedule, strategy, temp, top_k, top_p,
-            threshold, block_length, cache, cache_refresh, remask, mx.random.key(seed), num_samples, n_valid,
-            getattr(tokenizer, "stop_ids", ()), alg_temp, cfg_scale))
+            model, mask_id, ids, editable, mx.random.key(seed), schedule, n_valid, getattr(tokenizer, "stop_ids", ()),
+            **options))
     forwarded = 0
     for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)
