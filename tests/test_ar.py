@@ -82,3 +82,28 @@ def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
         ids.append(int(np.argmax(logits)))
     assert last.tokens[0].tolist() == ids
     assert last.nfe == 30 and last.generated_tokens == 30
+    for top_k, top_p in [(1, 1.0), (0, 1e-6)]:  # either filter keeps only the argmax: sampling at temp 1 is greedy
+        text = mlx_dlm.generate(model, tok, prompt, max_tokens=30, temp=1.0, top_k=top_k, top_p=top_p, seed=3)
+        assert text == tok.decode(ids), (top_k, top_p)
+
+
+@pytest.mark.parametrize("model_type, prompt_len", [("ar", 5), ("ar", 20), ("dlm", 5)])
+def test_samplers_never_propose_ids_the_tokenizer_lacks(model_type, prompt_len):
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    vocab = tok.vocab_size + 4  # a model head wider than its tokenizer, as converted checkpoints can have
+    model = init_model(preset_args("simple_dlm", vocab_size=vocab, dim=32, n_layers=2, hidden_dim=64, max_seq_len=16,
+                                   model_type=model_type, output_bias=True), seed=4)
+    model.lm_head.bias = mx.array(np.where(np.arange(vocab) >= tok.vocab_size, 50.0, 0.0).astype(np.float32))
+    prompt = "the quick brown fox jumps"[:prompt_len]
+    window = mx.array([tok.encode(prompt)[-16:]])
+    t = mx.array([0.5]) if model_type == "dlm" else None
+    assert (np.array(model(window, t)).argmax(-1) >= tok.vocab_size).all()  # unfiltered, these ids win everywhere
+    for temp, top_k, top_p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 3, 0.9)]:
+        last = None
+        for last in stream_generate(model, tok, prompt, max_tokens=10 if model_type == "dlm" else 30, temp=temp,
+                                    top_k=top_k, top_p=top_p, seed=1, num_samples=2):
+            pass
+        assert (last.tokens < tok.vocab_size).all() and (last.tokens != tok.mask_id).all(), (temp, top_k, top_p)
