@@ -460,13 +460,11 @@ def test_upload_repo_uploads_the_converted_directory(tmp_path, text_file, monkey
     assert config["source"] == "simple_dlm" and config["dtype"] == "float32"
 
 
-def test_help_documents_every_flag_and_the_parser_refuses_what_it_must(capsys):
+def test_help_and_the_parser_refusals(capsys):
     with pytest.raises(SystemExit) as exc:
         convert.main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert exc.value.code == 0 and shown.startswith("usage: mlx_dlm.convert ")
-    for text in convert.HELP.values():
-        assert text in shown, text
+    assert exc.value.code == 0 and shown.startswith("usage: mlx_dlm.convert ")  # each help text: test_cli
     args = convert.setup_arg_parser().parse_args(["hf", "some/model", "--out", "o", "-q"])
     assert (args.q_bits, args.q_group_size, args.dtype, args.force) == (4, 64, None, False)  # as README documents
     for bits, group, dtype in [(8, 32, "float16"), (4, 128, "bfloat16"), (8, 64, "float32")]:
