@@ -130,3 +130,28 @@ def test_fill_with_nothing_to_fill_returns_the_canvases(tiny):
     canvases = np.array([tok.encode("ROMEO: "), tok.encode("JULIET:")], dtype=np.int32)
     out = fill(model, tok.mask_id, canvases, np.zeros(canvases.shape[1], bool), steps=4)
     np.testing.assert_array_equal(out, canvases)
+
+
+def test_fill_in_one_step_is_one_forward_argmax_and_samples_above_temp_0():
+    """fill commits every position from one pass of the whole canvas (no blocks, no top-k at temp > 0)."""
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.sample import fill
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("ROMEO: O, she doth teach JULIET: Good night")
+    # Untrained: its predictions depend on every position, so a block-by-block fill would differ from one pass.
+    model = init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
+                                   max_seq_len=32), seed=2)
+    canvases = np.array([tok.encode(s) for s in ("ROMEO: O, she doth teach", "JULIET: Good night, good")],
+                        dtype=np.int32)
+    editable = np.zeros(canvases.shape[1], bool)
+    editable[7:19] = True
+    greedy = fill(model, tok.mask_id, canvases, editable, steps=1)
+    masked = np.where(editable, tok.mask_id, canvases)
+    logits = forward(model, masked, np.full(len(canvases), editable.mean(), np.float32))
+    logits[..., tok.mask_id] = -np.inf
+    np.testing.assert_array_equal(greedy, np.where(editable, logits.argmax(-1), canvases))
+    sampled = [fill(model, tok.mask_id, canvases, editable, steps=1, temp=1.0, seed=s) for s in range(3)]
+    np.testing.assert_array_equal(sampled[0], fill(model, tok.mask_id, canvases, editable, steps=1, temp=1.0))
+    assert all((s[:, ~editable] == canvases[:, ~editable]).all() for s in sampled)
+    assert any((s != greedy).any() for s in sampled)  # temp 1 draws from the distribution, not its argmax
