@@ -63,15 +63,25 @@ def test_filters_match_numpy():
         assert set(np.flatnonzero(kept_p[i])) == set(order[:n])
 
 
-@pytest.mark.parametrize("prompt_len", [5, 20])  # shorter and longer than the context of 16
-def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
+def _untrained(model_type="ar", extra_ids=0, seed=4):
+    """A tiny untrained model of context 16 (learned positions: no cache rolling) over 27 characters, its head
+    wider than the tokenizer by extra_ids (as converted checkpoints can have)."""
     from mlx_dlm.model import init_model, preset_args
     from mlx_dlm.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
-    model = init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
-                                   max_seq_len=16, model_type="ar"), seed=4)  # learned positions: no cache rolling
-    prompt = "the quick brown fox jumps"[:prompt_len]
+    return init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size + extra_ids, dim=32, n_layers=2,
+                                  hidden_dim=64, max_seq_len=16, model_type=model_type, output_bias=True),
+                      seed=seed), tok
+
+
+PROMPT = "the quick brown fox jumps"
+
+
+@pytest.mark.parametrize("prompt_len", [5, 20])  # shorter and longer than the context of 16
+def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
+    model, tok = _untrained()
+    prompt = PROMPT[:prompt_len]
     last = None
     for last in stream_generate(model, tok, prompt, max_tokens=30, temp=0.0, seed=0):
         pass
@@ -85,19 +95,16 @@ def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
     for top_k, top_p in [(1, 1.0), (0, 1e-6)]:  # either filter keeps only the argmax: sampling at temp 1 is greedy
         text = mlx_dlm.generate(model, tok, prompt, max_tokens=30, temp=1.0, top_k=top_k, top_p=top_p, seed=3)
         assert text == tok.decode(ids), (top_k, top_p)
+    drawn = [mlx_dlm.generate(model, tok, prompt, max_tokens=30, temp=1.0, seed=s) for s in (5, 5, 6)]
+    assert drawn[0] == drawn[1] != drawn[2]  # a seed fixes every draw, in the window steps too
 
 
 @pytest.mark.parametrize("model_type, prompt_len", [("ar", 5), ("ar", 20), ("dlm", 5)])
 def test_samplers_never_propose_ids_the_tokenizer_lacks(model_type, prompt_len):
-    from mlx_dlm.model import init_model, preset_args
-    from mlx_dlm.tokenizer import CharTokenizer
-
-    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
-    vocab = tok.vocab_size + 4  # a model head wider than its tokenizer, as converted checkpoints can have
-    model = init_model(preset_args("simple_dlm", vocab_size=vocab, dim=32, n_layers=2, hidden_dim=64, max_seq_len=16,
-                                   model_type=model_type, output_bias=True), seed=4)
+    model, tok = _untrained(model_type, extra_ids=4)
+    vocab = model.args.vocab_size
     model.lm_head.bias = mx.array(np.where(np.arange(vocab) >= tok.vocab_size, 50.0, 0.0).astype(np.float32))
-    prompt = "the quick brown fox jumps"[:prompt_len]
+    prompt = PROMPT[:prompt_len]
     window = mx.array([tok.encode(prompt)[-16:]])
     t = mx.array([0.5]) if model_type == "dlm" else None
     assert (np.array(model(window, t)).argmax(-1) >= tok.vocab_size).all()  # unfiltered, these ids win everywhere
@@ -107,3 +114,16 @@ def test_samplers_never_propose_ids_the_tokenizer_lacks(model_type, prompt_len):
                                     top_k=top_k, top_p=top_p, seed=1, num_samples=2):
             pass
         assert (last.tokens < tok.vocab_size).all() and (last.tokens != tok.mask_id).all(), (temp, top_k, top_p)
+
+
+@pytest.mark.parametrize("model_type, prompt_len", [("ar", 5), ("ar", 20), ("dlm", 5)])
+def test_samplers_see_weights_changed_after_their_first_use(model_type, prompt_len):
+    """Training samples at each validation from the model it keeps updating: the sampler's compiled steps
+    (kept per model) must read the current weights."""
+    model, tok = _untrained(model_type)
+    other, _ = _untrained(model_type, seed=5)  # a fresh model object: its sampler is built anew
+    options = dict(max_tokens=10 if model_type == "dlm" else 30, temp=0.0, steps=5)
+    before = mlx_dlm.generate(model, tok, PROMPT[:prompt_len], **options)
+    model.update(other.parameters())
+    after = mlx_dlm.generate(model, tok, PROMPT[:prompt_len], **options)
+    assert after == mlx_dlm.generate(other, tok, PROMPT[:prompt_len], **options) != before

@@ -132,16 +132,21 @@ def test_fill_with_nothing_to_fill_returns_the_canvases(tiny):
     np.testing.assert_array_equal(out, canvases)
 
 
-def test_fill_in_one_step_is_one_forward_argmax_and_samples_above_temp_0():
-    """fill commits every position from one pass of the whole canvas (no blocks, no top-k at temp > 0)."""
+def _untrained():
+    """An untrained model: its predictions depend on every position (a trained tiny one barely looks around)."""
     from mlx_dlm.model import init_model, preset_args
-    from mlx_dlm.sample import fill
     from mlx_dlm.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("ROMEO: O, she doth teach JULIET: Good night")
-    # Untrained: its predictions depend on every position, so a block-by-block fill would differ from one pass.
-    model = init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
-                                   max_seq_len=32), seed=2)
+    return init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
+                                  max_seq_len=32), seed=2), tok
+
+
+def test_fill_in_one_step_is_one_forward_argmax_and_samples_above_temp_0():
+    """fill commits every position from one pass of the whole canvas (no blocks, no top-k at temp > 0)."""
+    from mlx_dlm.sample import fill
+
+    model, tok = _untrained()
     canvases = np.array([tok.encode(s) for s in ("ROMEO: O, she doth teach", "JULIET: Good night, good")],
                         dtype=np.int32)
     editable = np.zeros(canvases.shape[1], bool)
@@ -155,3 +160,25 @@ def test_fill_in_one_step_is_one_forward_argmax_and_samples_above_temp_0():
     np.testing.assert_array_equal(sampled[0], fill(model, tok.mask_id, canvases, editable, steps=1, temp=1.0))
     assert all((s[:, ~editable] == canvases[:, ~editable]).all() for s in sampled)
     assert any((s != greedy).any() for s in sampled)  # temp 1 draws from the distribution, not its argmax
+
+
+def test_fill_one_position_per_step_follows_confidence_like_numpy():
+    """steps = positions: each step commits the argmax at the masked position the model is surest of
+    (LLaDA's low-confidence remasking), recomputed in float64 numpy from the canvas so far."""
+    from mlx_dlm.sample import fill
+
+    model, tok = _untrained()
+    canvases = np.array([tok.encode(s) for s in ("ROMEO: O, she doth", "JULIET: Good night")], dtype=np.int32)
+    editable = np.zeros(canvases.shape[1], bool)
+    editable[[3, 6, 7, 8, 12, 15]] = True
+    x = np.where(editable, tok.mask_id, canvases)
+    for _ in range(editable.sum()):
+        hidden = x == tok.mask_id
+        logits = forward(model, x, hidden.mean(axis=1).astype(np.float32)).astype(np.float64)
+        logits[..., tok.mask_id] = -np.inf
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        where = np.where(hidden, p.max(-1), -1.0).argmax(axis=1)
+        rows = np.arange(len(x))
+        x[rows, where] = p[rows, where].argmax(-1)
+    np.testing.assert_array_equal(fill(model, tok.mask_id, canvases, editable, steps=int(editable.sum())), x)
