@@ -1,4 +1,5 @@
 import json
+import os
 from functools import partial
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, user_error
 
 
 def _params(model):
@@ -227,6 +228,54 @@ def test_arch_overrides_are_checked(tmp_path, small_text_path):
         train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--arch", "depth=3"]))
     assert train.parse_arch(["time_cond=false", "n_heads=2", "pos_emb=rope"]) == \
         {"time_cond": False, "n_heads": 2, "pos_emb": "rope"}
+
+
+TRAIN_REFUSALS = [
+    *[([flag, "0"], f"{flag} must be at least 1")
+      for flag in ("--iters", "--batch-size", "--report-every", "--eval-every", "--eval-batches")],
+    (["--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--cpu-streams", "0"], "--cpu-streams must be at least 1 and divide --batch-size 16, got 0"),
+    (["--batch-size", "6", "--cpu-streams", "4"], "--cpu-streams must be at least 1 and divide --batch-size 6, got 4"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--ema", "-0.1"], "--ema must be a decay in [0, 1) (0: off), got -0.1"),
+    (["--ema", "1"], "--ema must be a decay in [0, 1) (0: off), got 1.0"),
+    (["--preset", "galactic"], "unknown preset 'galactic' (choose from tiny, simple_dlm, base, small)"),
+]
+TRAIN_ACCEPTED = [  # the edge values next to each refusal
+    ["--iters", "1", "--batch-size", "1", "--report-every", "1", "--eval-every", "1", "--eval-batches", "1",
+     "--seq-len", "2"],
+    ["--cpu-streams", "1"], ["--batch-size", "6", "--cpu-streams", "3"], ["--learning-rate", "1e-9"],
+    ["--dropout", "0"], ["--dropout", "0.99"], ["--ema", "0"], ["--ema", "0.999"],
+]
+
+
+def test_training_flags_are_refused_at_their_bounds_and_accepted_next_to_them():
+    parse = train.setup_arg_parser().parse_args
+    for argv, message in TRAIN_REFUSALS:
+        assert user_error(train._check_args, parse(argv)) == message, argv
+    for argv in TRAIN_ACCEPTED:
+        train._check_args(parse(argv))
+    fields = "attn_out_proj, bias, dim, dropout"  # the start of ModelArgs' sorted field names
+    assert user_error(train._check_args, parse(["--arch", "n_layers"])).startswith(
+        f"--arch 'n_layers': expected KEY=VALUE with KEY one of {fields}")
+    assert ", model_type" not in user_error(train.parse_arch, ["model_type=ar"])  # set by --objective instead
+
+
+def test_cpu_streams_are_for_the_cpu_backend(monkeypatch):
+    parse = train.setup_arg_parser().parse_args
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert train.default_cpu_streams(64, 128) == 1  # one core: nothing to share out
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train.default_cpu_streams(16, 64) == 2 and train.default_cpu_streams(16, 63) == 1  # 1024 tokens split
+    assert train.default_cpu_streams(15, 1024) == 1  # an odd batch does not split evenly
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # as on a Mac (no GPU here)
+    assert train.default_cpu_streams(64, 128) == 1
+    assert user_error(train._check_args, parse(["--cpu-streams", "2"])) == \
+        f"--cpu-streams applies to MLX's CPU backend; this run uses {mx.gpu}"
+    train._check_args(parse(["--cpu-streams", "1"]))
+    train._check_args(parse([]))
 
 
 def test_half_precision_weights_compute_in_float32_on_cpu(tmp_path):
