@@ -265,8 +265,9 @@ def test_training_flags_are_refused_at_their_bounds_and_accepted_next_to_them():
 
 def test_cpu_streams_are_for_the_cpu_backend(monkeypatch):
     parse = train.setup_arg_parser().parse_args
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert train.default_cpu_streams(64, 128) == 1  # one core: nothing to share out
+    for cores in (1, None):  # one core, or an unknown count: nothing to share out
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert train.default_cpu_streams(64, 128) == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert train.default_cpu_streams(16, 64) == 2 and train.default_cpu_streams(16, 63) == 1  # 1024 tokens split
     assert train.default_cpu_streams(15, 1024) == 1  # an odd batch does not split evenly

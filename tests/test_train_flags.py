@@ -47,6 +47,28 @@ def test_learning_rate_follows_warmup_then_cosine_to_the_floor(tmp_path, small_t
     assert rows[warmup]["lr"] == pytest.approx(peak) and rows[-1]["lr"] < peak * (floor + 0.05)
 
 
+def _rates(*flags, updates):
+    """The learning rate of each of the first `updates` updates of make_optimizer's AdamW."""
+    optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--learning-rate", "0.01", *flags]))
+    params = {"w": mx.zeros(2)}
+    optimizer.init(params)
+    rates = []
+    for _ in range(updates):
+        params = optimizer.apply_gradients({"w": mx.zeros(2)}, params)
+        rates.append(optimizer.learning_rate.item())
+    return rates
+
+
+def test_learning_rate_schedule_at_its_edges():
+    cosine = [0.01 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    assert _rates("--iters", "4", "--warmup", "0", "--min-lr-ratio", "0.5", updates=4) == pytest.approx(cosine)
+    # A warm-up as long as the run is cut to iters - 1 steps, so the last update still reaches the peak.
+    assert _rates("--iters", "5", "--warmup", "100", updates=5) == pytest.approx([0, 0.0025, 0.005, 0.0075, 0.01])
+    assert _rates("--iters", "1", "--warmup", "100", updates=1) == pytest.approx([0.01])  # one update: the peak
+    # One warm-up step: the first update at rate 0, then cosine from the peak to 0.1 of it over the other two.
+    assert _rates("--iters", "3", "--warmup", "1", updates=3) == pytest.approx([0, 0.01, 0.01 * (0.1 + 0.9 * 0.5)])
+
+
 @pytest.mark.parametrize("clip", [1e-3, 0.0])
 def test_grad_clip_bounds_the_update(tmp_path, small_text_path, clip):
     """After one AdamW step from zero state, the first moments are (1 - beta1) x the (clipped) gradient."""
