@@ -222,6 +222,36 @@ def test_resume_takes_the_runs_settings_from_the_checkpoint(tmp_path, small_text
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 12
 
 
+def test_resume_settings_take_the_checkpoints_values_unless_given(capsys):
+    parse = train.setup_arg_parser().parse_args
+    saved = vars(parse(["--batch-size", "4", "--iters", "10", "--data", "a.txt", "--out", "old", "--eval-batches",
+                        "2", "--arch", "n_layers=1"])) | {"retired_flag": 1}  # a flag this version no longer has
+    args = parse(["--resume", "--out", "new", "--iters", "20", "--eval-batches", "3", "--data", "b.txt",
+                  "--report-every", "7"])
+    given = {"resume", "out", "iters", "eval_batches", "data", "report_every"}
+    assert train.explicit_settings(args) == given
+    assert train.explicit_settings(parse(["--batch-size", "16", "--iters", "9"])) == {"iters"}  # 16: the default
+    expected = {k: v for k, v in saved.items() if k != "retired_flag"}
+    expected |= {"out": "new", "resume": True, "iters": 20, "eval_batches": 3, "data": "b.txt", "report_every": 7}
+    assert vars(train.resume_settings(args, given, saved)) == expected  # data: checked by its sha256 instead
+    assert capsys.readouterr().err.splitlines() == [
+        "note: --iters changed on resume: the cosine schedule now ends at step 20 (was 10)",
+        "note: --eval-batches changed on resume: validation now uses 3 batches (was 2): losses are not comparable "
+        "across the change"]
+    merged = train.resume_settings(parse(["--resume"]), set(), saved)  # where and whether: never the checkpoint's
+    assert (merged.out, merged.resume) == ("checkpoints", True)
+    train.resume_settings(args, given, saved, verbose=False)  # the other processes of a distributed run
+    assert capsys.readouterr().err == ""
+    for flag, value, shown in [("--batch-size", "8", "8"), ("--learning-rate", "0.5", "0.5"),
+                               ("--arch", "n_layers=2", "['n_layers=2']"), ("--objective", "ar", "ar")]:
+        name = flag[2:].replace("-", "_")
+        args = parse(["--resume", "--out", "new", flag, value])
+        assert user_error(train.resume_settings, args, {name}, saved) == (
+            f"{flag} {shown} contradicts the checkpoint in new, which was trained with {saved[name]!r}; drop the "
+            "flag to continue that run")
+        train.resume_settings(parse(["--resume", "--out", "new", flag, value]), set(), saved)  # not given: fine
+
+
 def test_arch_overrides_are_checked(tmp_path, small_text_path):
     parse = train.setup_arg_parser().parse_args
     with pytest.raises(UserError, match="expected KEY=VALUE"):
