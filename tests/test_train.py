@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from functools import partial
 
 import mlx.core as mx
@@ -95,7 +96,13 @@ def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
     assert json.loads((tiny_model_dir / "state.json").read_text())["step"] == 40
 
 
-def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, capsys):
+@pytest.mark.parametrize("flags, kind, arch, init, streams, bound", [
+    ([], "dlm", "", "local", "", "ELBO"),
+    (["--objective", "ar", "--ema", "0.9", "--arch", "n_layers=1", "--init", "simple_dlm", "--cpu-streams", "2"],
+     "ar", ", arch ['n_layers=1']", "simple_dlm", ", 2 CPU streams", "NLL, EMA weights"),
+])
+def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, capsys, flags, kind, arch, init,
+                                                  streams, bound):
     """The printed lines (mlx-lm's style) carry the metrics rows' values, in the order the cadence flags ask."""
     import ast
     import re
@@ -103,15 +110,17 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
     from mlx_dlm import blas
 
     text, out = small_text_path.read_text(), tmp_path / "run"
+    tic = time.perf_counter()
     train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "12", "--report-every", "5",
-                "--eval-every", "6", "--sample-tokens", "16"])
+                "--eval-every", "6", "--sample-tokens", "16", *flags])
+    seconds = time.perf_counter() - tic
     lines = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     model, _ = mlx_dlm.load(out)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    assert lines[0] == (f"mlx_dlm.train: dlm model (tiny preset, local init), {params / 1e6:.2f}M parameters, vocab "
-                        f"{len(set(text)) + 1} (char), {round(len(text) * 0.9):,} train tokens, batch 8 x 64, device "
-                        f"{mx.default_device()}, blas {blas.status}")
+    assert lines[0] == (f"mlx_dlm.train: {kind} model (tiny preset{arch}, {init} init), {params / 1e6:.2f}M "
+                        f"parameters, vocab {len(set(text)) + 1} (char), {round(len(text) * 0.9):,} train tokens, "
+                        f"batch 8 x 64, device {mx.default_device()}, blas {blas.status}{streams}")
     assert lines[-1] == f"Saved model to {out} (step 12)"
     kinds = [line.split(":")[1].split()[0] if line.startswith("Iter ") else line.split(":")[0] for line in lines[1:-1]]
     assert kinds == ["Val", "Train", "Val", "Sample", "Train", "Train", "Val", "Sample"]  # reports 5, 10, 12; vals 0, 6, 12
@@ -122,13 +131,17 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
         assert r["tokens_per_sec"] == pytest.approx(r["it_per_sec"] * 8 * 64)
         assert line == (f"Iter {r['step']}: Train loss {r['train_loss']:.3f}, Learning Rate {r['lr']:.3e}, "
                         f"It/sec {r['it_per_sec']:.2f}, Tokens/sec {r['tokens_per_sec']:.0f}")
-    val_lines = [re.fullmatch(r"Iter (\d+): Val loss (\S+) nats/token, (\S+) bits/char \(ELBO\), Val took (\S+)s", line)
-                 for line in lines if "Val loss" in line]
+    val_lines = [re.fullmatch(rf"Iter (\d+): Val loss (\S+) nats/token, (\S+) bits/char \({bound}\), Val took (\S+)s",
+                              line) for line in lines if "Val loss" in line]
     for match, r in zip(val_lines, val_rows, strict=True):
-        assert int(match[1]) == r["step"] and float(match[4]) >= 0
+        assert int(match[1]) == r["step"] and 0 <= float(match[4]) <= seconds
         assert (float(match[2]), float(match[3])) == (round(r["val_loss"], 3), round(r["val_bpc"], 3))
     samples = [ast.literal_eval(line[len("Sample: "):]) for line in lines if line.startswith("Sample: ")]
-    assert [len(s) for s in samples] == [16, 16] and set("".join(samples)) <= set(text)
+    start = "\n" if kind == "ar" else ""  # an AR model starts from a newline, as nanoGPT's sample.py does
+    assert all(s.startswith(start) and len(s) == len(start) + 16 for s in samples) and len(samples) == 2
+    assert set("".join(samples)) <= set(text)
+    model, tok = mlx_dlm.load(out)  # the last sample: from the saved (step 12) weights, seeded by the step
+    assert samples[-1] == mlx_dlm.generate(model, tok, "", max_tokens=16, steps=4, seed=12)
 
 
 def test_save_load_identical_logits(tmp_path):
