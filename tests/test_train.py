@@ -144,6 +144,31 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
     assert samples[-1] == mlx_dlm.generate(model, tok, "", max_tokens=16, steps=4, seed=12)
 
 
+def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_save_every(tmp_path, small_text_path):
+    """A row every 4 steps holds the mean of the per-step losses a row-per-step run logs (same seed, same draws);
+    its rate is its steps over the training seconds it adds; FLOPs grow by a fixed amount per step; checkpoints
+    land every --save-every steps and at the end (else every --eval-every)."""
+    parse = train.setup_arg_parser().parse_args
+    common = ["--data", str(small_text_path), *TINY_TRAIN, "--iters", "10"]
+    saved = {}
+    for name, flags in [("each", ["--report-every", "1", "--eval-every", "4"]),
+                        ("fours", ["--report-every", "4", "--eval-every", "1000", "--save-every", "3"])]:
+        steps = saved.setdefault(name, [])
+        train.train(parse([*common, *flags, "--out", str(tmp_path / name)]), steps.append)
+    assert saved == {"each": [4, 8, 10], "fours": [3, 6, 9, 10]}
+    each, fours = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                    if "train_loss" in line] for name in ("each", "fours"))
+    losses = [r["train_loss"] for r in each]
+    assert [r["step"] for r in fours] == [4, 8, 10]
+    assert [r["train_loss"] for r in fours] == pytest.approx([np.mean(losses[0:4]), np.mean(losses[4:8]),
+                                                             np.mean(losses[8:10])], rel=1e-6)
+    seconds = [0.0] + [r["train_seconds"] for r in fours]
+    assert [r["it_per_sec"] * (b - a) for r, a, b in zip(fours, seconds, seconds[1:])] == pytest.approx([4, 4, 2])
+    model, _ = mlx_dlm.load(tmp_path / "fours")
+    per_step = 3 * model.flops_per_token(64) * 8 * 64  # forward + backward over 8 windows of 64 predicted tokens
+    assert [r["flops"] for r in fours] == pytest.approx([4 * per_step, 8 * per_step, 10 * per_step])
+
+
 def test_save_load_identical_logits(tmp_path):
     from mlx_dlm.tokenizer import CharTokenizer
 
