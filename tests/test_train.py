@@ -15,7 +15,7 @@ from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN, user_error
+from conftest import TINY_TRAIN, cli_error, user_error
 
 
 def _params(model):
@@ -187,7 +187,8 @@ class _Crash(Exception):
 
 
 def test_resume_continues_exactly(tmp_path, small_text_path):
-    common = ["--data", str(small_text_path), "--iters", "12", "--save-every", "4", "--eval-every", "6", *TINY_TRAIN]
+    common = ["--data", str(small_text_path), "--iters", "12", "--save-every", "4", "--eval-every", "6", *TINY_TRAIN,
+              "--report-every", "4"]  # no report window spans the resume at step 8
     straight = train.train(train.setup_arg_parser().parse_args([*common, "--out", str(tmp_path / "a")]))
 
     def crash_at_8(step):
@@ -203,8 +204,7 @@ def test_resume_continues_exactly(tmp_path, small_text_path):
     pa, pb = _params(a), _params(b)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)  # bit-identical
-    # Timings differ; so does train_loss of the row whose window (steps 1-10) spans the resume at step 8.
-    timing = ("it_per_sec", "tokens_per_sec", "train_seconds", "train_loss")
+    timing = ("it_per_sec", "tokens_per_sec", "train_seconds")
 
     def rows(path):
         return [{k: v for k, v in json.loads(x).items() if k not in timing}
@@ -219,6 +219,49 @@ def test_refuses_to_overwrite_and_resume_needs_checkpoint(tmp_path, small_text_p
         train.train(parse(["--data", str(small_text_path), "--out", str(tiny_model_dir), *TINY_TRAIN]))
     with pytest.raises(UserError, match="no complete checkpoint to resume"):
         train.train(parse(["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--resume", *TINY_TRAIN]))
+
+
+def test_prepare_refuses_what_would_lose_or_mix_runs(tmp_path, small_text_path, monkeypatch, capsys):
+    parse = train.setup_arg_parser().parse_args
+    base = ["--data", str(small_text_path), *TINY_TRAIN]
+    for name in ("config.json", "state.json"):  # a model file alone, or a training state alone, is a model
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("{}")
+        assert user_error(train.prepare, parse([*base, "--out", str(out)])) == (
+            f"{out} already holds a model: pass --resume to continue it, or choose another --out")
+    assert user_error(train.prepare, parse([*base, "--out", str(tmp_path / "c"), "--seq-len", "257"])) == \
+        "--seq-len 257 exceeds the model's context of 256"
+    assert train.prepare(parse([*base, "--out", str(tmp_path / "c"), "--seq-len", "256"])).args.seq_len == 256
+    stale = tmp_path / "stale"  # rows of an earlier run that stopped before its first checkpoint
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text('{"step": 99, "val_loss": 1.0}\n')
+    train.prepare(parse([*base, "--out", str(stale)]))
+    assert not (stale / "metrics.jsonl").exists()
+
+    other = tmp_path / "other.txt"
+    other.write_text(small_text_path.read_text()[:-1] + "?")
+    train.main([*base, "--iters", "2", "--eval-every", "2", "--out", str(tmp_path / "r")])
+    assert cli_error(capsys, train.main, ["--resume", "--out", str(tmp_path / "r"), "--data", str(other)]) == (
+        f"the data ({other}) differs from the corpus this checkpoint was trained on (sha256 mismatch)")
+    monkeypatch.setattr(train.data, "read_corpus", lambda path: small_text_path.read_text() if path is None else "")
+    train.main([*TINY_TRAIN, "--iters", "2", "--eval-every", "2", "--out", str(tmp_path / "d")])  # the default corpus
+    monkeypatch.setattr(train.data, "read_corpus", lambda path: other.read_text())  # as if it had changed
+    assert cli_error(capsys, train.main, ["--resume", "--out", str(tmp_path / "d")]) == (
+        "the data (Tiny Shakespeare) differs from the corpus this checkpoint was trained on (sha256 mismatch)")
+
+
+@pytest.mark.parametrize("text_len, validates", [(800, True), (790, False)])
+def test_validation_needs_one_window_of_held_out_tokens(tmp_path, text_len, validates, capsys, shakespeare):
+    """--val-fraction 0.1 of 800 characters is 80 tokens: exactly one window of 80 validates; 79 cannot."""
+    data = tmp_path / "t.txt"
+    data.write_text(shakespeare[:text_len])
+    train.main(["--data", str(data), "--out", str(tmp_path / "o"), *TINY_TRAIN, "--seq-len", "80", "--iters", "2",
+                "--eval-every", "2", "--batch-size", "2"])
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == ([0, 2] if validates else [])
+    note = "note: validation split has fewer than 80 tokens; skipping validation"
+    assert capsys.readouterr().err.splitlines() == ([] if validates else [note])
 
 
 def test_sentencepiece_training_run(tmp_path, small_text_path):
