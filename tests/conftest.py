@@ -37,6 +37,23 @@ if os.environ.get("MUTANT_UNDER_TEST"):
     _alias_mutated_convert()
 
 
+@pytest.fixture(autouse=True)
+def _sampler_built_afresh_while_mutmut_maps_tests():
+    """While mutmut records which tests reach which function (its "stats" run), each test starts with no compiled
+    sampler steps kept on the models it shares with other tests (`sample._memo`), so that every test reaching a
+    sampler step builds it and is recorded as reaching it. Otherwise only the first test of a configuration
+    counted: a remasking test reused the step a plain test had built, and mutmut never ran it on its mutants."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        import gc
+
+        from mlx_dlm.model import Model
+
+        for obj in gc.get_objects():
+            if isinstance(obj, Model):
+                obj.__dict__.pop("_mlx_dlm_sampling", None)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Under mutmut, while a mutant is tested, run its tests fastest first (durations from mutmut's own stats).
 
