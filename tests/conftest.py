@@ -121,6 +121,19 @@ def small_text_path(tmp_path_factory, shakespeare) -> Path:
     return path
 
 
+def untrained(text: str, max_seq_len: int, model_type: str = "dlm", extra_ids: int = 0, seed: int = 4):
+    """(model, tokenizer): a tiny untrained model over the characters of text, its head wider than the tokenizer by
+    extra_ids (as converted checkpoints can have). Its predictions depend on every position, where a briefly
+    trained tiny model barely looks around, so tests of what a sampler conditions on can tell the difference."""
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text(text)
+    return init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size + extra_ids, dim=32, n_layers=2,
+                                  hidden_dim=64, max_seq_len=max_seq_len, model_type=model_type, output_bias=True),
+                      seed=seed), tok
+
+
 TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "64", "--report-every", "10",
               "--eval-batches", "2", "--sample-tokens", "0", "--seed", "0"]
 

@@ -9,6 +9,8 @@ import pytest
 import mlx_dlm
 from mlx_dlm.sample import filter_logits, stream_generate
 
+from conftest import untrained
+
 
 @pytest.fixture(scope="module")
 def ar(tiny_ar_dir):
@@ -64,15 +66,8 @@ def test_filters_match_numpy():
 
 
 def _untrained(model_type="ar", extra_ids=0, seed=4):
-    """A tiny untrained model of context 16 (learned positions: no cache rolling) over 27 characters, its head
-    wider than the tokenizer by extra_ids (as converted checkpoints can have)."""
-    from mlx_dlm.model import init_model, preset_args
-    from mlx_dlm.tokenizer import CharTokenizer
-
-    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
-    return init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size + extra_ids, dim=32, n_layers=2,
-                                  hidden_dim=64, max_seq_len=16, model_type=model_type, output_bias=True),
-                      seed=seed), tok
+    """Context 16 (learned positions: no cache rolling) over 27 characters."""
+    return untrained("abcdefghijklmnopqrstuvwxyz ", 16, model_type, extra_ids, seed)
 
 
 PROMPT = "the quick brown fox jumps"

@@ -6,6 +6,7 @@ import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.sample import commit_schedule, stream_generate
 
+from conftest import untrained
 from reference import forward
 
 
@@ -133,13 +134,7 @@ def test_fill_with_nothing_to_fill_returns_the_canvases(tiny):
 
 
 def _untrained():
-    """An untrained model: its predictions depend on every position (a trained tiny one barely looks around)."""
-    from mlx_dlm.model import init_model, preset_args
-    from mlx_dlm.tokenizer import CharTokenizer
-
-    tok = CharTokenizer.from_text("ROMEO: O, she doth teach JULIET: Good night")
-    return init_model(preset_args("simple_dlm", vocab_size=tok.vocab_size, dim=32, n_layers=2, hidden_dim=64,
-                                  max_seq_len=32), seed=2), tok
+    return untrained("ROMEO: O, she doth teach JULIET: Good night", 32, seed=2)
 
 
 def test_fill_in_one_step_is_one_forward_argmax_and_samples_above_temp_0():

@@ -13,7 +13,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.sample import STRATEGIES, build_canvas, commit_schedule, stream_generate
 from mlx_dlm.view import TerminalView, save_frames
 
-from conftest import user_error
+from conftest import untrained, user_error
 from reference import forward
 
 generate_cli = importlib.import_module("mlx_dlm.generate")
@@ -157,6 +157,8 @@ def test_option_errors(tiny):
                              (dict(schedule="exp"), "unknown schedule")]:
         with pytest.raises(UserError, match=message):
             mlx_dlm.generate(model, tok, "A", max_tokens=8, **options)
+    assert user_error(mlx_dlm.generate, model, tok, "A", max_tokens=8, schedule="exp") == \
+        "unknown schedule 'exp' (choose from linear, cosine)"
 
 
 # Every option at the last value it accepts and the first it refuses, with the whole one-line message.
@@ -280,23 +282,27 @@ def test_generation_stops_at_the_block_holding_eot_and_cuts_the_text():
         "ab" + five * 10
 
 
-def test_cfg_first_step_matches_two_plain_forwards(tiny):
-    model, tok = tiny
-    s = 1.5
-    first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, cfg_scale=s, seed=0)[0]
+@pytest.mark.parametrize("scale", [0.5, 1.5, 3.0])
+def test_cfg_step_matches_two_plain_forwards(scale):
+    """Guidance (LLaDA): logits = uncond + (s + 1)(cond - uncond), the unconditional pass with the given text masked
+    too. One step commits every position at the guided argmax; eight commit the most confident first."""
+    model, tok = untrained("ROMEO: abcdefghijklmnopqrstuvwxyz", 32)
     ids = np.array(tok.encode("ROMEO:") + [tok.mask_id] * 8)
-    uncond = np.where(np.arange(14) < 6, tok.mask_id, ids)  # the given text masked too
-    t_c, t_u = 8 / 14, 14 / 14
-    cond_l = np.array(model(mx.array(ids[None]), mx.array([t_c])), dtype=np.float64)[0]
-    unc_l = np.array(model(mx.array(uncond[None]), mx.array([t_u])), dtype=np.float64)[0]
-    logits = unc_l + (s + 1) * (cond_l - unc_l)
+    uncond = np.where(np.arange(14) < 6, tok.mask_id, ids)
+    cond_l = np.array(model(mx.array(ids[None]), mx.array([8 / 14])), dtype=np.float64)[0]
+    unc_l = np.array(model(mx.array(uncond[None]), mx.array([14 / 14])), dtype=np.float64)[0]
+    logits = unc_l + (scale + 1) * (cond_l - unc_l)
     logits[:, tok.mask_id] = -np.inf
+    guided = logits.argmax(-1)
+    cond_l[:, tok.mask_id] = -np.inf
+    assert (guided[6:] != cond_l[6:].argmax(-1)).any()  # guidance changes some of the picks
+    one = _run(model, tok, max_tokens=8, steps=1, temp=0.0, cfg_scale=scale, seed=0)[0]
+    assert one.tokens[0, 6:].tolist() == guided[6:].tolist() and one.forward_tokens == 2 * 14  # two passes a step
+    first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, cfg_scale=scale, seed=0)[0]
     prob = np.exp(logits - logits.max(-1, keepdims=True))
     prob /= prob.sum(-1, keepdims=True)
-    best = 6 + int(np.argmax(prob[6:].max(-1)))  # one commit: the most confident masked position
-    assert np.flatnonzero(first.committed[0]).tolist() == [best]
-    assert first.tokens[0, best] == int(np.argmax(logits[best]))
-    assert first.forward_tokens == 2 * 14  # two passes per step
+    best = 6 + int(np.argmax(prob[6:].max(-1)))
+    assert np.flatnonzero(first.committed[0]).tolist() == [best] and first.tokens[0, best] == guided[best]
 
 
 def test_alg_temp_limits(tiny):
