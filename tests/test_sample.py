@@ -177,3 +177,12 @@ def test_fill_one_position_per_step_follows_confidence_like_numpy():
         rows = np.arange(len(x))
         x[rows, where] = p[rows, where].argmax(-1)
     np.testing.assert_array_equal(fill(model, tok.mask_id, canvases, editable, steps=int(editable.sum())), x)
+
+
+def test_top_k_or_top_p_keeping_only_the_argmax_sample_greedily():
+    model, tok = _untrained()
+    greedy = mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=12, steps=4, temp=0.0)
+    for top_k, top_p in [(1, 1.0), (0, 1e-6)]:
+        assert mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=12, steps=4, temp=1.0, top_k=top_k, top_p=top_p,
+                                seed=3) == greedy, (top_k, top_p)
+    assert mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=12, steps=4, temp=1.0, seed=3) != greedy

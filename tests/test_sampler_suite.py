@@ -316,6 +316,22 @@ def test_alg_temp_limits(tiny):
         _run(model, tok, cfg_scale=1.0, block_length=8, cache="dual", **opts)
 
 
+def test_alg_temp_draws_where_to_commit_from_the_softmax_of_confidence():
+    """Dream's alg_temp: the first position committed is a draw from softmax(confidence / alg_temp). 4,000 samples
+    (one batch) of an untrained model's first step against that distribution computed from one forward."""
+    model, tok = untrained("ROMEO: abcdefghijklmnopqrstuvwxyz", 32)
+    ids = np.array(tok.encode("ROMEO:") + [tok.mask_id] * 8)
+    logits = np.array(model(mx.array(ids[None]), mx.array([8 / 14])), dtype=np.float64)[0, 6:]
+    logits[:, tok.mask_id] = -np.inf
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    confidence = (prob / prob.sum(-1, keepdims=True)).max(-1)
+    weights = np.exp((confidence - confidence.max()) / 0.02)
+    first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, alg_temp=0.02, seed=0, num_samples=4000)[0]
+    assert (first.committed.sum(axis=1) == 1).all()
+    drawn = np.bincount(first.committed[:, 6:].argmax(axis=1), minlength=8) / 4000
+    assert 0.5 * np.abs(drawn - weights / weights.sum()).sum() < 0.05  # total variation (0.01 measured)
+
+
 def _greedy_reference(model, tok, prompt, max_tokens, steps, block_length=None, cache=None, remask=0.0):
     """Canvases after each step from tests/reference.py's float64 greedy decoder, with the sampler's schedule."""
     from reference import greedy_decode
