@@ -778,10 +778,11 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
 
 
 def _fingerprint(model: Model) -> mx.array:
-    """A few float64-free sums over all parameters: equal on replicas that hold identical weights."""
+    """A few float64-free sums over all parameters: equal on replicas that hold identical weights (the last one,
+    weighted by position modulo 97, also tells weights apart that sit in other places)."""
     leaves = [v.astype(mx.float32).reshape(-1) for _, v in tree_flatten(model.parameters())]
     flat = mx.concatenate(leaves)
-    return mx.stack([flat.sum(), (flat * flat).sum(), (flat * mx.arange(flat.size) % 97).sum()])
+    return mx.stack([flat.sum(), (flat * flat).sum(), (flat * (mx.arange(flat.size) % 97)).sum()])
 
 
 def _main(argv: list[str] | None) -> None:

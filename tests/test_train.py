@@ -169,6 +169,30 @@ def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_sa
     assert [r["flops"] for r in fours] == pytest.approx([4 * per_step, 8 * per_step, 10 * per_step])
 
 
+def test_fingerprint_matches_numpy_and_tells_moved_weights_apart():
+    """The checksum distributed runs compare across processes: sum, sum of squares, position-weighted sum."""
+    model = init_model(preset_args("tiny", vocab_size=12), seed=1)
+    flat = np.concatenate([np.array(v, dtype=np.float64).reshape(-1) for _, v in tree_flatten(model.parameters())])
+    expected = [flat.sum(), (flat * flat).sum(), (flat * (np.arange(flat.size) % 97)).sum()]
+    np.testing.assert_allclose(np.array(train._fingerprint(model)), expected, rtol=1e-4)
+    weights = model.tok_emb.weight
+    model.tok_emb.weight = mx.concatenate([weights[1:], weights[:1]])  # the same numbers, moved
+    moved = np.array(train._fingerprint(model))
+    assert moved[:2] == pytest.approx(expected[:2], rel=1e-4) and moved[2] != pytest.approx(expected[2], rel=1e-3)
+
+
+def test_state_json_holds_the_runs_counters(tmp_path, small_text_path):
+    out = tmp_path / "run"
+    train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "6", "--eval-every", "3",
+                "--report-every", "3"])
+    state = json.loads((out / "state.json").read_text())
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == state["step"] == 6 and state["processes"] == 1 and state["skipped"] == 0
+    assert (state["val_loss"], state["train_seconds"], state["flops"]) == \
+        (last["val_loss"], last["train_seconds"], last["flops"])
+    assert state["args"]["iters"] == 6 and state["args"]["out"] == str(out)
+
+
 def test_save_load_identical_logits(tmp_path):
     from mlx_dlm.tokenizer import CharTokenizer
 
@@ -297,6 +321,9 @@ def test_resume_takes_the_runs_settings_from_the_checkpoint(tmp_path, small_text
         train.main(["--resume", "--out", str(tmp_path / "b"), "--batch-size", "8"])
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "--batch-size 8 contradicts the checkpoint" in err and len(err.splitlines()) == 1
+    # Given on the command line, a flag counts even at its default value (16), which the checkpoint's 4 is not.
+    assert cli_error(capsys, train.main, ["--resume", "--out", str(tmp_path / "b"), "--batch-size", "16"]).startswith(
+        "--batch-size 16 contradicts the checkpoint")
     train.main(["--resume", "--out", str(tmp_path / "b"), "--iters", "12", "--batch-size", "4",  # same values: fine
                 "--data", f"{small_text_path.parent}/./{small_text_path.name}"])  # same corpus, other spelling
     assert "--iters changed on resume: the cosine schedule now ends at step 12 (was 10)" in capsys.readouterr().err
