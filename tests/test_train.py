@@ -83,6 +83,25 @@ def test_blas_threads_are_set_for_the_block_and_restored():
         assert blas.get_threads() == before
 
 
+@pytest.mark.parametrize("cores, streams, threads", [(4, 2, 2), (2, 2, 1), (3, 2, 1), (1, 2, 1), (None, 2, 1),
+                                                    (4, 1, None)])
+def test_streams_share_the_cores_among_their_blas_calls(monkeypatch, cores, streams, threads):
+    """While a split step runs, each stream's BLAS gets cores // streams threads (at least 1; an unknown count
+    is one core); an unsplit step leaves BLAS alone (None)."""
+    import contextlib
+
+    from mlx_dlm import blas
+
+    asked = []
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(blas, "threads", lambda n: asked.append(n) or contextlib.nullcontext())
+    model = init_model(preset_args("tiny", vocab_size=20), seed=0)
+    step = train.make_train_step(model, optim.SGD(learning_rate=0.1), train.training_loss(model, mask_id=0),
+                                 streams=streams)
+    step(mx.array(np.random.default_rng(0).integers(1, 20, size=(4, 16)), dtype=mx.int32))
+    assert asked == [threads]
+
+
 def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
     rows = [json.loads(line) for line in (tiny_model_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train_loss" in r]
