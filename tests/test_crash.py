@@ -164,19 +164,23 @@ def test_trim_metrics_drops_torn_lines_and_rows_after_the_checkpoint(tmp_path):
     assert not (tmp_path / "absent.jsonl").exists()
 
 
-def test_sigint_saves_a_loadable_checkpoint(tmp_path, small_text_path):
+@pytest.mark.parametrize("sig, hint", [(signal.SIGINT, " (Ctrl-C again to abort now)"), (signal.SIGTERM, "")])
+def test_a_stop_signal_saves_a_loadable_checkpoint(tmp_path, small_text_path, sig, hint):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cmd(small_text_path, out, "--iters", "100000", "--eval-every", "100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait for training to be under way
         if line.startswith("Iter 10:"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "Stopped by SIGINT" in rest and "--resume" in rest
+    name = signal.Signals(sig).name
+    assert err.splitlines() == [f"{name}: stopping after this step and saving a checkpoint{hint}"]
     step = json.loads((out / checkpoint.STATE_FILE).read_text())["step"]
     assert step >= 10
+    assert f"Stopped by {name} at step {step}; checkpoint saved in {out}. Resume with: mlx_dlm.train --resume " \
+           f"--out {out}" in rest.splitlines()
     model, _ = mlx_dlm.load(out)
     assert _finite(model)
 
@@ -228,6 +232,8 @@ def test_second_sigint_aborts_at_once_even_mid_step(tmp_path, small_text_path):
     waited = time.perf_counter() - tic
     step_seconds = 1 / float(line.split("It/sec ")[1].split(",")[0])
     err = proc.stderr.read()
-    assert proc.returncode == 130 and "Aborted by a second Ctrl-C" in err and "Ctrl-C again to abort" in err
+    assert proc.returncode == 130 and err.splitlines() == [
+        "SIGINT: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+        f"Aborted by a second Ctrl-C; the last checkpoint in {out} is kept"]
     assert waited < 0.3 + step_seconds / 2  # at once, not after finishing the step
     assert not (out / checkpoint.STATE_FILE).exists()  # aborted: no save after the second Ctrl-C
