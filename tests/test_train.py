@@ -212,6 +212,24 @@ def test_state_json_holds_the_runs_counters(tmp_path, small_text_path):
     assert state["args"]["iters"] == 6 and state["args"]["out"] == str(out)
 
 
+def test_progress_bar_on_a_terminal_counts_steps_from_the_resumed_one(tmp_path, small_text_path, capsys,
+                                                                      monkeypatch):
+    import re
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stand-in for the terminal
+    out = str(tmp_path / "run")
+    train.main(["--data", str(small_text_path), "--out", out, *TINY_TRAIN, "--iters", "6", "--eval-every", "6",
+                "--report-every", "3"])
+    captured = capsys.readouterr()
+    counts = re.findall(r"\| (\d+)/(\d+) \[", captured.err)  # tqdm's "n/total [elapsed<left, rate it/s]"
+    assert counts[0] == ("0", "6") and counts[-1] == ("6", "6") and all(b == "6" and int(a) <= 6 for a, b in counts)
+    assert "it/s]" in captured.err and captured.out.splitlines()[-1] == f"Saved model to {out} (step 6)"
+    train.main(["--resume", "--out", out, "--iters", "9"])
+    counts = re.findall(r"\| (\d+)/(\d+) \[", capsys.readouterr().err)
+    assert counts[0] == ("6", "9") and counts[-1] == ("9", "9")
+
+
 def test_save_load_identical_logits(tmp_path):
     from mlx_dlm.tokenizer import CharTokenizer
 
