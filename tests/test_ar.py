@@ -87,6 +87,11 @@ def test_ar_slides_its_window_past_the_context_like_nanogpt(prompt_len):
         ids.append(int(np.argmax(logits)))
     assert last.tokens[0].tolist() == ids
     assert last.nfe == 30 and last.generated_tokens == 30
+    # Positions run per token: the prompt once (its prefill), 1 while the cache lasts, a window of 16 after.
+    per_token = [16 if prompt_len > 16 or n > 16 else (prompt_len if n == prompt_len else 1)
+                 for n in range(prompt_len, prompt_len + 30)]
+    assert last.forward_tokens == sum(per_token)
+    assert 0 < last.prompt_seconds <= last.elapsed
     for top_k, top_p in [(1, 1.0), (0, 1e-6)]:  # either filter keeps only the argmax: sampling at temp 1 is greedy
         text = mlx_dlm.generate(model, tok, prompt, max_tokens=30, temp=1.0, top_k=top_k, top_p=top_p, seed=3)
         assert text == tok.decode(ids), (top_k, top_p)
@@ -122,3 +127,17 @@ def test_samplers_see_weights_changed_after_their_first_use(model_type, prompt_l
     model.update(other.parameters())
     after = mlx_dlm.generate(model, tok, PROMPT[:prompt_len], **options)
     assert after == mlx_dlm.generate(other, tok, PROMPT[:prompt_len], **options) != before
+
+
+@pytest.mark.parametrize("prompt_len", [5, 20])
+def test_each_ar_token_is_drawn_with_its_own_key(prompt_len):
+    """With uniform next-token probabilities, consecutive tokens drawn with one shared key would be equal in every
+    sample; with a key per token they agree in about 1 of 27 samples (64 samples here)."""
+    model, tok = _untrained()
+    model.lm_head.weight = mx.zeros_like(model.lm_head.weight)
+    model.lm_head.bias = mx.zeros_like(model.lm_head.bias)
+    last = None
+    for last in stream_generate(model, tok, PROMPT[:prompt_len], max_tokens=6, temp=1.0, seed=0, num_samples=64):
+        pass
+    new = last.tokens[:, prompt_len:]
+    assert ((new[:, 1:] == new[:, :-1]).mean(axis=0) < 0.3).all()  # each pair of neighbours
