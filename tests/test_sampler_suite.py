@@ -126,6 +126,30 @@ def test_remask_zero_is_the_plain_sampler_and_remask_revises(tiny):
     assert (revised[-1].tokens[:, :p] == tok.encode("ROMEO:")).all()
 
 
+def test_remask_hides_the_fraction_r_of_each_samples_earlier_tokens(tiny):
+    """Each step but the last re-masks floor(R x the tokens committed before it) in every sample, counted per
+    sample; a step commits only masked positions, and given text is never hidden."""
+    model, tok = tiny
+    states = _run(model, tok, max_tokens=20, steps=10, remask=0.3, seed=2, num_samples=3)
+    editable = states[0].editable
+    decided_before = np.zeros(3, dtype=int)
+    for k, s in enumerate(states):
+        want = np.zeros(3, int) if k == len(states) - 1 else np.floor(0.3 * decided_before + 1e-9).astype(int)
+        assert s.remasked.sum(axis=1).tolist() == want.tolist(), k
+        decided_before = ((s.tokens != tok.mask_id) & editable).sum(axis=1)
+        assert not (s.remasked & s.committed).any() and not s.remasked[:, ~editable].any()
+
+
+def test_threshold_one_commits_every_certain_position_at_once():
+    """--threshold P commits every proposal with probability >= P: at P = 1, exactly the certain ones."""
+    model, tok = untrained("ROMEO: abcdefghijklmnopqrstuvwxyz", 32)
+    bias = np.zeros(model.args.vocab_size, np.float32)
+    bias[tok.encode("e")[0]] = 100.0  # softmax rounds its probability to exactly 1 in float32
+    model.lm_head.bias = mx.array(bias)
+    states = _run(model, tok, max_tokens=8, threshold=1.0, temp=0.0, seed=0)
+    assert len(states) == 1 and states[0].committed[0, 6:].all() and tok.decode(states[0].tokens[0, 6:]) == "e" * 8
+
+
 def test_blocks_fill_left_to_right(tiny):
     model, tok = tiny
     states = _run(model, tok, "", max_tokens=32, steps=8, block_length=8, seed=5)
