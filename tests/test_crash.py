@@ -185,6 +185,38 @@ def test_a_stop_signal_saves_a_loadable_checkpoint(tmp_path, small_text_path, si
     assert _finite(model)
 
 
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT"], ["SIGINT", "SIGINT"]])
+def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_path, monkeypatch, capsys, signals):
+    """The same watchdog in this process (where mutation testing sees it): signals sent at the step-2 checkpoint
+    stop the run after step 3 with a checkpoint; a second Ctrl-C aborts at once (os._exit(130), recorded here)."""
+    import os
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    out = tmp_path / "run"
+
+    def at_checkpoint(step):
+        if step == 2:
+            for name in signals:
+                os.kill(os.getpid(), getattr(signal, name))
+                time.sleep(0.3)  # the watchdog thread reads the signal pipe
+
+    args = train.setup_arg_parser().parse_args(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN,
+                                                "--iters", "100", "--save-every", "2", "--eval-every", "100"])
+    handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    train.train(args, at_checkpoint)
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers  # restored after the run
+    hint = " (Ctrl-C again to abort now)" if signals[0] == "SIGINT" else ""
+    aborted = [f"Aborted by a second Ctrl-C; the last checkpoint in {out} is kept"] if len(signals) == 2 else []
+    printed = capsys.readouterr()
+    assert printed.err.splitlines() == [f"{signals[0]}: stopping after this step and saving a checkpoint{hint}",
+                                        *aborted]
+    assert exits == ([130] if aborted else [])
+    assert printed.out.splitlines()[-1] == (f"Stopped by {signals[0]} at step 3; checkpoint saved in {out}. Resume "
+                                            f"with: mlx_dlm.train --resume --out {out}")
+    assert json.loads((out / checkpoint.STATE_FILE).read_text())["step"] == 3
+
+
 def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path, capsys):
     out = tmp_path / "run"
     train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "4", "--save-every", "2",
