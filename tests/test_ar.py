@@ -51,18 +51,30 @@ def test_ar_stream_invariants(ar):
     assert mlx_dlm.generate(model, tok, "", max_tokens=10, seed=0).startswith("\n")  # nanoGPT-style start
 
 
-def test_filters_match_numpy():
-    logits = np.random.default_rng(0).standard_normal((4, 30)).astype(np.float32)
-    kept_k = np.isfinite(np.array(filter_logits(mx.array(logits), top_k=5)))
-    assert (kept_k.sum(1) == 5).all()
-    assert all(set(np.flatnonzero(kept_k[i])) == set(np.argsort(-logits[i])[:5]) for i in range(4))
-    p = np.exp(logits - logits.max(1, keepdims=True))
+@pytest.mark.parametrize("shape", [(4, 30), (2, 3, 30)])  # AR: (batch, vocab); diffusion: (batch, positions, vocab)
+def test_filters_match_numpy(shape):
+    logits = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    rows = logits.reshape(-1, 30)
+    kept_k = np.isfinite(np.array(filter_logits(mx.array(logits), top_k=5))).reshape(-1, 30)
+    assert all(set(np.flatnonzero(kept)) == set(np.argsort(-row)[:5]) for kept, row in zip(kept_k, rows))
+    p = np.exp(rows - rows.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    kept_p = np.isfinite(np.array(filter_logits(mx.array(logits), top_p=0.6)))
-    for i in range(4):
-        order = np.argsort(-p[i])
-        n = int(np.searchsorted(np.cumsum(p[i][order]), 0.6) + 1)  # smallest prefix with mass >= 0.6
-        assert set(np.flatnonzero(kept_p[i])) == set(order[:n])
+    kept_p = np.isfinite(np.array(filter_logits(mx.array(logits), top_p=0.6))).reshape(-1, 30)
+    for kept, row in zip(kept_p, p):
+        order = np.argsort(-row)
+        n = int(np.searchsorted(np.cumsum(row[order]), 0.6) + 1)  # smallest prefix with mass >= 0.6
+        assert set(np.flatnonzero(kept)) == set(order[:n])
+
+
+@pytest.mark.parametrize("temp", [0.5, 2.0])
+def test_sampling_temperature_divides_the_logits(temp):
+    """4,000 draws of one row against softmax(logits / temp)."""
+    from mlx_dlm.sample import sample_tokens
+
+    logits = np.array([0.0, 1.0, 2.0, -1.0], np.float32)
+    draws = np.array(sample_tokens(mx.array(np.tile(logits, (4000, 1))), mx.random.key(0), temp))
+    want = np.exp(logits / temp) / np.exp(logits / temp).sum()
+    assert 0.5 * np.abs(np.bincount(draws, minlength=4) / 4000 - want).sum() < 0.03
 
 
 def _untrained(model_type="ar", extra_ids=0, seed=4):

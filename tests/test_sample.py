@@ -6,7 +6,7 @@ import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.sample import commit_schedule, stream_generate
 
-from conftest import untrained
+from conftest import untrained, user_error
 from reference import forward
 
 
@@ -186,3 +186,25 @@ def test_top_k_or_top_p_keeping_only_the_argmax_sample_greedily():
         assert mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=12, steps=4, temp=1.0, top_k=top_k, top_p=top_p,
                                 seed=3) == greedy, (top_k, top_p)
     assert mlx_dlm.generate(model, tok, "ROMEO:", max_tokens=12, steps=4, temp=1.0, seed=3) != greedy
+
+
+def test_build_canvas_refusals_and_edges(tiny):
+    from mlx_dlm.sample import build_canvas
+
+    _, tok = tiny
+    for prompt, suffix in [("A", ""), ("", "B"), ("A", "B")]:
+        assert user_error(build_canvas, tok, prompt, 8, suffix, template="x[MASK]") == \
+            "pass either a template or a prompt/suffix, not both"
+    assert user_error(build_canvas, tok, "A", 0) == "--max-tokens must be at least 1, got 0"
+    ids, editable = build_canvas(tok, "A", 1, "B")
+    assert ids.tolist() == [*tok.encode("A"), tok.mask_id, *tok.encode("B")] and editable.tolist() == [False, True, False]
+    assert ids.dtype == np.int32
+
+
+def test_random_strategy_commits_in_an_order_drawn_per_seed(tiny):
+    """simple_dlm's random order: where the first commit lands varies with the seed and is fixed by it."""
+    model, tok = tiny
+    firsts = [int(np.flatnonzero(next(stream_generate(model, tok, "A", max_tokens=16, steps=16, strategy="random",
+                                                      temp=0.0, seed=seed)).committed[0])[0]) for seed in range(8)]
+    assert len(set(firsts)) >= 3 and firsts[0] == int(np.flatnonzero(next(stream_generate(
+        model, tok, "A", max_tokens=16, steps=16, strategy="random", temp=0.0, seed=0)).committed[0])[0])
