@@ -54,6 +54,9 @@ def _sampler_built_afresh_while_mutmut_maps_tests():
     yield
 
 
+TRAINING_SECONDS = 1.5  # building tiny_model_dir or tiny_ar_dir on a 2-core VM (pytest --durations: setup)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under mutmut, while a mutant is tested, run its tests cheapest first: mutmut's recorded duration of the test,
     plus the training of a tiny model for each such fixture it needs (mutmut's durations leave setup out).
@@ -75,7 +78,11 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=cost)
 
 
-TRAINING_SECONDS = 1.5  # building tiny_model_dir or tiny_ar_dir on a 2-core VM (pytest --durations: setup)
+def metrics_rows(out: Path) -> list[dict]:
+    """The rows of a model directory's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def cli_error(capsys, main, argv) -> str:

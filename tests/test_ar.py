@@ -1,7 +1,5 @@
 """The matched autoregressive baseline: training, KV-cached decoding, sampling filters."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import pytest
 import mlx_dlm
 from mlx_dlm.sample import filter_logits, stream_generate
 
-from conftest import untrained
+from conftest import metrics_rows, untrained
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +16,7 @@ def ar(tiny_ar_dir):
 
 
 def test_ar_training_learns_and_matches_dlm_size(tiny_ar_dir, tiny_model_dir):
-    rows = [json.loads(x) for x in (tiny_ar_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tiny_ar_dir)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0]
     ar_model, _ = mlx_dlm.load(tiny_ar_dir)

@@ -17,7 +17,7 @@ import mlx_dlm
 from mlx_dlm import checkpoint, train
 from mlx_dlm.errors import UserError
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, metrics_rows
 
 
 def _cmd(data, out, *extra):
@@ -62,7 +62,7 @@ def test_kill9_five_times_mid_training_then_resume(tmp_path, small_text_path):
     subprocess.run(_cmd(small_text_path, out, "--iters", str(final), "--resume", "--eval-every", "100000"),
                    check=True, capture_output=True)
     assert json.loads((out / checkpoint.STATE_FILE).read_text())["step"] == final
-    rows = [json.loads(line) for line in (out / checkpoint.METRICS_FILE).read_text().splitlines()]
+    rows = metrics_rows(out)
     train_steps = [r["step"] for r in rows if "train_loss" in r]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == final  # no torn or duplicated rows
 

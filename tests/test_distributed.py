@@ -1,6 +1,5 @@
 """Data-parallel training over mx.distributed (ring backend on loopback), against one process."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_dlm
+
+from conftest import metrics_rows
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
 
@@ -23,8 +24,7 @@ def _params(path):
 
 
 def _val_rows(path):
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "val_loss" in r]
+    return [r for r in metrics_rows(path) if "val_loss" in r]
 
 
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, small_text_path):

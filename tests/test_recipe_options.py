@@ -4,8 +4,6 @@ Expectations: the same weights without the option (dropout in eval mode, SUBS's 
 numpy cross-entropy over the non-mask vocabulary, and the EMA recursion written out in numpy.
 """
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from mlx_dlm import train
 from mlx_dlm.diffusion import masked_loss
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, metrics_rows
 
 TOKENS = mx.array(np.arange(48).reshape(3, 16) % 16)
 T = mx.array([0.2, 0.5, 0.9])
@@ -32,10 +30,6 @@ def _train(tmp_path, text, *flags, name="run", on_checkpoint=None):
     return train.train(args, on_checkpoint)
 
 
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_dropout_is_active_in_training_mode_only():
     plain, dropped = _model(), _model(dropout=0.3)  # dropout adds no weights: same seed, same weights
     want = np.array(plain(TOKENS, T))
@@ -49,9 +43,9 @@ def test_dropout_is_active_in_training_mode_only():
 def test_dropout_flag_trains_with_dropout_and_validates_without(tmp_path, small_text_path):
     """Same init either way: the step-0 validation (eval mode) is identical, the training losses are not."""
     flags = ("--iters", "3", "--report-every", "1", "--eval-every", "3")
-    plain = _rows(_train(tmp_path, small_text_path, *flags, name="plain"))
+    plain = metrics_rows(_train(tmp_path, small_text_path, *flags, name="plain"))
     dropped_dir = _train(tmp_path, small_text_path, *flags, "--dropout", "0.3", name="dropout")
-    dropped = _rows(dropped_dir)
+    dropped = metrics_rows(dropped_dir)
     assert plain[0]["step"] == 0 and plain[0]["val_loss"] == dropped[0]["val_loss"]
     losses = lambda rows: np.array([r["train_loss"] for r in rows if "train_loss" in r])  # noqa: E731
     assert np.abs(losses(plain) - losses(dropped)).max() > 1e-3
@@ -89,7 +83,7 @@ def test_subs_flag_sets_the_tokenizers_mask_id(tmp_path, small_text_path):
     out = _train(tmp_path, small_text_path, "--iters", "2", "--subs")
     model, tokenizer = mlx_dlm.load(out)
     assert model.args.subs_mask_id == tokenizer.mask_id
-    assert np.isfinite([r["val_loss"] for r in _rows(out) if "val_loss" in r]).all()
+    assert np.isfinite([r["val_loss"] for r in metrics_rows(out) if "val_loss" in r]).all()
 
 
 def test_ema_follows_the_recursion_of_the_trained_weights():
@@ -141,7 +135,7 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, small_text_path
                if k.startswith("train_weights.")}
     assert trained.keys() == {k for k in saved if k in trained} and len(trained) > 5
     assert max(float(mx.abs(saved[k] - trained[k]).max()) for k in trained) > 1e-4  # the model file is the average
-    vals = [r["val_loss"] for r in _rows(straight) if "val_loss" in r]
+    vals = [r["val_loss"] for r in metrics_rows(straight) if "val_loss" in r]
     model, tokenizer = mlx_dlm.load(straight)  # the last validation scored the saved (averaged) weights
     windows = train.data.eval_windows(
         train.data.split_tokens(tokenizer.encode_array(small_text_path.read_text()), 0.1)[1], 2 * 8, 64)

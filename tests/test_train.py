@@ -15,7 +15,7 @@ from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN, cli_error, user_error
+from conftest import TINY_TRAIN, cli_error, metrics_rows, user_error
 
 
 def _params(model):
@@ -103,7 +103,7 @@ def test_streams_share_the_cores_among_their_blas_calls(monkeypatch, cores, stre
 
 
 def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
-    rows = [json.loads(line) for line in (tiny_model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tiny_model_dir)
     train_rows = [r for r in rows if "train_loss" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
@@ -134,7 +134,7 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
                 "--eval-every", "6", "--sample-tokens", "16", *flags])
     seconds = time.perf_counter() - tic
     lines = capsys.readouterr().out.splitlines()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     model, _ = mlx_dlm.load(out)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     assert lines[0] == (f"mlx_dlm.train: {kind} model (tiny preset{arch}, {init} init), {params / 1e6:.2f}M "
@@ -175,8 +175,7 @@ def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_sa
         steps = saved.setdefault(name, [])
         train.train(parse([*common, *flags, "--out", str(tmp_path / name)]), steps.append)
     assert saved == {"each": [4, 8, 10], "fours": [3, 6, 9, 10]}
-    each, fours = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                    if "train_loss" in line] for name in ("each", "fours"))
+    each, fours = ([r for r in metrics_rows(tmp_path / name) if "train_loss" in r] for name in ("each", "fours"))
     losses = [r["train_loss"] for r in each]
     assert [r["step"] for r in fours] == [4, 8, 10]
     assert [r["train_loss"] for r in fours] == pytest.approx([np.mean(losses[0:4]), np.mean(losses[4:8]),
@@ -205,7 +204,7 @@ def test_state_json_holds_the_runs_counters(tmp_path, small_text_path):
     train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "6", "--eval-every", "3",
                 "--report-every", "3"])
     state = json.loads((out / "state.json").read_text())
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    last = metrics_rows(out)[-1]
     assert last["step"] == state["step"] == 6 and state["processes"] == 1 and state["skipped"] == 0
     assert (state["val_loss"], state["train_seconds"], state["flops"]) == \
         (last["val_loss"], last["train_seconds"], last["flops"])
@@ -268,8 +267,7 @@ def test_resume_continues_exactly(tmp_path, small_text_path):
     timing = ("it_per_sec", "tokens_per_sec", "train_seconds")
 
     def rows(path):
-        return [{k: v for k, v in json.loads(x).items() if k not in timing}
-                for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k not in timing} for row in metrics_rows(path)]
 
     assert rows(straight) == rows(resumed)  # same val losses, rates and norms; later rows dropped, none doubled
 
@@ -319,7 +317,7 @@ def test_validation_needs_one_window_of_held_out_tokens(tmp_path, text_len, vali
     data.write_text(shakespeare[:text_len])
     train.main(["--data", str(data), "--out", str(tmp_path / "o"), *TINY_TRAIN, "--seq-len", "80", "--iters", "2",
                 "--eval-every", "2", "--batch-size", "2"])
-    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "o")
     assert [r["step"] for r in rows if "val_loss" in r] == ([0, 2] if validates else [])
     note = "note: validation split has fewer than 80 tokens; skipping validation"
     assert capsys.readouterr().err.splitlines() == ([] if validates else [note])

@@ -4,7 +4,6 @@ Expectations are closed forms (the learning-rate schedule, Adam's first moment a
 file contents (dtypes, SentencePiece scores) or the values handed to the loss and the optimizer.
 """
 
-import json
 import math
 
 import mlx.core as mx
@@ -15,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_dlm import train
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, metrics_rows
 
 BETA1 = 0.9  # AdamW's default first-moment decay
 
@@ -24,10 +23,6 @@ def _train(tmp_path, small_text_path, *flags, name="run"):
     out = tmp_path / name
     train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--eval-every", "1000", *flags])
     return out
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_learning_rate_follows_warmup_then_cosine_to_the_floor(tmp_path, small_text_path):
@@ -41,7 +36,7 @@ def test_learning_rate_follows_warmup_then_cosine_to_the_floor(tmp_path, small_t
             return peak * k / warmup
         return peak * floor + (peak - peak * floor) * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (iters - warmup)))
 
-    rows = [r for r in _rows(out) if "lr" in r]
+    rows = [r for r in metrics_rows(out) if "lr" in r]
     assert [r["step"] for r in rows] == list(range(1, iters + 1))
     assert [r["lr"] for r in rows] == pytest.approx([expected(r["step"]) for r in rows], rel=1e-5, abs=1e-12)
     assert rows[warmup]["lr"] == pytest.approx(peak) and rows[-1]["lr"] < peak * (floor + 0.05)
@@ -76,7 +71,7 @@ def test_grad_clip_bounds_the_update(tmp_path, small_text_path, clip):
                  "--report-every", "1")
     moments = [v for k, v in mx.load(str(out / "optimizer.safetensors")).items() if k.endswith(".m")]
     norm = math.sqrt(sum(float((m.astype(mx.float32) ** 2).sum()) for m in moments))
-    grad_norm = next(r["grad_norm"] for r in _rows(out) if "grad_norm" in r)  # before clipping
+    grad_norm = next(r["grad_norm"] for r in metrics_rows(out) if "grad_norm" in r)  # before clipping
     assert grad_norm > 10 * 1e-3
     assert norm == pytest.approx((1 - BETA1) * (min(clip, grad_norm) if clip else grad_norm), rel=1e-3)
 
@@ -162,16 +157,16 @@ def test_val_bpc_converts_nats_per_token_to_bits_per_character(tmp_path, small_t
     val = tokens[len(tokens) - round(0.1 * len(tokens)):]  # the held-out last 10% of tokens
     chars_per_token = len(tok.decode(val)) / len(val)
     assert (chars_per_token == 1.0) == (tokenizer == "char") and chars_per_token < 10
-    for row in (r for r in _rows(out) if "val_loss" in r):
+    for row in (r for r in metrics_rows(out) if "val_loss" in r):
         assert row["val_bpc"] == pytest.approx(row["val_loss"] / math.log(2) / chars_per_token, rel=1e-9)
 
 
 def test_cpu_streams_flag_reaches_the_step_and_keeps_the_loss(tmp_path, small_text_path, capsys):
     """--cpu-streams 2 splits the batch (the banner says so) and trains to the same losses as one stream."""
-    one = _rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "1",
+    one = metrics_rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "1",
                        name="one"))
     assert "CPU streams" not in capsys.readouterr().out
-    two = _rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "2",
+    two = metrics_rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "2",
                        name="two"))
     assert "2 CPU streams" in capsys.readouterr().out
     losses = lambda rows: [r["train_loss"] for r in rows if "train_loss" in r]  # noqa: E731
