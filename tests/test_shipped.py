@@ -11,6 +11,8 @@ import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.io import ASSETS_DIR, shipped_model
 
+from conftest import metrics_rows
+
 SHIPPED = ["shakespeare-dlm", "shakespeare-ar"]
 
 
@@ -19,8 +21,7 @@ def test_both_reference_models_are_shipped_and_matched():
     assert [c["model_type"] for c in configs] == ["dlm", "ar"]
     same = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size", "pos_emb", "norm", "mlp", "max_seq_len")
     assert {k: configs[0][k] for k in same} == {k: configs[1][k] for k in same}  # same width, depth and layout
-    flops = [[json.loads(line) for line in (ASSETS_DIR / n / "metrics.jsonl").read_text().splitlines()][-1]["flops"]
-             for n in SHIPPED]
+    flops = [metrics_rows(ASSETS_DIR / n)[-1]["flops"] for n in SHIPPED]
     assert flops[1] == pytest.approx(flops[0], rel=0.02)  # trained for the same FLOPs
 
 
