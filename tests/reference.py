@@ -33,7 +33,8 @@ def _rope(x, theta):
     return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def _softmax(x):
+def softmax(x):
+    """Over the last axis (-inf entries get probability 0)."""
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
@@ -79,7 +80,7 @@ def forward(model, tokens: np.ndarray, t: np.ndarray | None, record: list | None
         s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(Dh)
         if a.model_type == "ar":
             s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
-        o = (_softmax(s) @ v).transpose(0, 2, 1, 3).reshape(B, L, a.dim)
+        o = (softmax(s) @ v).transpose(0, 2, 1, 3).reshape(B, L, a.dim)
         x = x + (lin(o, p + "attn.out_proj") if a.attn_out_proj else o)
         h = norm(x, p + "mlp_norm")
         if a.mlp == "swiglu":

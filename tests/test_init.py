@@ -66,7 +66,7 @@ def test_simple_dlm_scheme_draws_unit_normal_tables():
 
 
 def test_simple_dlm_first_layer_attends_to_neighbours_at_init():
-    from reference import _layernorm, _softmax, weights
+    from reference import _layernorm, softmax, weights
 
     model = init_model(preset_args("simple_dlm", vocab_size=66), seed=0)
     W = weights(model)
@@ -75,7 +75,7 @@ def test_simple_dlm_first_layer_attends_to_neighbours_at_init():
     x = W["tok_emb.weight"][tokens] + W["pos_emb"][:128] + (t @ W["t_proj.weight"].T + W["t_proj.bias"])[:, None]
     h = _layernorm(x, W["layers.0.attn_norm.weight"], W["layers.0.attn_norm.bias"], 1e-5)
     q, k, _ = np.split(h @ W["layers.0.attn.qkv.weight"].T + W["layers.0.attn.qkv.bias"], 3, axis=-1)
-    attn = _softmax(q @ k.transpose(0, 2, 1) / 16.0)
+    attn = softmax(q @ k.transpose(0, 2, 1) / 16.0)
     dist = np.abs(np.arange(128)[:, None] - np.arange(128)[None, :])
     near, far = attn[:, dist == 1].mean(), attn[:, dist >= 32].mean()
     assert near > 3 * far  # a random table (the old init) gives near == far

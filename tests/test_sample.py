@@ -7,7 +7,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.sample import commit_schedule, stream_generate
 
 from conftest import untrained, user_error
-from reference import forward
+from reference import forward, softmax
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,7 @@ def test_confidence_commits_most_probable_positions(tiny):
     t = np.array([n / (len(p_ids) + n)])
     logits = forward(model, canvas, t)[0]
     logits[:, tok.mask_id] = -np.inf
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    conf = (probs / probs.sum(-1, keepdims=True)).max(-1)[len(p_ids):]
+    conf = softmax(logits).max(-1)[len(p_ids):]
     k = commit_schedule(n, steps)[0]
     want = set((np.argsort(-conf)[:k] + len(p_ids)).tolist())
     got = set(np.flatnonzero(first.committed[0]).tolist())
@@ -171,8 +170,7 @@ def test_fill_one_position_per_step_follows_confidence_like_numpy():
         hidden = x == tok.mask_id
         logits = forward(model, x, hidden.mean(axis=1).astype(np.float32)).astype(np.float64)
         logits[..., tok.mask_id] = -np.inf
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        p = softmax(logits)
         where = np.where(hidden, p.max(-1), -1.0).argmax(axis=1)
         rows = np.arange(len(x))
         x[rows, where] = p[rows, where].argmax(-1)

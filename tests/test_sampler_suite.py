@@ -14,7 +14,7 @@ from mlx_dlm.sample import STRATEGIES, build_canvas, commit_schedule, stream_gen
 from mlx_dlm.view import TerminalView, save_frames
 
 from conftest import untrained, user_error
-from reference import forward
+from reference import forward, softmax
 
 generate_cli = importlib.import_module("mlx_dlm.generate")
 
@@ -55,8 +55,7 @@ def _first_step_reference(model, tok, prompt, n):
     ids = tok.encode(prompt)
     logits = forward(model, np.array([ids + [tok.mask_id] * n]), np.array([n / (len(ids) + n)]))[0][len(ids):]
     logits[:, tok.mask_id] = -np.inf
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True), len(ids)
+    return softmax(logits), len(ids)
 
 
 @pytest.mark.parametrize("strategy", ["margin", "entropy"])
@@ -324,9 +323,7 @@ def test_cfg_step_matches_two_plain_forwards(scale):
     one = _run(model, tok, max_tokens=8, steps=1, temp=0.0, cfg_scale=scale, seed=0)[0]
     assert one.tokens[0, 6:].tolist() == guided[6:].tolist() and one.forward_tokens == 2 * 14  # two passes a step
     first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, cfg_scale=scale, seed=0)[0]
-    prob = np.exp(logits - logits.max(-1, keepdims=True))
-    prob /= prob.sum(-1, keepdims=True)
-    best = 6 + int(np.argmax(prob[6:].max(-1)))
+    best = 6 + int(np.argmax(softmax(logits)[6:].max(-1)))
     assert np.flatnonzero(first.committed[0]).tolist() == [best] and first.tokens[0, best] == guided[best]
 
 
@@ -345,11 +342,8 @@ def test_alg_temp_draws_where_to_commit_from_the_softmax_of_confidence():
     """Dream's alg_temp: the first position committed is a draw from softmax(confidence / alg_temp). 4,000 samples
     (one batch) of an untrained model's first step against that distribution computed from one forward."""
     model, tok = untrained("ROMEO: abcdefghijklmnopqrstuvwxyz", 32)
-    ids = np.array(tok.encode("ROMEO:") + [tok.mask_id] * 8)
-    logits = np.array(model(mx.array(ids[None]), mx.array([8 / 14])), dtype=np.float64)[0, 6:]
-    logits[:, tok.mask_id] = -np.inf
-    prob = np.exp(logits - logits.max(-1, keepdims=True))
-    confidence = (prob / prob.sum(-1, keepdims=True)).max(-1)
+    prob, _ = _first_step_reference(model, tok, "ROMEO:", 8)
+    confidence = prob.max(-1)
     weights = np.exp((confidence - confidence.max()) / 0.02)
     first = _run(model, tok, max_tokens=8, steps=8, temp=0.0, alg_temp=0.02, seed=0, num_samples=4000)[0]
     assert (first.committed.sum(axis=1) == 1).all()
