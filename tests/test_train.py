@@ -1,5 +1,9 @@
+import ast
+import contextlib
 import json
 import os
+import re
+import sys
 import time
 from functools import partial
 
@@ -10,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_dlm
-from mlx_dlm import train
+from mlx_dlm import blas, train
 from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import init_model, preset_args
@@ -71,8 +75,6 @@ def test_batch_split_over_cpu_streams_is_the_whole_batch_step(objective, loss):
 
 
 def test_blas_threads_are_set_for_the_block_and_restored():
-    from mlx_dlm import blas
-
     before = blas.get_threads()
     if before is None:
         pytest.skip("no OpenBLAS loaded")
@@ -88,10 +90,6 @@ def test_blas_threads_are_set_for_the_block_and_restored():
 def test_streams_share_the_cores_among_their_blas_calls(monkeypatch, cores, streams, threads):
     """While a split step runs, each stream's BLAS gets cores // streams threads (at least 1; an unknown count
     is one core); an unsplit step leaves BLAS alone (None)."""
-    import contextlib
-
-    from mlx_dlm import blas
-
     asked = []
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(blas, "threads", lambda n: asked.append(n) or contextlib.nullcontext())
@@ -123,11 +121,6 @@ def test_training_run_writes_model_and_falling_val_loss(tiny_model_dir):
 def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, capsys, flags, kind, arch, init,
                                                   streams, bound):
     """The printed lines (mlx-lm's style) carry the metrics rows' values, in the order the cadence flags ask."""
-    import ast
-    import re
-
-    from mlx_dlm import blas
-
     text, out = small_text_path.read_text(), tmp_path / "run"
     tic = time.perf_counter()
     train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "12", "--report-every", "5",
@@ -135,7 +128,7 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
     seconds = time.perf_counter() - tic
     lines = capsys.readouterr().out.splitlines()
     rows = metrics_rows(out)
-    model, _ = mlx_dlm.load(out)
+    model, tok = mlx_dlm.load(out)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     assert lines[0] == (f"mlx_dlm.train: {kind} model (tiny preset{arch}, {init} init), {params / 1e6:.2f}M "
                         f"parameters, vocab {len(set(text)) + 1} (char), {round(len(text) * 0.9):,} train tokens, "
@@ -159,7 +152,7 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
     start = "\n" if kind == "ar" else ""  # an AR model starts from a newline, as nanoGPT's sample.py does
     assert all(s.startswith(start) and len(s) == len(start) + 16 for s in samples) and len(samples) == 2
     assert set("".join(samples)) <= set(text)
-    model, tok = mlx_dlm.load(out)  # the last sample: from the saved (step 12) weights, seeded by the step
+    # The last sample: from the saved (step 12) weights, seeded by the step.
     assert samples[-1] == mlx_dlm.generate(model, tok, "", max_tokens=16, steps=4, seed=12)
 
 
@@ -213,9 +206,6 @@ def test_state_json_holds_the_runs_counters(tmp_path, small_text_path):
 
 def test_progress_bar_on_a_terminal_counts_steps_from_the_resumed_one(tmp_path, small_text_path, capsys,
                                                                       monkeypatch):
-    import re
-    import sys
-
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stand-in for the terminal
     out = str(tmp_path / "run")
     train.main(["--data", str(small_text_path), "--out", out, *TINY_TRAIN, "--iters", "6", "--eval-every", "6",
@@ -392,7 +382,7 @@ def test_resume_settings_take_the_checkpoints_values_unless_given(capsys):
         assert user_error(train.resume_settings, args, {name}, saved) == (
             f"{flag} {shown} contradicts the checkpoint in new, which was trained with {saved[name]!r}; drop the "
             "flag to continue that run")
-        train.resume_settings(parse(["--resume", "--out", "new", flag, value]), set(), saved)  # not given: fine
+        train.resume_settings(args, set(), saved)  # not given: fine
 
 
 def test_arch_overrides_are_checked(tmp_path, small_text_path):
