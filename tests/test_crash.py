@@ -1,6 +1,7 @@
 """Crash safety: kill -9 at every write point of a save and mid-training, SIGINT, non-finite losses, torn checkpoints."""
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -61,7 +62,7 @@ def test_kill9_five_times_mid_training_then_resume(tmp_path, small_text_path):
     final = steps[-1] + 3
     subprocess.run(_cmd(small_text_path, out, "--iters", str(final), "--resume", "--eval-every", "100000"),
                    check=True, capture_output=True)
-    assert json.loads((out / checkpoint.STATE_FILE).read_text())["step"] == final
+    assert _saved_step(out) == final
     rows = metrics_rows(out)
     train_steps = [r["step"] for r in rows if "train_loss" in r]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == final  # no torn or duplicated rows
@@ -177,7 +178,7 @@ def test_a_stop_signal_saves_a_loadable_checkpoint(tmp_path, small_text_path, si
     assert proc.returncode == 0, err
     name = signal.Signals(sig).name
     assert err.splitlines() == [f"{name}: stopping after this step and saving a checkpoint{hint}"]
-    step = json.loads((out / checkpoint.STATE_FILE).read_text())["step"]
+    step = _saved_step(out)
     assert step >= 10
     assert f"Stopped by {name} at step {step}; checkpoint saved in {out}. Resume with: mlx_dlm.train --resume " \
            f"--out {out}" in rest.splitlines()
@@ -189,8 +190,6 @@ def test_a_stop_signal_saves_a_loadable_checkpoint(tmp_path, small_text_path, si
 def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_path, monkeypatch, capsys, signals):
     """The same watchdog in this process (where mutation testing sees it): signals sent at the step-2 checkpoint
     stop the run after step 3 with a checkpoint; a second Ctrl-C aborts at once (os._exit(130), recorded here)."""
-    import os
-
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
     out = tmp_path / "run"
@@ -214,7 +213,7 @@ def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_pa
     assert exits == ([130] if aborted else [])
     assert printed.out.splitlines()[-1] == (f"Stopped by {signals[0]} at step 3; checkpoint saved in {out}. Resume "
                                             f"with: mlx_dlm.train --resume --out {out}")
-    assert json.loads((out / checkpoint.STATE_FILE).read_text())["step"] == 3
+    assert _saved_step(out) == 3
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path, capsys):
