@@ -141,7 +141,8 @@ def test_help_shows_defaults(module, flag):
 def test_help_shows_every_help_text(module):
     """The flags' help texts live in a HELP table (kept out of mutation testing); each must reach --help."""
     mod = importlib.import_module(module)
-    shown = " ".join(mod.setup_arg_parser().format_help().split())  # argparse wraps lines
-    assert shown.startswith(f"usage: {mod.setup_arg_parser().prog} ")
+    parser = mod.setup_arg_parser()
+    shown = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert shown.startswith(f"usage: {parser.prog} ")
     for text in mod.HELP.values():
         assert " ".join(text.split()) in shown, text
