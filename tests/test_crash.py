@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import mlx.core as mx
@@ -214,6 +215,36 @@ def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_pa
     assert printed.out.splitlines()[-1] == (f"Stopped by {signals[0]} at step 3; checkpoint saved in {out}. Resume "
                                             f"with: mlx_dlm.train --resume --out {out}")
     assert _saved_step(out) == 3
+
+
+def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_thread():
+    """Leaving the stop request closes its pipe and puts back the wakeup fd it replaced. Started from a worker
+    thread (training in a notebook's background thread), where Python refuses signal handlers, it leaves signals
+    alone and never stops the run."""
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    with train._StopRequest():
+        inside = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(inside)
+    assert inside != before and signal.set_wakeup_fd(before) == before  # restored
+    with pytest.raises(OSError):
+        os.fstat(inside)  # the pipe is closed
+
+    seen = []
+
+    def worker():
+        try:
+            with train._StopRequest() as stop:
+                seen.append(stop.signal)
+        except Exception as exc:  # what a bare __exit__ from this thread would raise
+            seen.append(exc)
+
+    handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [None]
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path, capsys):

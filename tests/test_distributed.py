@@ -1,18 +1,25 @@
-"""Data-parallel training over mx.distributed (ring backend on loopback), against one process."""
+"""Data-parallel training over mx.distributed (ring backend on loopback), against one process; and the
+distributed branches in this process, with the collective replaced by a recording stand-in (where mutation testing
+sees them: it does not follow subprocesses)."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
+import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 import mlx_dlm
+from mlx_dlm import train
 
-from conftest import metrics_rows
+from conftest import TINY_TRAIN, metrics_rows, untrained
 
-pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+needs_launcher = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
 
 COMMON = ["--preset", "tiny", "--iters", "6", "--seq-len", "32", "--eval-every", "3", "--sample-tokens", "0",
           "--seed", "0"]
@@ -27,6 +34,7 @@ def _val_rows(path):
     return [r for r in metrics_rows(path) if "val_loss" in r]
 
 
+@needs_launcher
 def test_two_processes_match_one_with_twice_the_batch(tmp_path, small_text_path):
     two = subprocess.run(["mlx.launch", "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlx_dlm.train",
                           "--data", str(small_text_path), "--batch-size", "4", "--eval-batches", "2",
@@ -40,6 +48,10 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path, small_text_path)
     assert one.returncode == 0, one.stderr
     a, b = _params(tmp_path / "two"), _params(tmp_path / "one")
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 2e-6  # README: "4e-7" measured; float sums reorder
+    # The logged training loss and gradient norm are the global batch's: averaged over the processes.
+    logged = [[(r["train_loss"], r["grad_norm"]) for r in metrics_rows(tmp_path / name) if "train_loss" in r]
+              for name in ("two", "one")]
+    assert len(logged[0]) == 1 and np.allclose(logged[0], logged[1], rtol=1e-5, atol=0)
 
     # Validation: each process scores every other batch and the totals are summed across processes. A single
     # process scoring the same batches (batch 4, 2 batches) must find the same loss before training.
@@ -58,3 +70,64 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path, small_text_path)
                           capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr
     assert "Resuming from step 6" in more.stdout and "Saved model to" in more.stdout
+
+
+class _Collective:
+    """Stands in for mx.distributed.all_sum: records each call in events and adds what the other processes
+    contribute (`others`, zero by default)."""
+
+    def __init__(self, events: list, others: float = 0.0):
+        self.events, self.others = events, others
+
+    def __call__(self, x, *args, **kwargs):
+        self.events.append(("all_sum", x.item()))
+        return x + self.others
+
+
+@pytest.mark.parametrize("rank, size, expected", [
+    (0, 1, ["restore"]),  # one process: no one to wait for
+    (0, 2, ["restore", "all_sum"]),  # rank 0 repairs and reads first, then lets the others in
+    (1, 2, ["all_sum", "restore"]),  # the others read only after rank 0 is done
+])
+def test_resume_reads_the_checkpoint_after_rank_0_repaired_it(monkeypatch, tmp_path, rank, size, expected):
+    events = []
+    monkeypatch.setattr(mx.distributed, "all_sum", _Collective(events))
+    monkeypatch.setattr(train.checkpoint, "restore", lambda out: events.append(("restore", out)) or {"step": 7})
+    assert train._restore(tmp_path, rank, size) == {"step": 7}
+    assert [e[0] for e in events] == expected
+    assert [e[1] for e in events if e[0] == "restore"] == [tmp_path]
+
+
+@pytest.mark.parametrize("here, elsewhere, stops", [(None, 0.0, False), (None, 1.0, True), ("SIGINT", 0.0, True),
+                                                    ("SIGTERM", 1.0, True)])
+def test_every_process_stops_when_any_got_a_signal(monkeypatch, here, elsewhere, stops):
+    events = []
+    monkeypatch.setattr(mx.distributed, "all_sum", _Collective(events, others=elsewhere))
+    assert train._stopping(SimpleNamespace(size=2), SimpleNamespace(signal=here)) is stops
+    assert events == [("all_sum", float(here is not None))]
+    events.clear()
+    assert train._stopping(SimpleNamespace(size=1), SimpleNamespace(signal=here)) is (here is not None)
+    assert events == []  # one process asks no one
+
+
+def test_validation_shards_sum_to_the_single_process_loss(monkeypatch, shakespeare):
+    """Each of 2 processes scores every other batch (same windows, same masks) and the totals are summed: the two
+    processes' shares add up to one process's loss over all batches, an uneven last batch included."""
+    model, tok = untrained(shakespeare[:2000], max_seq_len=16)
+    windows = np.random.default_rng(0).integers(1, tok.vocab_size, size=(9, 16)).astype(np.int32)  # batches 2,2,2,2,1
+    whole = train.make_evaluator(model, windows, tok.mask_id, batch_size=2)()
+    events = []
+    monkeypatch.setattr(mx.distributed, "all_sum", _Collective(events))  # the other process adds nothing here
+    shares = [train.make_evaluator(model, windows, tok.mask_id, batch_size=2, shard=(rank, 2))() for rank in (0, 1)]
+    assert len(events) == 2  # one sum per evaluation
+    assert sum(shares) == pytest.approx(whole, rel=1e-6)
+    assert shares[0] > shares[1] > 0  # rank 0 holds three batches, rank 1 two
+
+
+def test_banner_names_the_effective_batch_of_several_processes(tmp_path, small_text_path):
+    args = train.setup_arg_parser().parse_args(["--data", str(small_text_path), "--out", str(tmp_path / "run"),
+                                                *TINY_TRAIN])
+    run = train.prepare(args)
+    one, two = train._banner(run), train._banner(dataclasses.replace(run, size=2))
+    assert ", batch 8 x 64, " in one
+    assert two == one.replace(", batch 8 x 64, ", ", batch 8 x 64 per process x 2 processes = effective batch 16, ")

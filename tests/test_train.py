@@ -1,5 +1,6 @@
 import ast
 import contextlib
+import io
 import json
 import os
 import re
@@ -156,6 +157,20 @@ def test_console_reports_what_metrics_jsonl_holds(tmp_path, small_text_path, cap
     assert samples[-1] == mlx_dlm.generate(model, tok, "", max_tokens=16, steps=4, seed=12)
 
 
+@pytest.mark.parametrize("n", [1, 4])
+def test_short_samples_show_from_the_first_step(tmp_path, small_text_path, capsys, n):
+    """With validation at every step, an n-character sample follows each validation after the untrained step 0;
+    the last is what the saved model gives with n // 4 steps (at least one), seeded by the step."""
+    out = tmp_path / "run"
+    train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "2", "--eval-every", "1",
+                "--sample-tokens", str(n)])
+    lines = capsys.readouterr().out.splitlines()
+    samples = [ast.literal_eval(line[len("Sample: "):]) for line in lines if line.startswith("Sample: ")]
+    assert len(samples) == 2 and all(len(s) == n for s in samples)
+    model, tok = mlx_dlm.load(out)
+    assert samples[-1] == mlx_dlm.generate(model, tok, "", max_tokens=n, steps=1, seed=2)
+
+
 def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_save_every(tmp_path, small_text_path):
     """A row every 4 steps holds the mean of the per-step losses a row-per-step run logs (same seed, same draws);
     its rate is its steps over the training seconds it adds; FLOPs grow by a fixed amount per step; checkpoints
@@ -214,9 +229,36 @@ def test_progress_bar_on_a_terminal_counts_steps_from_the_resumed_one(tmp_path, 
     counts = re.findall(r"\| (\d+)/(\d+) \[", captured.err)  # tqdm's "n/total [elapsed<left, rate it/s]"
     assert counts[0] == ("0", "6") and counts[-1] == ("6", "6") and all(b == "6" and int(a) <= 6 for a, b in counts)
     assert "it/s]" in captured.err and captured.out.splitlines()[-1] == f"Saved model to {out} (step 6)"
+    assert captured.err.endswith("\r") and not captured.err.split("\r")[-2].strip()  # the bar is erased at the end
     train.main(["--resume", "--out", out, "--iters", "9"])
     counts = re.findall(r"\| (\d+)/(\d+) \[", capsys.readouterr().err)
     assert counts[0] == ("6", "9") and counts[-1] == ("9", "9")
+
+
+class _PipeStdout(io.StringIO):
+    """stdout as a pipe sees it: records each write and each flush."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def write(self, text):
+        self.events.append(text)
+        return super().write(text)
+
+    def flush(self):
+        self.events.append(None)
+
+
+def test_console_lines_are_flushed_as_they_are_printed(tmp_path, small_text_path, monkeypatch):
+    """Under nohup or a pipe each line reaches the log when it is printed, not when a buffer fills."""
+    pipe = _PipeStdout()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    train.main(["--data", str(small_text_path), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--iters", "2",
+                "--report-every", "1", "--eval-every", "1"])
+    ends = [i for i, text in enumerate(pipe.events) if text is not None and text.endswith("\n")]
+    assert len(ends) == len(pipe.getvalue().splitlines()) >= 6  # banner, 3 validations, 2 reports, saved
+    assert all(pipe.events[i + 1] is None for i in ends)
 
 
 def test_save_load_identical_logits(tmp_path):
