@@ -710,9 +710,10 @@ def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
         p.step += 1
         if not applied.item():
             if not a.skip_nonfinite:
-                raise UserError(f"loss or gradient became non-finite at step {p.step} (loss {loss.item()}); "
-                                f"last good checkpoint kept in {run.out}; lower --learning-rate or pass "
-                                "--skip-nonfinite")
+                kept = (f"last good checkpoint kept in {run.out}" if (run.out / checkpoint.STATE_FILE).exists()
+                        else "no checkpoint was saved before it")
+                raise UserError(f"loss or gradient became non-finite at step {p.step} (loss {loss.item()}); {kept}; "
+                                "lower --learning-rate or pass --skip-nonfinite")
             p.skipped += 1
             log.line(f"Iter {p.step}: skipped a non-finite update ({p.skipped} so far)")
         else:

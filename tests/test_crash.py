@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -263,15 +264,23 @@ def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_pa
 
 
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, small_text_path, capsys):
-    common = ["--data", str(small_text_path), "--iters", "12", "--save-every", "4", "--eval-every", "100",
+    common = ["--data", str(small_text_path), "--iters", "12", "--eval-every", "100",
               "--learning-rate", "1e9", "--warmup", "0", "--grad-clip", "0", *TINY_TRAIN]
-    with pytest.raises(SystemExit) as exc:
-        train.main([*common, "--out", str(tmp_path / "stop")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 1 and "non-finite at step" in err and len(err.strip().splitlines()) == 1
-    train.main([*common, "--out", str(tmp_path / "skip"), "--skip-nonfinite"])
+    for save_every, kept in [("4", "no checkpoint was saved before it"), ("1", "last good checkpoint kept in {out}")]:
+        out = tmp_path / f"stop{save_every}"
+        with pytest.raises(SystemExit) as exc:
+            train.main([*common, "--out", str(out), "--save-every", save_every])
+        stop = re.fullmatch(rf"error: loss or gradient became non-finite at step (\d+) \(loss \S+\); "
+                            rf"{re.escape(kept.format(out=out))}; lower --learning-rate or pass --skip-nonfinite\n",
+                            capsys.readouterr().err)
+        assert exc.value.code == 1 and stop
+        assert _saved_step(out) == ((int(stop[1]) - 1) // int(save_every) * int(save_every) or -1)  # the last save
+    train.main([*common, "--out", str(tmp_path / "skip"), "--save-every", "4", "--skip-nonfinite"])
     state = json.loads((tmp_path / "skip" / checkpoint.STATE_FILE).read_text())
-    assert state["step"] == 12 and state["skipped"] > 0
+    lines = [re.fullmatch(r"Iter (\d+): skipped a non-finite update \((\d+) so far\)", line)
+             for line in capsys.readouterr().out.splitlines()]
+    counts = [int(m[2]) for m in lines if m]
+    assert state["step"] == 12 and state["skipped"] == len(counts) >= 2 and counts == list(range(1, len(counts) + 1))
     model, _ = mlx_dlm.load(tmp_path / "skip")
     assert _finite(model)
 
