@@ -177,14 +177,19 @@ def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_sa
     land every --save-every steps and at the end (else every --eval-every)."""
     parse = train.setup_arg_parser().parse_args
     common = ["--data", str(small_text_path), *TINY_TRAIN, "--iters", "10"]
-    saved = {}
+    saved, wall = {}, {}
     for name, flags in [("each", ["--report-every", "1", "--eval-every", "4"]),
                         ("fours", ["--report-every", "4", "--eval-every", "1000", "--save-every", "3"])]:
         steps = saved.setdefault(name, [])
+        tic = time.perf_counter()
         train.train(parse([*common, *flags, "--out", str(tmp_path / name)]), steps.append)
+        wall[name] = time.perf_counter() - tic
     assert saved == {"each": [4, 8, 10], "fours": [3, 6, 9, 10]}
     each, fours = ([r for r in metrics_rows(tmp_path / name) if "train_loss" in r] for name in ("each", "fours"))
     losses = [r["train_loss"] for r in each]
+    untrained = metrics_rows(tmp_path / "each")[0]
+    assert untrained["step"] == 0 and losses[0] == pytest.approx(untrained["val_loss"], rel=0.2)  # one ELBO, two draws
+    assert 0 < fours[-1]["train_seconds"] < wall["fours"]
     assert [r["step"] for r in fours] == [4, 8, 10]
     assert [r["train_loss"] for r in fours] == pytest.approx([np.mean(losses[0:4]), np.mean(losses[4:8]),
                                                              np.mean(losses[8:10])], rel=1e-6)
