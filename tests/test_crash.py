@@ -279,8 +279,10 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, small_text_path, capsys):
     state = json.loads((tmp_path / "skip" / checkpoint.STATE_FILE).read_text())
     lines = [re.fullmatch(r"Iter (\d+): skipped a non-finite update \((\d+) so far\)", line)
              for line in capsys.readouterr().out.splitlines()]
-    counts = [int(m[2]) for m in lines if m]
+    counts, steps = [int(m[2]) for m in lines if m], [int(m[1]) for m in lines if m]
     assert state["step"] == 12 and state["skipped"] == len(counts) >= 2 and counts == list(range(1, len(counts) + 1))
+    rows = [r for r in metrics_rows(tmp_path / "skip") if "train_loss" in r]
+    assert rows and all(r["skipped"] == sum(s <= r["step"] for s in steps) for r in rows)
     model, _ = mlx_dlm.load(tmp_path / "skip")
     assert _finite(model)
 
