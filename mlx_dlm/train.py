@@ -767,15 +767,20 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
     if stopped:
         return run.out
     if run.size > 1:
-        fingerprints = np.array(mx.distributed.all_gather(_fingerprint(run.model)[None]))
-        same = bool((fingerprints == fingerprints[0]).all())
-        log.line(f"Parameters identical on all {run.size} processes: {'yes' if same else 'NO'}")
+        log.line(_replicas_agree(run))
     log.line(f"Saved model to {run.out} (step {run.progress.step})")
     if run.args.upload_repo and run.main_rank:
         from .upload import upload
 
         log.line(f"Uploaded to {upload(run.out, run.args.upload_repo)}")
     return run.out
+
+
+def _replicas_agree(run: Run) -> str:
+    """The closing line of a distributed run: whether every process ends with the same weights."""
+    fingerprints = np.array(mx.distributed.all_gather(_fingerprint(run.model)[None]))
+    same = bool((fingerprints == fingerprints[0]).all())
+    return f"Parameters identical on all {run.size} processes: {'yes' if same else 'NO'}"
 
 
 def _fingerprint(model: Model) -> mx.array:

@@ -132,3 +132,13 @@ def test_banner_names_the_effective_batch_of_several_processes(tmp_path, small_t
     one, two = train._banner(run), train._banner(dataclasses.replace(run, size=2))
     assert ", batch 8 x 64, " in one
     assert two == one.replace(", batch 8 x 64, ", ", batch 8 x 64 per process x 2 processes = effective batch 16, ")
+
+
+@pytest.mark.parametrize("drift, verdict", [(0.0, "yes"), (1e-3, "NO")])
+def test_closing_line_says_whether_the_replicas_agree(monkeypatch, drift, verdict):
+    """Every process's fingerprint gathered: identical on both, or one weight moved on the other process."""
+    model = untrained("abcdefgh", max_seq_len=16)[0]
+    other = train._fingerprint(model) + mx.array([drift, 0.0, 0.0])
+    monkeypatch.setattr(mx.distributed, "all_gather", lambda x, *a, **k: mx.concatenate([x, other[None]]))
+    line = train._replicas_agree(SimpleNamespace(model=model, size=2))
+    assert line == f"Parameters identical on all 2 processes: {verdict}"

@@ -108,6 +108,17 @@ def test_weight_decay_reaches_adamw(tmp_path, small_text_path):
     np.testing.assert_allclose(np.array(run.model.layers[0].mlp.fc1.weight), before * (1 - 0.1 * 0.25), rtol=1e-6)
 
 
+@pytest.mark.parametrize("init, tied", [("local", True), ("simple_dlm", False)])
+def test_init_flag_reaches_the_weights(tmp_path, small_text_path, init, tied):
+    """--init local starts every key projection as its query; simple_dlm's scheme leaves them independent."""
+    from test_init import _query_key_rows
+
+    args = train.setup_arg_parser().parse_args(["--data", str(small_text_path), "--out", str(tmp_path / "r"),
+                                                "--init", init, *TINY_TRAIN])
+    (q, k), _ = _query_key_rows(train.prepare(args).model)
+    assert np.array_equal(q, k) is tied
+
+
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_sp_model_type_flag_picks_the_sentencepiece_algorithm(tmp_path, small_text_path, kind):
     """BPE pieces are scored by merge order (whole numbers); unigram pieces by log-probabilities."""
