@@ -3,6 +3,7 @@ distributed branches in this process, with the collective replaced by a recordin
 sees them: it does not follow subprocesses)."""
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_dlm
-from mlx_dlm import train
+from mlx_dlm import checkpoint, train
 
 from conftest import TINY_TRAIN, metrics_rows, untrained
 
@@ -142,3 +143,35 @@ def test_closing_line_says_whether_the_replicas_agree(monkeypatch, drift, verdic
     monkeypatch.setattr(mx.distributed, "all_gather", lambda x, *a, **k: mx.concatenate([x, other[None]]))
     line = train._replicas_agree(SimpleNamespace(model=model, size=2))
     assert line == f"Parameters identical on all 2 processes: {verdict}"
+
+
+class _Group:
+    """Stands in for mx.distributed.init()'s group: this process is `rank` of `size`."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = (lambda: rank), (lambda: size)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_writes_or_prints_while_preparing(monkeypatch, tmp_path, small_text_path, capsys, rank):
+    """Resuming: rank 0 trims the metrics rows the checkpoint never saw and says what a changed --iters does; a
+    fresh run: rank 0 makes --out. The other processes leave files and console alone."""
+    out, parse = tmp_path / "run", train.setup_arg_parser().parse_args
+    train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "2", "--eval-every", "1"])
+    rows = out / checkpoint.METRICS_FILE
+    saved = rows.read_text()
+    rows.write_text(saved + json.dumps({"step": 3, "train_loss": 1.0}) + "\n")  # written after the last checkpoint
+    capsys.readouterr()
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: _Group(rank, 2))
+    events, restore = [], checkpoint.restore
+    monkeypatch.setattr(mx.distributed, "all_sum", _Collective(events))
+    monkeypatch.setattr(checkpoint, "restore", lambda path: events.append(("restore",)) or restore(path))
+    run = train.prepare(parse(["--resume", "--out", str(out), "--iters", "4"]), explicit={"resume", "out", "iters"})
+    assert (run.rank, run.size, run.progress.step, run.args.iters) == (rank, 2, 2, 4)
+    assert [e[0] for e in events] == ["restore", "all_sum"][::1 if rank == 0 else -1]  # rank 0 repairs first
+    assert rows.read_text() == (saved if rank == 0 else saved + json.dumps({"step": 3, "train_loss": 1.0}) + "\n")
+    note = "note: --iters changed on resume: the cosine schedule now ends at step 4 (was 2)\n"
+    assert capsys.readouterr().err == (note if rank == 0 else "")
+    fresh = tmp_path / "fresh"
+    train.prepare(parse(["--data", str(small_text_path), "--out", str(fresh), *TINY_TRAIN]))
+    assert fresh.is_dir() is (rank == 0)
