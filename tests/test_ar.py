@@ -1,5 +1,7 @@
 """The matched autoregressive baseline: training, KV-cached decoding, sampling filters."""
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import pytest
 import mlx_dlm
 from mlx_dlm.sample import filter_logits, stream_generate
 
-from conftest import metrics_rows, untrained
+from conftest import metrics_rows, untrained, user_error
 from reference import softmax
 
 
@@ -48,6 +50,27 @@ def test_ar_stream_invariants(ar):
     a = mlx_dlm.generate(model, tok, "KING", max_tokens=30, seed=5, top_k=5)
     assert a == mlx_dlm.generate(model, tok, "KING", max_tokens=30, seed=5, top_k=5)
     assert mlx_dlm.generate(model, tok, "", max_tokens=10, seed=0).startswith("\n")  # nanoGPT-style start
+
+
+def test_ar_steps_report_time_rate_and_no_revision(ar):
+    """Each AR step: no position hidden again; elapsed within the wall time of the whole generation; the rate leaves
+    out the prompt pass and the first token per sample it yields."""
+    model, tok = ar
+    tic = time.perf_counter()
+    states = list(stream_generate(model, tok, "KING", max_tokens=6, seed=1, num_samples=2))
+    wall = time.perf_counter() - tic
+    for k, s in enumerate(states):
+        assert s.remasked.shape == s.committed.shape and not s.remasked.any()
+        assert 0 < s.prompt_seconds <= s.elapsed <= wall
+        if k:
+            assert s.tokens_per_sec * s.decode_seconds == pytest.approx(2 * k)  # the tokens after the first
+
+
+@pytest.mark.parametrize("extra", [dict(suffix="END"), dict(template="a[MASK]b")])
+def test_ar_models_refuse_a_suffix_or_template(ar, extra):
+    model, tok = ar
+    assert user_error(mlx_dlm.generate, model, tok, "KING", max_tokens=4, **extra) == \
+        "a suffix or template needs a diffusion model; this one is autoregressive"
 
 
 @pytest.mark.parametrize("shape", [(4, 30), (2, 3, 30)])  # AR: (batch, vocab); diffusion: (batch, positions, vocab)
