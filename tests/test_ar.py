@@ -62,6 +62,7 @@ def test_ar_steps_report_time_rate_and_no_revision(ar):
     for k, s in enumerate(states):
         assert s.remasked.shape == s.committed.shape and not s.remasked.any()
         assert 0 < s.prompt_seconds <= s.elapsed <= wall
+        assert s.forward_tokens == 2 * (4 + k)  # per sample: the prompt's 4 positions once, then 1 per token
         if k:
             assert s.tokens_per_sec * s.decode_seconds == pytest.approx(2 * k)  # the tokens after the first
 

@@ -81,7 +81,8 @@ def test_steps_clamped_to_canvas(tiny):
 def test_errors(tiny):
     model, tok = tiny
     with pytest.raises(UserError, match="exceeds the model's context of 256"):
-        mlx_dlm.generate(model, tok, "A" * 200, max_tokens=100)
+        mlx_dlm.generate(model, tok, "A" * 200, max_tokens=57)
+    assert len(mlx_dlm.generate(model, tok, "A" * 200, max_tokens=56, steps=1)) == 256  # exactly the context fits
     with pytest.raises(UserError, match="'@'"):
         mlx_dlm.generate(model, tok, "hi @ there", max_tokens=10)
     with pytest.raises(UserError, match="unknown strategy"):
