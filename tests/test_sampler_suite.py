@@ -150,6 +150,17 @@ def test_threshold_one_commits_every_certain_position_at_once():
     assert len(states) == 1 and states[0].committed[0, 6:].all() and tok.decode(states[0].tokens[0, 6:]) == "e" * 8
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_steps_read_this_generations_cache(tiny_model_dir, cache):
+    """A model that already generated (its compiled cached steps kept) gives another prompt the same text as a
+    freshly loaded copy: the steps read the cache this generation wrote, not the one they were first traced with."""
+    opts = dict(max_tokens=24, steps=12, block_length=8, seed=2, cache=cache, cache_refresh=2)
+    used, tok = mlx_dlm.load(tiny_model_dir)
+    mlx_dlm.generate(used, tok, "ROMEO:", **opts)
+    fresh, _ = mlx_dlm.load(tiny_model_dir)
+    assert mlx_dlm.generate(used, tok, "KING H", **opts) == mlx_dlm.generate(fresh, tok, "KING H", **opts)
+
+
 def test_blocks_fill_left_to_right(tiny):
     model, tok = tiny
     states = _run(model, tok, "", max_tokens=32, steps=8, block_length=8, seed=5)
