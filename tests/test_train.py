@@ -20,7 +20,7 @@ from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN, cli_error, metrics_rows, user_error
+from conftest import TINY_TRAIN, cli_error, metrics_rows, untrained, user_error
 
 
 def _params(model):
@@ -198,6 +198,19 @@ def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_sa
     model, _ = mlx_dlm.load(tmp_path / "fours")
     per_step = 3 * model.flops_per_token(64) * 8 * 64  # forward + backward over 8 windows of 64 predicted tokens
     assert [r["flops"] for r in fours] == pytest.approx([4 * per_step, 8 * per_step, 10 * per_step])
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_ar_validation_is_the_exact_next_token_nll_over_every_window(shakespeare, batch_size):
+    """An AR model's validation loss: the mean next-token NLL over all windows (9 here, so the last batch is short),
+    against the float64 numpy model."""
+    from reference import forward, log_softmax
+
+    model, tok = untrained(shakespeare[:2000], max_seq_len=16, model_type="ar")
+    windows = np.random.default_rng(1).integers(1, tok.vocab_size, size=(9, 16)).astype(np.int32)
+    logp = log_softmax(forward(model, windows, None)[:, :-1])
+    nll = -np.take_along_axis(logp, windows[:, 1:, None], axis=-1).mean()
+    assert train.make_evaluator(model, windows, tok.mask_id, batch_size)() == pytest.approx(nll, rel=1e-5)
 
 
 def test_fingerprint_matches_numpy_and_tells_moved_weights_apart():
