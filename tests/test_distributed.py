@@ -117,9 +117,10 @@ def test_validation_shards_sum_to_the_single_process_loss(monkeypatch, shakespea
     processes' shares add up to one process's loss over all batches, an uneven last batch included."""
     model, tok = untrained(shakespeare[:2000], max_seq_len=16)
     windows = np.random.default_rng(0).integers(1, tok.vocab_size, size=(9, 16)).astype(np.int32)  # batches 2,2,2,2,1
-    whole = train.make_evaluator(model, windows, tok.mask_id, batch_size=2)()
     events = []
     monkeypatch.setattr(mx.distributed, "all_sum", _Collective(events))  # the other process adds nothing here
+    whole = train.make_evaluator(model, windows, tok.mask_id, batch_size=2)()
+    assert events == []  # one process sums nothing
     shares = [train.make_evaluator(model, windows, tok.mask_id, batch_size=2, shard=(rank, 2))() for rank in (0, 1)]
     assert len(events) == 2  # one sum per evaluation
     assert sum(shares) == pytest.approx(whole, rel=1e-6)
