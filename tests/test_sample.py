@@ -72,6 +72,12 @@ def test_confidence_commits_most_probable_positions(tiny):
     np.testing.assert_array_equal(committed_ids, logits[sorted(got)].argmax(-1))
 
 
+def test_no_prompt_means_an_all_masked_canvas(tiny):
+    model, tok = tiny
+    first = next(stream_generate(model, tok, max_tokens=6, seed=0))
+    assert first.editable.tolist() == [True] * 6 and first.prompt_tokens == 0
+
+
 def test_steps_clamped_to_canvas(tiny):
     model, tok = tiny
     states = list(stream_generate(model, tok, "", max_tokens=4, steps=32, seed=0))

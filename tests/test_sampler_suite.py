@@ -67,8 +67,8 @@ def test_margin_and_entropy_order_against_numpy(tiny, strategy):
         score = top[:, -1] - top[:, -2]
     else:
         score = (probs * np.log(np.where(probs > 0, probs, 1))).sum(-1)  # -entropy
-    k = commit_schedule(24, 6)[0]
-    first = _run(model, tok, "First", max_tokens=24, steps=6, strategy=strategy, temp=0.0, seed=0)[0]
+    k = commit_schedule(24, 2)[0]  # half the positions: the boundary of the order matters, not only its top
+    first = _run(model, tok, "First", max_tokens=24, steps=2, strategy=strategy, temp=0.0, seed=0)[0]
     assert set(np.flatnonzero(first.committed[0]) - p) == set(np.argsort(-score)[:k].tolist())
 
 
