@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_dlm import train
+from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.model import init_model, preset_args
 
 from conftest import TINY_TRAIN, metrics_rows
@@ -93,6 +94,14 @@ def test_loss_and_t_sampling_flags_reach_the_loss(tmp_path, small_text_path, mon
     monkeypatch.setattr(train, "training_loss", spy)
     _train(tmp_path, small_text_path, "--iters", "1", "--loss", "masked-mean", "--t-sampling", "batch")
     assert ("masked-mean", "batch") in seen
+    # ... and the loss it builds is that diffusion loss, not the default one.
+    model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
+    batch = mx.array(np.random.default_rng(0).integers(1, 12, size=(8, 32)).astype(np.int32))
+    losses = {(loss, t): diffusion_loss(model, batch, 0, loss, t, key=mx.random.key(3)).item()
+              for loss in ("elbo", "masked-mean") for t in ("stratified", "batch")}
+    assert len(set(losses.values())) == 4
+    for (loss, t), value in losses.items():
+        assert real(model, 0, loss, t)(model, batch, key=mx.random.key(3)).item() == value
 
 
 def test_weight_decay_reaches_adamw(tmp_path, small_text_path):
