@@ -381,7 +381,7 @@ class _StopRequest:
     each signal number to a pipe (`signal.set_wakeup_fd`), and a watchdog thread reads it: MLX releases the
     GIL while it computes, so the watchdog acts at once."""
 
-    def __init__(self, out: Path | None = None):
+    def __init__(self, out: Path):
         self.signal = None
         self.out = out
         self._previous = {}
@@ -419,8 +419,8 @@ class _StopRequest:
                 if signum not in (signal.SIGINT, signal.SIGTERM):
                     continue
                 if signum == signal.SIGINT and self.signal == "SIGINT":
-                    where = f"; the last checkpoint in {self.out} is kept" if self.out else ""
-                    print(f"Aborted by a second Ctrl-C{where}", file=sys.stderr, flush=True)
+                    print(f"Aborted by a second Ctrl-C; the last checkpoint in {self.out} is kept", file=sys.stderr,
+                          flush=True)
                     os._exit(130)
                 if self.signal is None:
                     self.signal = signal.Signals(signum).name

@@ -218,13 +218,13 @@ def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_pa
     assert _saved_step(out) == 3
 
 
-def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_thread():
+def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_thread(tmp_path):
     """Leaving the stop request closes its pipe and puts back the wakeup fd it replaced. Started from a worker
     thread (training in a notebook's background thread), where Python refuses signal handlers, it leaves signals
     alone and never stops the run."""
     before = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(before)
-    with train._StopRequest():
+    with train._StopRequest(tmp_path):
         inside = signal.set_wakeup_fd(-1)
         signal.set_wakeup_fd(inside)
     assert inside != before and signal.set_wakeup_fd(before) == before  # restored
@@ -235,7 +235,7 @@ def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_
 
     def worker():
         try:
-            with train._StopRequest() as stop:
+            with train._StopRequest(tmp_path) as stop:
                 seen.append(stop.signal)
         except Exception as exc:  # what a bare __exit__ from this thread would raise
             seen.append(exc)
@@ -246,6 +246,20 @@ def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_
     thread.join()
     assert seen == [None]
     assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers
+
+
+def test_watchdog_passes_over_other_signals_in_the_pipe(tmp_path, capsys):
+    """The wakeup pipe carries every signal Python handles: another one, read in the same chunk just before a
+    SIGTERM, does not hide it."""
+    with train._StopRequest(tmp_path) as stop:
+        write_fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(write_fd)
+        os.write(write_fd, bytes([signal.SIGUSR1, signal.SIGTERM]))
+        deadline = time.monotonic() + 5
+        while stop.signal is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert stop.signal == "SIGTERM"
+    assert capsys.readouterr().err == "SIGTERM: stopping after this step and saving a checkpoint\n"
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_pair(tmp_path, small_text_path, capsys):
