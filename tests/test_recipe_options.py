@@ -135,6 +135,11 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, small_text_path
                if k.startswith("train_weights.")}
     assert trained.keys() == {k for k in saved if k in trained} and len(trained) > 5
     assert max(float(mx.abs(saved[k] - trained[k]).max()) for k in trained) > 1e-4  # the model file is the average
+    # ... an average that followed the training: nearer the trained weights than the initial ones are.
+    initial = dict(tree_flatten(train.prepare(train.setup_arg_parser().parse_args(
+        ["--data", str(small_text_path), "--out", str(tmp_path / "init"), *TINY_TRAIN, *flags])).model.parameters()))
+    for k in trained:
+        assert float(mx.abs(saved[k] - trained[k]).sum()) < float(mx.abs(initial[k] - trained[k]).sum()), k
     vals = [r["val_loss"] for r in metrics_rows(straight) if "val_loss" in r]
     model, tokenizer = mlx_dlm.load(straight)  # the last validation scored the saved (averaged) weights
     windows = train.data.eval_windows(

@@ -27,6 +27,32 @@ def _params(model):
     return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 
 
+def test_train_step_defaults_are_a_plain_update():
+    """make_train_step's defaults: the gradient applied unclipped, and a non-finite update applied as is (reported
+    through `applied`, not skipped)."""
+    import mlx.nn as nn
+
+    model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
+    batch = mx.array(np.random.default_rng(0).integers(1, 12, size=(8, 32)).astype(np.int32))
+
+    def fixed(model, batch, key=None, shard=(0, 1)):  # one draw of masks, whatever the step's key
+        return 10 * diffusion_loss(model, batch, 0, key=mx.random.key(0))
+
+    before = _params(model)
+    _, grads = nn.value_and_grad(model, fixed)(model, batch)
+    grads = {k: np.array(g) for k, g in tree_flatten(grads)}
+    loss, grad_norm, applied = train.make_train_step(model, optim.SGD(learning_rate=1.0), fixed)(batch)
+    assert applied.item() and grad_norm.item() == pytest.approx(np.sqrt(sum((g * g).sum() for g in grads.values())),
+                                                                 rel=1e-5)
+    assert grad_norm.item() > 1  # a clip at 1 would shrink it
+    after = _params(model)
+    for k in before:
+        np.testing.assert_allclose(after[k], before[k] - grads[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    step = train.make_train_step(model, optim.SGD(learning_rate=1.0), lambda *a, **kw: fixed(*a, **kw) * np.nan)
+    assert not step(batch)[2].item()
+    assert all(np.isnan(v).all() for v in _params(model).values())
+
+
 def test_compiled_step_draws_fresh_masks():
     model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
     before = _params(model)
