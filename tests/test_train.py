@@ -222,6 +222,8 @@ def test_report_rows_average_the_steps_of_their_window_and_checkpoints_follow_sa
     seconds = [0.0] + [r["train_seconds"] for r in fours]
     assert [r["it_per_sec"] * (b - a) for r, a, b in zip(fours, seconds, seconds[1:])] == pytest.approx([4, 4, 2])
     model, _ = mlx_dlm.load(tmp_path / "fours")
+    optimizer_file = mx.load(str(tmp_path / "fours" / train.checkpoint.OPTIMIZER_FILE))
+    assert not any(k.startswith(train.checkpoint.TRAIN_WEIGHTS) for k in optimizer_file)  # no --ema: no second copy
     per_step = 3 * model.flops_per_token(64) * 8 * 64  # forward + backward over 8 windows of 64 predicted tokens
     assert [r["flops"] for r in fours] == pytest.approx([4 * per_step, 8 * per_step, 10 * per_step])
 
