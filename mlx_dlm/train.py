@@ -537,9 +537,9 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
         _check_args(args)
     elif (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
         raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
-    elif rank == 0:
+    text = data.read_corpus(args.data)  # a missing corpus leaves no empty --out behind
+    if resume_state is None and rank == 0:
         ensure_dir(out, "--out")  # fail before any work, not at the first checkpoint
-    text = data.read_corpus(args.data)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
     if resume_state is not None:
         if resume_state.get("data_sha256", data_sha) != data_sha:

@@ -42,16 +42,17 @@ def test_train_errors(capsys, tmp_path, small_text_path):
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("too short for a window")
-    _one_line_error(capsys, train.main, ["--data", str(tmp_path / "missing.txt"), *TINY_TRAIN], "does not exist")
-    _one_line_error(capsys, train.main, ["--data", str(empty), *TINY_TRAIN], "is empty")
+    out = ["--out", str(tmp_path / "run")]  # never the default ./checkpoints of whatever folder the tests run in
+    _one_line_error(capsys, train.main, ["--data", str(tmp_path / "missing.txt"), *out, *TINY_TRAIN], "does not exist")
+    _one_line_error(capsys, train.main, ["--data", str(empty), *out, *TINY_TRAIN], "is empty")
     _one_line_error(capsys, train.main, ["--data", str(short), "--out", str(tmp_path / "o"), *TINY_TRAIN],
                     "fewer than one window of --seq-len 64")
-    _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--preset", "galactic"], "unknown preset")
-    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--cpu-streams", "3"],
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, "--preset", "galactic"], "unknown preset")
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, *TINY_TRAIN, "--cpu-streams", "3"],
                     "--cpu-streams must be at least 1 and divide --batch-size 8, got 3")
-    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--dropout", "1"],
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, *TINY_TRAIN, "--dropout", "1"],
                     "--dropout must be in [0, 1), got 1.0")
-    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *TINY_TRAIN, "--ema", "-0.5"],
+    _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, *TINY_TRAIN, "--ema", "-0.5"],
                     "--ema must be a decay in [0, 1)")
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), "--out", str(tmp_path / "s"), *TINY_TRAIN,
                                          "--arch", "subs_mask_id=500"], "subs_mask_id 500 is not a token id")
@@ -91,9 +92,11 @@ def test_generate_errors(capsys, tiny_model_dir, tmp_path):
 
 
 def test_console_scripts_error_without_traceback(tmp_path):
-    proc = subprocess.run(["mlx_dlm.train", "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    proc = subprocess.run(["mlx_dlm.train", "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: data file {tmp_path / 'missing.txt'} does not exist"
+    assert not (tmp_path / "checkpoints").exists()  # the failed command leaves no empty --out behind
     proc = subprocess.run(["mlx_dlm", "nonsense"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
 
