@@ -176,3 +176,13 @@ def test_only_rank_0_writes_or_prints_while_preparing(monkeypatch, tmp_path, sma
     fresh = tmp_path / "fresh"
     train.prepare(parse(["--data", str(small_text_path), "--out", str(fresh), *TINY_TRAIN]))
     assert fresh.is_dir() is (rank == 0)
+
+
+def test_a_stop_voted_by_another_process_names_no_signal_of_its_own(monkeypatch, tmp_path, small_text_path, capsys):
+    """Another process got the signal: this one stops at the same step with a checkpoint and says so."""
+    monkeypatch.setattr(train, "_stopping", lambda run, stop: run.progress.step >= 2)
+    out = tmp_path / "run"
+    train.main(["--data", str(small_text_path), "--out", str(out), *TINY_TRAIN, "--iters", "10", "--eval-every", "100"])
+    assert capsys.readouterr().out.splitlines()[-1] == (f"Stopped by a signal at step 2; checkpoint saved in {out}. "
+                                                        f"Resume with: mlx_dlm.train --resume --out {out}")
+    assert json.loads((out / checkpoint.STATE_FILE).read_text())["step"] == 2

@@ -4,14 +4,16 @@ Expectations are closed forms (the learning-rate schedule, Adam's first moment a
 file contents (dtypes, SentencePiece scores) or the values handed to the loss and the optimizer.
 """
 
+import contextlib
 import math
+import os
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_dlm import train
+from mlx_dlm import blas, train
 from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.model import init_model, preset_args
 
@@ -181,13 +183,24 @@ def test_val_bpc_converts_nats_per_token_to_bits_per_character(tmp_path, small_t
         assert row["val_bpc"] == pytest.approx(row["val_loss"] / math.log(2) / chars_per_token, rel=1e-9)
 
 
-def test_cpu_streams_flag_reaches_the_step_and_keeps_the_loss(tmp_path, small_text_path, capsys):
-    """--cpu-streams 2 splits the batch (the banner says so) and trains to the same losses as one stream."""
+def test_cpu_streams_flag_reaches_the_step_and_keeps_the_loss(tmp_path, small_text_path, capsys, monkeypatch):
+    """--cpu-streams 2 splits the batch (the banner says so; each step shares the cores out among the streams' BLAS
+    calls) and trains to the same losses as one stream."""
+    threads, real = [], blas.threads
+
+    @contextlib.contextmanager
+    def recorded(n):
+        threads.append(n)
+        with real(n):
+            yield
+
+    monkeypatch.setattr(blas, "threads", recorded)
     one = metrics_rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "1",
                        name="one"))
-    assert "CPU streams" not in capsys.readouterr().out
+    assert "CPU streams" not in capsys.readouterr().out and threads == [None] * 3  # BLAS left as it is
+    threads.clear()
     two = metrics_rows(_train(tmp_path, small_text_path, "--iters", "3", "--report-every", "1", "--cpu-streams", "2",
                        name="two"))
-    assert "2 CPU streams" in capsys.readouterr().out
+    assert "2 CPU streams" in capsys.readouterr().out and threads == [max(1, (os.cpu_count() or 1) // 2)] * 3
     losses = lambda rows: [r["train_loss"] for r in rows if "train_loss" in r]  # noqa: E731
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
