@@ -46,7 +46,8 @@ def test_train_errors(capsys, tmp_path, small_text_path):
     _one_line_error(capsys, train.main, ["--data", str(tmp_path / "missing.txt"), *out, *TINY_TRAIN], "does not exist")
     _one_line_error(capsys, train.main, ["--data", str(empty), *out, *TINY_TRAIN], "is empty")
     _one_line_error(capsys, train.main, ["--data", str(short), "--out", str(tmp_path / "o"), *TINY_TRAIN],
-                    "fewer than one window of --seq-len 64")
+                    "training data has 20 tokens, fewer than one window of --seq-len 64; use more text or a shorter "
+                    "--seq-len")
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, "--preset", "galactic"], "unknown preset")
     _one_line_error(capsys, train.main, ["--data", str(small_text_path), *out, *TINY_TRAIN, "--cpu-streams", "3"],
                     "--cpu-streams must be at least 1 and divide --batch-size 8, got 3")

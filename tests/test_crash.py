@@ -297,6 +297,11 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, small_text_path, capsys):
     assert state["step"] == 12 and state["skipped"] == len(counts) >= 2 and counts == list(range(1, len(counts) + 1))
     rows = [r for r in metrics_rows(tmp_path / "skip") if "train_loss" in r]
     assert rows and all(r["skipped"] == sum(s <= r["step"] for s in steps) for r in rows)
+    # --resume takes every counter back.
+    run = train.prepare(train.setup_arg_parser().parse_args(["--resume", "--out", str(tmp_path / "skip")]))
+    counters = ("step", "skipped", "train_seconds", "flops", "val_loss")  # val_loss: NaN after such a run
+    np.testing.assert_equal([getattr(run.progress, k) for k in counters], [state[k] for k in counters])
+    assert run.progress.skipped >= 2 and run.progress.train_seconds > 0 and run.progress.val_loss is not None
     model, _ = mlx_dlm.load(tmp_path / "skip")
     assert _finite(model)
 

@@ -388,13 +388,15 @@ def test_prepare_refuses_what_would_lose_or_mix_runs(tmp_path, small_text_path, 
         "the data (Tiny Shakespeare) differs from the corpus this checkpoint was trained on (sha256 mismatch)")
 
 
-@pytest.mark.parametrize("text_len, validates", [(800, True), (790, False)])
-def test_validation_needs_one_window_of_held_out_tokens(tmp_path, text_len, validates, capsys, shakespeare):
-    """--val-fraction 0.1 of 800 characters is 80 tokens: exactly one window of 80 validates; 79 cannot."""
+@pytest.mark.parametrize("text_len, fraction, validates", [(800, "0.1", True), (790, "0.1", False), (400, "0.2", True),
+                                                          (395, "0.2", False)])
+def test_validation_needs_one_window_of_held_out_tokens(tmp_path, text_len, fraction, validates, capsys, shakespeare):
+    """--val-fraction 0.1 of 800 characters (or 0.2 of 400) is 80 tokens: exactly one window of 80 validates; 79
+    cannot."""
     data = tmp_path / "t.txt"
     data.write_text(shakespeare[:text_len])
     train.main(["--data", str(data), "--out", str(tmp_path / "o"), *TINY_TRAIN, "--seq-len", "80", "--iters", "2",
-                "--eval-every", "2", "--batch-size", "2"])
+                "--eval-every", "2", "--batch-size", "2", "--val-fraction", fraction])
     rows = metrics_rows(tmp_path / "o")
     assert [r["step"] for r in rows if "val_loss" in r] == ([0, 2] if validates else [])
     note = "note: validation split has fewer than 80 tokens; skipping validation"
