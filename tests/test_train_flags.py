@@ -130,17 +130,30 @@ def test_init_flag_reaches_the_weights(tmp_path, small_text_path, init, tied):
     assert np.array_equal(q, k) is tied
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+@pytest.mark.parametrize("kind", ["bpe", "unigram", None])
 def test_sp_model_type_flag_picks_the_sentencepiece_algorithm(tmp_path, small_text_path, kind):
-    """BPE pieces are scored by merge order (whole numbers); unigram pieces by log-probabilities."""
+    """BPE pieces are scored by merge order (whole numbers); unigram pieces by log-probabilities. Without the flags:
+    BPE with 512 pieces."""
     import sentencepiece as spm
 
-    out = _train(tmp_path, small_text_path, "--iters", "1", "--tokenizer", "sp", "--vocab-size", "200",
-                 "--sp-model-type", kind)
+    flags = ["--vocab-size", "200", "--sp-model-type", kind] if kind else []
+    out = _train(tmp_path, small_text_path, "--iters", "1", "--tokenizer", "sp", *flags)
     sp = spm.SentencePieceProcessor(model_file=str(next(out.glob("*.model"))))
     scores = [sp.GetScore(i) for i in range(sp.GetPieceSize()) if not (sp.IsControl(i) or sp.IsUnknown(i))]
     whole = all(float(s).is_integer() for s in scores)
-    assert whole == (kind == "bpe")
+    assert whole == (kind != "unigram") and sp.GetPieceSize() == (200 if kind else 512)
+
+
+@pytest.mark.parametrize("flag", ["--init", "--tokenizer", "--sp-model-type", "--objective", "--loss", "--dtype"])
+def test_flags_with_choices_refuse_others(capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        train.setup_arg_parser().parse_args([flag, "neither"])
+    assert exc.value.code == 2 and f"argument {flag}: invalid choice: 'neither'" in capsys.readouterr().err
+
+
+def test_usage_names_the_command_and_the_values_flags_take():
+    text = train.setup_arg_parser().format_help()
+    assert text.startswith("usage: mlx_dlm.train [-h]") and "--arch KEY=VALUE" in text and "--ema DECAY" in text
 
 
 def test_skipped_update_is_a_no_op():
