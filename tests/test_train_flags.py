@@ -150,6 +150,13 @@ def test_flags_with_choices_refuse_others(capsys, flag):
         train.setup_arg_parser().parse_args([flag, "neither"])
     assert exc.value.code == 2 and f"argument {flag}: invalid choice: 'neither'" in capsys.readouterr().err
 
+def test_flags_take_the_values_the_readme_names():
+    parse = train.setup_arg_parser().parse_args
+    for flag, values in [("--tokenizer", ("char", "sp")), ("--sp-model-type", ("bpe", "unigram")),
+                         ("--init", ("local", "simple_dlm")), ("--objective", ("dlm", "ar"))]:
+        for value in values:
+            assert getattr(parse([flag, value]), flag[2:].replace("-", "_")) == value
+
 
 def test_usage_names_the_command_and_the_values_flags_take():
     text = train.setup_arg_parser().format_help()
