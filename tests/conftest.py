@@ -82,7 +82,9 @@ def metrics_rows(out: Path) -> list[dict]:
     """The rows of a model directory's metrics.jsonl."""
     import json
 
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from mlx_dlm.checkpoint import METRICS_FILE
+
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
 
 
 def cli_error(capsys, main, argv) -> str:

@@ -218,16 +218,21 @@ def test_signals_in_process_stop_after_the_step_or_abort(tmp_path, small_text_pa
     assert _saved_step(out) == 3
 
 
+def _wakeup_fd() -> int:
+    """The fd Python's signal handler writes signal numbers to (-1: none), left as it is."""
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return fd
+
+
 def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_thread(tmp_path):
     """Leaving the stop request closes its pipe and puts back the wakeup fd it replaced. Started from a worker
     thread (training in a notebook's background thread), where Python refuses signal handlers, it leaves signals
     alone and never stops the run."""
-    before = signal.set_wakeup_fd(-1)
-    signal.set_wakeup_fd(before)
+    before = _wakeup_fd()
     with train._StopRequest(tmp_path):
-        inside = signal.set_wakeup_fd(-1)
-        signal.set_wakeup_fd(inside)
-    assert inside != before and signal.set_wakeup_fd(before) == before  # restored
+        inside = _wakeup_fd()
+    assert inside != before and _wakeup_fd() == before  # restored
     with pytest.raises(OSError):
         os.fstat(inside)  # the pipe is closed
 
@@ -252,9 +257,7 @@ def test_watchdog_passes_over_other_signals_in_the_pipe(tmp_path, capsys):
     """The wakeup pipe carries every signal Python handles: another one, read in the same chunk just before a
     SIGTERM, does not hide it."""
     with train._StopRequest(tmp_path) as stop:
-        write_fd = signal.set_wakeup_fd(-1)
-        signal.set_wakeup_fd(write_fd)
-        os.write(write_fd, bytes([signal.SIGUSR1, signal.SIGTERM]))
+        os.write(_wakeup_fd(), bytes([signal.SIGUSR1, signal.SIGTERM]))
         deadline = time.monotonic() + 5
         while stop.signal is None and time.monotonic() < deadline:
             time.sleep(0.01)
