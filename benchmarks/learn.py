@@ -1,6 +1,6 @@
 """How fast does a recipe learn? Several training configurations on the same data and budget, in one run.
 
-    mlx_dlm.benchmark learn --data ../shared/data/tinyshakespeare.txt --steps 200 --out learn.json --plot learn.png
+    mlx_dlm.benchmark learn --steps 200 --out learn.json --plot learn.png
     mlx_dlm.benchmark learn --config "lr 3e-3=--learning-rate 3e-3" --config "no t=--arch time_cond=false" --no-defaults
 
 Each configuration is a set of `mlx_dlm.train` flags run by `mlx_dlm.train` itself (into --work), on top of the

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .errors import stdout_closed
+
 COMMANDS = {
     "train": "mlx_dlm.train",
     "generate": "mlx_dlm.generate",
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     """Dispatch to the command's own main()."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        try:
+            print(USAGE, flush=True)
+        except BrokenPipeError:
+            stdout_closed()
         sys.exit(0 if argv else 2)
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)

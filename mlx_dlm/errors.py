@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from typing import Callable
+
+
+SIGPIPE_EXIT = 141  # what a shell reports for a command ended by SIGPIPE (128 + 13), as `cat` is under `| head`
+
+
+def stdout_closed() -> None:
+    """The reader of stdout went away (`| head`, `| less` then quit): exit quietly, as `cat` does.
+
+    stdout is pointed at the null device first, so the interpreter's final flush cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no file descriptor (replaced in-process)
+        pass
+    sys.exit(SIGPIPE_EXIT)
 
 
 # How to get torch without a multi-GB CUDA build (torch is only needed to convert checkpoints and compare speed).
@@ -17,9 +33,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a command's main, turning UserError into a one-line message and exit code 1."""
+    """Run a command's main, turning UserError into a one-line message and exit code 1, and a closed stdout into
+    a quiet exit."""
     try:
         main(argv)
+    except BrokenPipeError:
+        stdout_closed()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

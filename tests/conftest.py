@@ -1,4 +1,4 @@
-"""Shared fixtures: real text from ../shared/data, tiny trained models, no network."""
+"""Shared fixtures: real text from the corpus shipped in the package, tiny trained models, no network."""
 
 from __future__ import annotations
 
@@ -105,30 +105,20 @@ def user_error(call, *args, **kwargs) -> str:
     return str(err.value)
 
 
-def _shared_text() -> Path:
-    """../shared/data/tinyshakespeare.txt beside the repository (looked for upwards: mutmut runs the tests from a
-    copy of the repository one folder deeper, in mutants/)."""
-    for parent in Path(__file__).resolve().parents[1:]:
-        candidate = parent.parent / "shared" / "data" / "tinyshakespeare.txt"
-        if candidate.exists():
-            return candidate
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """Tiny Shakespeare as users' training gets it with no --data: the copy shipped in the package, sha256-checked."""
+    from mlx_dlm.data import read_corpus
 
-
-SHARED_TEXT = _shared_text()
+    return read_corpus(None)
 
 
 @pytest.fixture(scope="session")
-def shakespeare_path() -> Path:
-    """The full Tiny Shakespeare file beside the repo."""
-    if not SHARED_TEXT.exists():
-        pytest.fail(f"{SHARED_TEXT} is missing: tests need ../shared/data beside the repo")
-    return SHARED_TEXT
-
-
-@pytest.fixture(scope="session")
-def shakespeare(shakespeare_path) -> str:
-    return shakespeare_path.read_text(encoding="utf-8")
+def shakespeare_path(tmp_path_factory, shakespeare) -> Path:
+    """The packaged Tiny Shakespeare written out as a plain text file (for tests that need a --data path)."""
+    path = tmp_path_factory.mktemp("corpus") / "tinyshakespeare.txt"
+    path.write_bytes(shakespeare.encode("utf-8"))  # byte for byte (sha256-checked by test_data)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import sys
 import pytest
 
 from mlx_dlm import train
+from mlx_dlm.cli import COMMANDS
+from mlx_dlm.errors import SIGPIPE_EXIT
 
 generate = importlib.import_module("mlx_dlm.generate")  # the module; mlx_dlm.generate is also the API function
 
@@ -150,3 +153,35 @@ def test_help_shows_every_help_text(module):
     assert shown.startswith(f"usage: {parser.prog} ")
     for text in mod.HELP.values():
         assert " ".join(text.split()) in shown, text
+
+
+def _run_with_reader_gone(argv: list[str]) -> subprocess.Popen:
+    """Start `python -m argv...` with its stdout a pipe whose reading end is already closed, as after `| head`
+    has exited: the first write fails (Python ignores SIGPIPE, so it raises BrokenPipeError)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(write_end)
+    return proc
+
+
+def _quiet_exit(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode in (0, SIGPIPE_EXIT), (proc.returncode, err)
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_every_command_exits_quietly_when_its_reader_goes_away():
+    """`mlx_dlm.X --help | head -0`: every command (and the `mlx_dlm` dispatcher) ends with 0 or 141, no traceback."""
+    commands = [["mlx_dlm", "--help"]] + [[module, "--help"] for module in COMMANDS.values()] + [
+        ["mlx_dlm.benchmark", sub, "--help"] for sub in ("train", "learn", "profile", "simple-dlm-sampler")]
+    procs = [_run_with_reader_gone(argv) for argv in commands]  # side by side: each mostly waits on its imports
+    for proc in procs:
+        _quiet_exit(proc)
+
+
+def test_generate_exits_quietly_when_its_reader_goes_away(tiny_model_dir):
+    """The issue's case, `mlx_dlm.generate ... | head -3`: the sample's text is what meets the closed pipe."""
+    _quiet_exit(_run_with_reader_gone(["mlx_dlm.generate", "--model", str(tiny_model_dir), "--prompt", "ROMEO:",
+                                       "--max-tokens", "64", "--steps", "8", "--seed", "0"]))
