@@ -78,6 +78,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=cost)
 
 
+def needs(module: str, extra: str):
+    """The module, or a skip saying which extra of pyproject.toml installs it (tests run with only `.[cpu,test]`)."""
+    return pytest.importorskip(module, reason=f"{module} is not installed: the `{extra}` extra runs these tests "
+                                              f"(pip install -e \".[{extra}]\")")
+
+
 def metrics_rows(out: Path) -> list[dict]:
     """The rows of a model directory's metrics.jsonl."""
     import json

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import needs
+
 bench = importlib.import_module("mlx_dlm.benchmark.__main__")
 
 
@@ -86,7 +88,7 @@ def test_equal_quality_picks_the_fastest_dlm_within_tolerance():
 
 
 def test_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    needs("matplotlib", "plot")
     png = tmp_path / "r.png"
     bench.main(["--preset", "tiny", "--trials", "1", "--steps", "2,4", "--strategies", "random", "--batch-size", "1",
                 "--max-tokens", "8", "--plot", str(png)])
@@ -112,7 +114,7 @@ def test_errors(capsys):
 
 
 def test_train_speed_side_by_side_with_torch(tmp_path):
-    pytest.importorskip("torch")
+    needs("torch", "convert")
     out = tmp_path / "t.json"
     bench.main(["train", "--preset", "simple_dlm", "--batch-size", "2", "--seq-len", "16", "--steps", "1",
                 "--trials", "1", "--warmup", "1", "--out", str(out)])

@@ -10,7 +10,9 @@ import pytest
 
 from mlx_dlm.server import make_server
 
-webdriver = pytest.importorskip("selenium.webdriver")
+from conftest import needs
+
+webdriver = needs("selenium.webdriver", "test")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),

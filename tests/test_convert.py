@@ -10,7 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import needs
+
+torch = needs("torch", "convert")
 
 import mlx_dlm  # noqa: E402
 import mlx_dlm.model  # noqa: E402

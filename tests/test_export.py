@@ -7,12 +7,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+from conftest import needs
+
+onnx = needs("onnx", "onnx")
+ort = needs("onnxruntime", "test")
 
 import mlx_dlm  # noqa: E402
 from mlx_dlm.model import init_model, preset_args  # noqa: E402
 from mlx_dlm.tokenizer import CharTokenizer  # noqa: E402
+
 
 export = importlib.import_module("mlx_dlm.export")
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.!\n")

@@ -9,9 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-tokenizers = pytest.importorskip("tokenizers")
-jinja2 = pytest.importorskip("jinja2")
+from conftest import needs
+
+torch = needs("torch", "convert")
+tokenizers = needs("tokenizers", "hf")
+jinja2 = needs("jinja2", "hf")
 
 import mlx_dlm  # noqa: E402
 from conftest import cli_error, user_error  # noqa: E402

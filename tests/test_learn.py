@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from conftest import needs
+
 learn = importlib.import_module("mlx_dlm.benchmark.learn")
 bench = importlib.import_module("mlx_dlm.benchmark.__main__")
 
@@ -57,7 +59,7 @@ def test_flops_to_reach_interpolates_and_summary_compares_at_equal_time():
 
 
 def test_torch_loop_curve_is_measured_by_the_mlx_evaluator(shakespeare):
-    pytest.importorskip("torch")
+    needs("torch", "convert")
     args = argparse.Namespace(batch_size=2, seq_len=16, eval_batches=1, eval_every=2, seed=0)
     row = learn.run_torch(shakespeare[:20_000], args, seconds=0.5)
     steps = [c["step"] for c in row["curve"]]

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-pyte = pytest.importorskip("pyte")
+from conftest import needs
+
+pyte = needs("pyte", "test")
 fcntl = pytest.importorskip("fcntl")
 termios = pytest.importorskip("termios")
 
