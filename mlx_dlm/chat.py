@@ -12,9 +12,11 @@ import argparse
 import sys
 
 from .errors import UserError, run_cli
-from .generate import chat_prompt, setup_arg_parser as generate_parser
+from .generate import setup_arg_parser as generate_parser
 from .io import load
+from .options import SamplerOptions
 from .sample import completion, stream_generate
+from .tokenizer import chat_prompt
 
 DEFAULT_CHAT_TOKENS = 256
 
@@ -30,11 +32,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace) -> str:
     """The assistant's next turn."""
     last = None
-    for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=args.max_tokens,
-                                steps=args.steps, strategy=args.strategy, temp=args.temp, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, schedule=args.schedule, threshold=args.threshold,
-                                block_length=args.block_length, cache=args.cache, cache_refresh=args.cache_refresh,
-                                remask=args.remask, alg_temp=args.alg_temp, cfg_scale=args.cfg_scale):
+    # chat's replies are one sample with no suffix: those flags of mlx_dlm.generate are not used here
+    options = SamplerOptions.from_namespace(args).replace(num_samples=1, suffix="")
+    for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), options):
         pass
     return completion(tokenizer, last)[0]
 

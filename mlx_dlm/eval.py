@@ -30,7 +30,8 @@ from .diffusion import ar_loss, elbo_per_sequence, sample_t
 from .errors import UserError, run_cli
 from .fileio import atomic_write_text
 from .io import load
-from .sample import _memo, fill, generate
+from .model import memoize_on_model
+from .sample import fill, generate
 
 DEFAULT_DRAWS = 5
 DEFAULT_SEQ_LEN = 128
@@ -117,7 +118,7 @@ def _compiled_elbo(model, mask_id: int):
         noisy = mx.where(hidden, mx.array(mask_id, dtype=batch.dtype), batch)
         return elbo_per_sequence(model(noisy, t), batch, hidden, t)
 
-    return _memo(model, ("elbo", mask_id), lambda: mx.compile(per_sequence, inputs=[model.state]))
+    return memoize_on_model(model, ("elbo", mask_id), lambda: mx.compile(per_sequence, inputs=[model.state]))
 
 
 def ar_nll(model, windows: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> Estimate:

@@ -12,8 +12,9 @@ import mlx.core as mx
 
 from .errors import UserError, given_flags, run_cli, warn
 from .io import load
-from .sample import (DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, completion, cut_at_stop,
-                     stream_generate)
+from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions
+from .sample import completion, cut_at_stop, stream_generate
+from .tokenizer import chat_prompt  # noqa: F401  (its home before tokenizer.py; importable from here as it was)
 from .view import TerminalView, save_frames
 
 DEFAULT_MODEL = "shakespeare-dlm"  # the reference DLM shipped in the package
@@ -77,15 +78,11 @@ def peak_memory_line() -> str:
     return "Peak memory: not reported by the MLX CPU backend"
 
 
-DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh", "remask",
-                  "alg_temp", "cfg_scale")
-
-
 def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: str) -> None:
     """One warning line for each option the user gave that would have no effect with this model and these options."""
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     if model_type == "ar":
-        ignored = [n for n in DIFFUSION_ONLY if n in given]
+        ignored = [n for n in SamplerOptions.DIFFUSION_ONLY if n in given]
         if ignored:
             warn(f"{flags(ignored)} only apply to diffusion models; {args.model} is autoregressive and decodes "
                  "one token per forward pass")
@@ -99,22 +96,9 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
              "(at most one step per position)")
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The model's chat template applied to messages, ready for the assistant's turn."""
-    if not hasattr(tokenizer, "apply_chat_template"):
-        raise UserError(f"--chat needs a model with a chat template (a converted instruct model); this model's "
-                        f"tokenizer is {tokenizer.kind}: use --prompt")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-
 def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str):
     """Generate, drawing and collecting frames as asked; returns the last step."""
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, steps=args.steps,
-                                strategy=args.strategy, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, num_samples=args.num_samples, suffix=args.suffix,
-                                schedule=args.schedule, threshold=args.threshold, block_length=args.block_length,
-                                cache=args.cache, cache_refresh=args.cache_refresh, remask=args.remask,
-                                alg_temp=args.alg_temp, cfg_scale=args.cfg_scale):
+    for last in stream_generate(model, tokenizer, prompt, SamplerOptions.from_namespace(args)):
         if view is not None:
             view.draw(last)
         if args.save_frames:

@@ -15,6 +15,8 @@ import mlx.nn as nn
 
 from .errors import UserError
 
+MEMO_ATTRIBUTE = "_mlx_dlm_sampling"  # where memoize_on_model keeps what it built
+
 
 @dataclass
 class ModelArgs:
@@ -355,3 +357,13 @@ def quantize(model: Model, *, group_size: int, bits: int) -> dict:
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=eligible)
     return {"group_size": group_size, "bits": bits}
+
+
+def memoize_on_model(model: Model, key: tuple, build):
+    """What build() returns (compiled decoding or scoring functions, their caches), built once per model and key
+    and kept on the model for later calls. The compiled functions take the model's weights as inputs, so later
+    weight updates are seen."""
+    store = model.__dict__.setdefault(MEMO_ATTRIBUTE, {})
+    if key not in store:
+        store[key] = build()
+    return store[key]

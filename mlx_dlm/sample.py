@@ -35,14 +35,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
-from .model import KVCache
+from .model import KVCache, memoize_on_model
+from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401
 from .tokenizer import MASK_TOKEN
-
-STRATEGIES = ("confidence", "margin", "entropy", "random")
-SCHEDULES = ("linear", "cosine")
-DEFAULT_MAX_TOKENS = 128
-DEFAULT_STEPS = 32
-DEFAULT_TEMP = 1.0
 
 
 @dataclass
@@ -123,16 +118,6 @@ def _without_mask(logits: mx.array, mask_id: int, n_valid: int | None = None) ->
     if n_valid is not None and n_valid < logits.shape[-1]:
         banned = banned | (ids >= n_valid)
     return mx.where(banned, -mx.inf, logits.astype(mx.float32))
-
-
-def _memo(model, key: tuple, build):
-    """Build compiled sampling functions (and caches) once per model and options; reuse them after.
-
-    They take the model's weights as compiled inputs, so later weight updates are seen."""
-    store = model.__dict__.setdefault("_mlx_dlm_sampling", {})
-    if key not in store:
-        store[key] = build()
-    return store[key]
 
 
 def _rank(score: mx.array) -> mx.array:
@@ -232,26 +217,26 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
     return np.asarray(ids, dtype=np.int32), np.asarray(editable)
 
 
-def _unmask(model, mask_id, ids, editable, key, schedule, n_valid=None, stop_ids=(), *, steps, strategy, temp,
-            top_k, top_p, threshold, block_length, cache, cache_refresh, remask, num_samples, alg_temp, cfg_scale):
+def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.array, o: SamplerOptions,
+            n_valid: int | None = None, stop_ids=()):
     """Diffusion decoding; yields (canvas, committed, remasked, positions forwarded) per step.
 
-    ids: one canvas (L,) decoded num_samples times, or num_samples canvases (num_samples, L) of one layout.
+    ids: one canvas (L,) decoded o.num_samples times, or o.num_samples canvases (num_samples, L) of one layout.
     stop_ids: once every sample holds one of these (eos/eot) after a block completes, decoding ends.
-    The keyword options are the checked ones (`_check_options`); steps beyond one per position are not run."""
-    L = ids.shape[-1]
+    o: checked options; steps beyond one per position are not run."""
+    L, num_samples, threshold, remask = ids.shape[-1], o.num_samples, o.threshold, o.remask
     positions = np.flatnonzero(editable)
-    steps = min(steps, len(positions))
-    use_cache = "prefix" if cache is True else (cache or None)  # True: the prefix cache, as before "dual" existed
-    size = block_length or len(positions)
+    steps = min(o.steps, len(positions))
+    use_cache = o.cache_mode
+    size = o.block_length or len(positions)
     blocks = [positions[i:i + size] for i in range(0, len(positions), size)]
-    kv_cache = _memo(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
+    kv_cache = memoize_on_model(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
         if use_cache else None
 
     def step_fn(start, end):
-        options = (mask_id, strategy, temp, top_k, top_p, threshold, n_valid, alg_temp, cfg_scale)
-        return _memo(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
-                     lambda: _make_unmask_step(model, *options, start, kv_cache, end))
+        options = (mask_id, o.strategy, o.temp, o.top_k, o.top_p, threshold, n_valid, o.alg_temp, o.cfg_scale)
+        return memoize_on_model(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
+                                lambda: _make_unmask_step(model, *options, start, kv_cache, end))
 
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
     given = mx.array(np.tile(~editable, (num_samples, 1)))
@@ -262,12 +247,12 @@ def _unmask(model, mask_id, ids, editable, key, schedule, n_valid=None, stop_ids
         active[block] = True
         active = mx.array(np.tile(active, (num_samples, 1)))
         if threshold is None:
-            counts = commit_schedule(len(block), min(per_block, len(block)), schedule)
+            counts = commit_schedule(len(block), min(per_block, len(block)), o.schedule)
             targets = [len(block) - sum(counts[:j + 1]) for j in range(len(counts))]
         else:
             targets = [0] * len(block)  # at most one pass per position; stops when the block is full
         for j, target in enumerate(targets):
-            refresh = kv_cache is None or j == 0 or (cache_refresh and j % cache_refresh == 0)
+            refresh = kv_cache is None or j == 0 or (o.cache_refresh and j % o.cache_refresh == 0)
             start = 0 if refresh else int(block[0])
             end = int(block[-1]) + 1 if use_cache == "dual" and not refresh else None
             if kv_cache is not None:
@@ -276,7 +261,7 @@ def _unmask(model, mask_id, ids, editable, key, schedule, n_valid=None, stop_ids
             frac = remask if j < len(targets) - 1 else 0.0
             x, conf, committed, remasked = step_fn(start, end)(
                 x, given, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
-            yield x, committed, remasked, num_samples * ((end or L) - start) * (2 if cfg_scale else 1)
+            yield x, committed, remasked, num_samples * ((end or L) - start) * (2 if o.cfg_scale else 1)
             if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
         if len(stop_ids) and _all_stopped(x, stop_ids, positions[positions <= block[-1]]):
@@ -319,7 +304,7 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
     tic, prompt_seconds, n = time.perf_counter(), None, P  # n: tokens known so far
     if P <= context:
         cached = min(total, context)  # cache positions 0..cached-1 feed the tokens of positions P..cached
-        cache, decode, step = _memo(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p, n_valid),
+        cache, decode, step = memoize_on_model(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p, n_valid),
                                     lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, temp, top_k,
                                                              top_p, n_valid))
         cache.reset()
@@ -331,7 +316,7 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
             x, token, committed = step(token, x, keys[n - P])
             yield x, committed, prompt_seconds, 1
         n += 1
-    window_step = _memo(model, ("ar-window", mask_id, temp, top_k, top_p, n_valid),
+    window_step = memoize_on_model(model, ("ar-window", mask_id, temp, top_k, top_p, n_valid),
                         lambda: _make_window_step(model, mask_id, temp, top_k, top_p, n_valid))
     for n in range(n, total):
         token = window_step(x[:, n - context:n], keys[n - P])
@@ -348,66 +333,30 @@ def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps:
     """Fill the editable positions of many canvases (N, L) that share one layout, in one batch.
 
     Returns the filled canvases; given positions are unchanged. Greedy at temp 0 (infill evaluation)."""
-    options = dict(steps=steps, temp=temp, top_k=0, top_p=1.0, num_samples=len(canvases), strategy=strategy,
-                   threshold=None, remask=0.0, block_length=0, cache=False, cache_refresh=0, alg_temp=0.0,
-                   cfg_scale=0.0)
-    _check_options(options)
+    options = SamplerOptions(steps=steps, temp=temp, num_samples=len(canvases), strategy=strategy,
+                             schedule=schedule).check()
     canvases = np.where(editable, mask_id, canvases).astype(np.int32)
     if not editable.any():  # nothing to fill (and no block to split the positions into)
         return canvases
     x = mx.array(canvases)
-    for x, *_ in _unmask(model, mask_id, canvases, editable, mx.random.key(seed), schedule, **options):
+    for x, *_ in _unmask(model, mask_id, canvases, editable, mx.random.key(seed), options):
         pass
     return np.array(x)
 
 
-def _check_options(o: dict) -> None:
-    if o["steps"] < 1:
-        raise UserError(f"--steps must be at least 1, got {o['steps']}")
-    if o["temp"] < 0:
-        raise UserError(f"--temp must be >= 0, got {o['temp']}")
-    if o["top_k"] < 0 or not 0.0 < o["top_p"] <= 1.0:
-        raise UserError("--top-k must be >= 0 and --top-p in (0, 1]")
-    if o["num_samples"] < 1:
-        raise UserError(f"--num-samples must be at least 1, got {o['num_samples']}")
-    if o["strategy"] not in STRATEGIES:
-        raise UserError(f"unknown strategy {o['strategy']!r} (choose from {', '.join(STRATEGIES)})")
-    if o["threshold"] is not None and not 0.0 < o["threshold"] <= 1.0:
-        raise UserError(f"--threshold must be in (0, 1], got {o['threshold']}")
-    if not 0.0 <= o["remask"] < 1.0:
-        raise UserError(f"--remask must be in [0, 1), got {o['remask']}")
-    if o["remask"] and o["threshold"] is not None:
-        raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
-    if o["block_length"] < 0 or o["cache_refresh"] < 0:
-        raise UserError("--block-length and --cache-refresh must be >= 0")
-    if o["alg_temp"] < 0 or o["cfg_scale"] < 0:
-        raise UserError("--alg-temp and --cfg-scale must be >= 0")
-    if o["cfg_scale"] and o["cache"]:
-        raise UserError("--cfg-scale needs the whole canvas in both passes: it does not combine with --cache")
-    if o["cache"] not in (None, False, True, "prefix", "dual"):
-        raise UserError(f"--cache must be prefix or dual, got {o['cache']!r}")
-    if o["cache"] and not o["block_length"]:
-        raise UserError("--cache needs --block-length (the cache holds the blocks before the current one)")
+def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None = None,
+                    **fields) -> Iterator[GenerationStep]:
+    """Generate and yield the state after every step.
 
-
-def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS,
-                    steps: int = DEFAULT_STEPS, strategy: str = "confidence", temp: float = DEFAULT_TEMP,
-                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
-                    suffix: str = "", template: str | None = None, schedule: str = "linear",
-                    threshold: float | None = None, block_length: int = 0, cache: bool | str = False,
-                    cache_refresh: int = 0, remask: float = 0.0, alg_temp: float = 0.0,
-                    cfg_scale: float = 0.0) -> Iterator[GenerationStep]:
-    """Generate and yield the state after every step (see the module docstring for the options).
-
-    Diffusion models fill max_tokens positions between prompt and suffix (or a template's
-    `[MASK]` placeholders) in `steps` rounds (at most one round per position), or by `threshold`.
-    AR models: one step per token after the prompt (no suffix or template). The same seed gives
-    the same output; given text is never changed.
+    options: a `SamplerOptions` (default: its defaults); keyword fields (max_tokens=, steps=, temp=, ...: the
+    fields of SamplerOptions) change it, so `stream_generate(model, tok, "ROMEO:", steps=16)` works as well.
+    Diffusion models fill max_tokens positions between prompt and suffix (or a template's `[MASK]` placeholders)
+    in `steps` rounds (at most one round per position), or by `threshold`. AR models: one step per token after
+    the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
-    options = dict(steps=steps, temp=temp, top_k=top_k, top_p=top_p, num_samples=num_samples, strategy=strategy,
-                   threshold=threshold, remask=remask, block_length=block_length, cache=cache,
-                   cache_refresh=cache_refresh, alg_temp=alg_temp, cfg_scale=cfg_scale)
-    _check_options(options)
+    o = (options or SamplerOptions()).replace(**fields).check()
+    max_tokens, num_samples, temp, top_k, top_p = o.max_tokens, o.num_samples, o.temp, o.top_k, o.top_p
+    seed, suffix, template = o.seed, o.suffix, o.template
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
@@ -428,8 +377,7 @@ def stream_generate(model, tokenizer, prompt: str = "", max_tokens: int = DEFAUL
             _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples, n_valid)))
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
-            model, mask_id, ids, editable, mx.random.key(seed), schedule, n_valid, getattr(tokenizer, "stop_ids", ()),
-            **options))
+            model, mask_id, ids, editable, mx.random.key(seed), o, n_valid, getattr(tokenizer, "stop_ids", ())))
     forwarded = 0
     for k, (x, committed, remasked, n_forward, prompt_seconds) in enumerate(steps_iter):
         tokens, committed = np.array(x), np.array(committed)
@@ -465,14 +413,15 @@ def completion(tokenizer, step: GenerationStep, sample: int = 0) -> tuple[str, s
     return tokenizer.decode(cut[step.editable[:len(cut)]]), "stop" if len(cut) < len(row) else "length"
 
 
-def generate(model, tokenizer, prompt: str = "", **options) -> str | list[str]:
+def generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None = None,
+             **fields) -> str | list[str]:
     """Generate and return the whole text (given text included), cut at the first eos/eot token for
     tokenizers that have them; a list when num_samples > 1.
 
     Options: see stream_generate."""
     last = None
-    for last in stream_generate(model, tokenizer, prompt, **options):
+    for last in stream_generate(model, tokenizer, prompt, options, **fields):
         pass
     stops = getattr(tokenizer, "stop_ids", ())
     texts = [tokenizer.decode(cut_at_stop(row, last.editable, stops)) for row in last.tokens]
-    return texts[0] if options.get("num_samples", 1) == 1 else texts
+    return texts[0] if len(texts) == 1 else texts

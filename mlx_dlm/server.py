@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 import time
@@ -25,9 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .errors import UserError, run_cli, warn
-from .generate import chat_prompt
 from .io import load
-from .sample import STRATEGIES, completion, stream_generate
+from .options import SamplerOptions
+from .sample import completion, stream_generate
+from .tokenizer import chat_prompt
 from .view import cells
 
 DEFAULT_MODEL = "shakespeare-dlm"
@@ -36,14 +38,13 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 128
 WEB_DIR = Path(__file__).resolve().parent / "web"
-# Body field -> (type, stream_generate keyword); OpenAI's names first, then the diffusion options.
+# Body field -> SamplerOptions field (types and ranges: SamplerOptions.check); OpenAI's names first, then the
+# diffusion options.
 SAMPLER_FIELDS = {
-    "max_tokens": (int, "max_tokens"), "temperature": ((int, float), "temp"), "top_p": ((int, float), "top_p"),
-    "top_k": (int, "top_k"), "seed": (int, "seed"), "steps": (int, "steps"), "strategy": (str, "strategy"),
-    "schedule": (str, "schedule"), "threshold": ((int, float), "threshold"), "block_length": (int, "block_length"),
-    "cache": ((bool, str), "cache"), "cache_refresh": (int, "cache_refresh"), "remask": ((int, float), "remask"),
-    "suffix": (str, "suffix"), "template": (str, "template"), "alg_temp": ((int, float), "alg_temp"),
-    "cfg_scale": ((int, float), "cfg_scale"),
+    "max_tokens": "max_tokens", "temperature": "temp", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+    "steps": "steps", "strategy": "strategy", "schedule": "schedule", "threshold": "threshold",
+    "block_length": "block_length", "cache": "cache", "cache_refresh": "cache_refresh", "remask": "remask",
+    "suffix": "suffix", "template": "template", "alg_temp": "alg_temp", "cfg_scale": "cfg_scale",
 }
 
 
@@ -53,6 +54,18 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.param, self.kind = status, param, kind
+
+
+def _as_request_error(message: str) -> RequestError:
+    """SamplerOptions.check's message (which names command-line flags) in the body's field names, with the first
+    field it names as the error's param."""
+    param = None
+    for field, name in SAMPLER_FIELDS.items():
+        flag = re.compile(rf"(?<![\w-])--{name.replace('_', '-')}(?![\w-])")
+        if flag.search(message):
+            message = flag.sub(f"'{field}'", message)
+            param = param or field
+    return RequestError(message, param=param)
 
 
 class ModelServer:
@@ -65,20 +78,18 @@ class ModelServer:
         self.slots = threading.BoundedSemaphore(max_queue + 1)  # the running request and max_queue waiting
         self.max_body = max_body
 
-    def options(self, body: dict) -> dict:
-        """stream_generate keywords from a request body, type-checked."""
-        options = {"max_tokens": DEFAULT_MAX_TOKENS}
-        for field, (kind, keyword) in SAMPLER_FIELDS.items():
-            if field not in body or body[field] is None:
-                continue
-            value = body[field]
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
-                raise RequestError(f"'{field}' has the wrong type ({type(value).__name__})", param=field)
-            options[keyword] = value
-        if options.get("strategy", "confidence") not in STRATEGIES:
-            raise RequestError(f"'strategy' must be one of {', '.join(STRATEGIES)}", param="strategy")
+    def options(self, body: dict) -> SamplerOptions:
+        """The request's decoding options, checked (types and ranges) before it may queue."""
+        fields = {"max_tokens": DEFAULT_MAX_TOKENS}
+        for field, name in SAMPLER_FIELDS.items():
+            if body.get(field) is not None:
+                fields[name] = body[field]
+        try:
+            options = SamplerOptions(**fields).check()
+        except UserError as err:
+            raise _as_request_error(str(err)) from None
         limit = self.model.args.max_seq_len
-        if not 1 <= options["max_tokens"] <= limit:
+        if options.max_tokens > limit:
             raise RequestError(f"'max_tokens' must be between 1 and the model's context of {limit}",
                                param="max_tokens")
         return options
@@ -101,10 +112,10 @@ class ModelServer:
             raise RequestError("'prompt' must be a string", param="prompt")
         return prompt
 
-    def steps(self, prompt: str, options: dict):
-        """The generation's states; a UserError from the sampler (bad option, unknown character) becomes a 400."""
+    def steps(self, prompt: str, options: SamplerOptions):
+        """The generation's states; a UserError from the sampler (unknown character, canvas too long) becomes a 400."""
         try:
-            yield from stream_generate(self.model, self.tokenizer, prompt, **options)
+            yield from stream_generate(self.model, self.tokenizer, prompt, options)
         except UserError as err:
             raise RequestError(str(err)) from None
 
@@ -205,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.app.slots.release()
 
-    def _generate(self, body: dict, prompt: str, options: dict, chat: bool) -> None:
+    def _generate(self, body: dict, prompt: str, options: SamplerOptions, chat: bool) -> None:
         stream, frames = bool(body.get("stream")), bool(body.get("stream_frames"))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

@@ -307,6 +307,14 @@ Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer
 TOKENIZERS = {"char": CharTokenizer, "sp": SentencePieceTokenizer, "hf": HFTokenizer}
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The model's chat template applied to messages, ready for the assistant's turn."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise UserError(f"--chat needs a model with a chat template (a converted instruct model); this model's "
+                        f"tokenizer is {tokenizer.kind}: use --prompt")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def load_tokenizer(directory: str | os.PathLike, kind: str) -> Tokenizer:
     """Load the tokenizer of kind ("char", "sp" or "hf") saved in a model directory."""
     if kind not in TOKENIZERS:

@@ -40,17 +40,17 @@ if os.environ.get("MUTANT_UNDER_TEST"):
 @pytest.fixture(autouse=True)
 def _sampler_built_afresh_while_mutmut_maps_tests():
     """While mutmut records which tests reach which function (its "stats" run), each test starts with no compiled
-    sampler steps kept on the models it shares with other tests (`sample._memo`), so that every test reaching a
+    sampler steps kept on the models it shares with other tests (`model.memoize_on_model`), so that every test reaching a
     sampler step builds it and is recorded as reaching it. Otherwise only the first test of a configuration
     counted: a remasking test reused the step a plain test had built, and mutmut never ran it on its mutants."""
     if os.environ.get("MUTANT_UNDER_TEST") == "stats":
         import gc
 
-        from mlx_dlm.model import Model
+        from mlx_dlm.model import MEMO_ATTRIBUTE, Model
 
         for obj in gc.get_objects():
             if isinstance(obj, Model):
-                obj.__dict__.pop("_mlx_dlm_sampling", None)
+                obj.__dict__.pop(MEMO_ATTRIBUTE, None)
     yield
 
 

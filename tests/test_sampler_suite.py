@@ -227,12 +227,47 @@ _REFUSED = [(dict(steps=0), "--steps must be at least 1, got 0"),
 
 
 def test_option_bounds_and_messages():
-    from mlx_dlm.sample import _check_options
+    from mlx_dlm.options import SamplerOptions
 
     for accepted in _ACCEPTED:
-        _check_options({**_DEFAULTS, **accepted})
+        options = SamplerOptions(**{**_DEFAULTS, **accepted})
+        assert options.check() is options
     for refused, message in _REFUSED:
-        assert user_error(_check_options, {**_DEFAULTS, **refused}) == message, refused
+        assert user_error(SamplerOptions(**{**_DEFAULTS, **refused}).check) == message, refused
+
+
+def test_options_refuse_wrong_types_and_non_finite_numbers():
+    """What a JSON body or a Python caller can pass that a flag cannot: bools for numbers, NaN, strings."""
+    from mlx_dlm.options import SamplerOptions
+
+    for refused, message in [(dict(steps=True), "--steps has the wrong type (bool)"),
+                             (dict(temp="hot"), "--temp has the wrong type (str)"),
+                             (dict(temp=float("nan")), "--temp must be a finite number, got nan"),
+                             (dict(alg_temp=float("inf")), "--alg-temp must be a finite number, got inf"),
+                             (dict(threshold=float("nan")), "--threshold must be a finite number, got nan"),
+                             (dict(cache=1, block_length=4), "--cache has the wrong type (int)"),
+                             (dict(seed=-1), "--seed must be in [0, 2^64), got -1"),
+                             (dict(seed=2**64), f"--seed must be in [0, 2^64), got {2**64}"),
+                             (dict(max_tokens=0), "--max-tokens must be at least 1, got 0"),
+                             (dict(schedule="fast"), "unknown schedule 'fast' (choose from linear, cosine)")]:
+        assert user_error(SamplerOptions(**refused).check) == message, refused
+    assert SamplerOptions(seed=2**64 - 1, temp=1, steps=np.int64(3), top_p=np.float32(0.5)).check()
+
+
+def test_options_from_flags_and_keywords_agree(tiny):
+    """The CLI's parsed flags and the API's keywords build the same options, and the same text."""
+    from mlx_dlm.generate import setup_arg_parser
+    from mlx_dlm.options import SamplerOptions
+    from mlx_dlm.sample import generate
+
+    args = setup_arg_parser().parse_args(["--steps", "3", "--temp", "0.5", "--max-tokens", "9", "--seed", "4",
+                                          "--strategy", "margin", "--block-length", "3", "--cache", "dual"])
+    options = SamplerOptions.from_namespace(args)
+    assert options == SamplerOptions(steps=3, temp=0.5, max_tokens=9, seed=4, strategy="margin", block_length=3,
+                                     cache="dual")
+    model, tok = tiny
+    assert generate(model, tok, "AB", options) == generate(model, tok, "AB", steps=3, temp=0.5, max_tokens=9, seed=4,
+                                                            strategy="margin", block_length=3, cache="dual")
 
 
 def test_live_view_and_frames(tiny, tiny_model_dir, tmp_path, capsys):

@@ -90,13 +90,32 @@ def test_stream_and_frames(served):
     ({"prompt": "x", "steps": True}, None, 400, "'steps' has the wrong type"),
     ({"prompt": "x", "max_tokens": 100000}, None, 400, "between 1 and the model's context"),
     ({"prompt": "caf\u00e9"}, None, 400, "is not in the tokenizer's vocabulary"),
-    ({"prompt": "x", "strategy": "best"}, None, 400, "'strategy' must be one of"),
+    ({"prompt": "x", "strategy": "best"}, None, 400, "unknown strategy 'best' (choose from"),
+    ({"prompt": "x", "steps": 0}, None, 400, "'steps' must be at least 1, got 0"),
+    ({"prompt": "x", "top_k": -1}, None, 400, "'top_k' must be >= 0 and 'top_p' in (0, 1]"),
+    ({"prompt": "x", "seed": -1}, None, 400, "'seed' must be in [0, 2^64), got -1"),
+    ({"prompt": "x", "seed": 2**64}, None, 400, "'seed' must be in [0, 2^64)"),
+    (None, b'{"prompt": "x", "temperature": NaN}', 400, "'temperature' must be a finite number, got nan"),
+    (None, b'{"prompt": "x", "cfg_scale": Infinity}', 400, "'cfg_scale' must be a finite number, got inf"),
+    ({"prompt": "x", "template": "a[MASK]", "temperature": 0.5, "threshold": 2}, None, 400,
+     "'threshold' must be in (0, 1], got 2"),
     (None, b'{"prompt": "' + b"a" * 5000 + b'"}', 413, "request body over 4096 bytes"),
 ])
 def test_bad_requests_get_openai_style_errors(served, body, raw, status, match):
     got, err = _json(served, "POST", "/v1/completions", body, raw)
     assert got == status and match in err["error"]["message"] and err["error"]["type"]
     assert _json(served, "GET", "/health")[0] == 200  # and the server is still fine
+
+
+def test_bad_options_are_refused_before_the_request_queues(served):
+    """SamplerOptions.check runs before a request takes a queue slot or waits for the lock: with the lock held by
+    another generation, {"steps": 0} still gets its 400 at once, naming the field."""
+    with served.app.lock:
+        tic = time.perf_counter()
+        status, err = _json(served, "POST", "/v1/completions", {"prompt": "x", "steps": 0})
+        assert time.perf_counter() - tic < 10  # the lock is held for the whole call: only a pre-queue check answers
+    assert status == 400 and err["error"]["param"] == "steps"
+    assert err["error"]["message"] == "'steps' must be at least 1, got 0"
 
 
 def test_chat_needs_a_template_and_unknown_routes_404(served):
