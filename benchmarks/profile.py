@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_dlm.diffusion import corrupt, diffusion_loss, sample_t
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import PRESETS, init_model, preset_args
-from mlx_dlm.train import default_cpu_streams, make_optimizer, make_train_step, setup_arg_parser as train_parser
+from mlx_dlm.step import default_cpu_streams, make_optimizer, make_train_step
 
 from .machine import describe, machine_info, write_results
 
@@ -133,7 +133,7 @@ def op_rows(model: nn.Module, B: int, L: int, repeats: int) -> list[dict]:
         rnd(B * L, V))
     add(f"gradient norm and clipping ({n_params / 1e6:.2f}M parameters)", 1,
         lambda g: optim.clip_grad_norm(g, 1.0), grads, backward=False)
-    opt = make_optimizer(train_parser().parse_args(["--iters", "1000"]))
+    opt = make_optimizer(iters=1000)
     opt.init(params)
     add(f"AdamW update ({n_params / 1e6:.2f}M parameters)", 1,
         lambda g, w: opt.apply_gradients(g, w), grads, params, backward=False, state=opt.state)
@@ -191,7 +191,7 @@ def measure_parts(model: nn.Module, B: int, L: int, vocab_size: int, repeats: in
     loss_grad_s = _time(mx.compile(lambda b: grad_fn(model, b, key=mx.random.key(0)), inputs=model.state,
                                    outputs=model.state), batch,
                         repeats=repeats)
-    opt = make_optimizer(train_parser().parse_args(["--iters", "1000"]))
+    opt = make_optimizer(iters=1000)
     streams = default_cpu_streams(B, L) if streams is None else streams
     step = make_train_step(model, opt, loss_fn, 1.0, streams=streams)
     step_s = _time(step, batch, repeats=repeats)
@@ -267,7 +267,7 @@ def _variant_runners(name: str, preset: str, vocab_size: int, B: int, L: int) ->
         batch = mx.random.randint(1, vocab_size, (B, L), key=mx.random.key(1))
         t = mx.full((B,), 0.5)
         forward = mx.compile(lambda: model(batch, t))
-        opt = make_optimizer(train_parser().parse_args(["--iters", "1000"]))
+        opt = make_optimizer(iters=1000)
         streams = 1 if name == "one-stream" else default_cpu_streams(B, L)
         step = make_train_step(model, opt, partial(diffusion_loss, mask_id=0, loss="masked-mean"), 1.0,
                                streams=streams)

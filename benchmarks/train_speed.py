@@ -17,7 +17,7 @@ import numpy as np
 from mlx_dlm.diffusion import LOSSES, diffusion_loss
 from mlx_dlm.errors import TORCH_CPU_HINT, UserError
 from mlx_dlm.model import PRESETS, init_model, preset_args
-from mlx_dlm.train import default_cpu_streams, make_optimizer, make_train_step, setup_arg_parser as train_parser
+from mlx_dlm.step import default_cpu_streams, make_optimizer, make_train_step
 
 from .machine import describe, machine_info, write_results
 
@@ -48,8 +48,7 @@ def measure(preset: str, batch_size: int, seq_len: int, vocab_size: int, loss: s
     model = init_model(preset_args(preset, vocab_size=vocab_size), seed=0)
     if seq_len > model.args.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the {preset} context of {model.args.max_seq_len}")
-    opt_args = train_parser().parse_args(["--iters", str(warmup + steps * trials)])
-    step = make_train_step(model, make_optimizer(opt_args), partial(diffusion_loss, mask_id=0, loss=loss), 1.0,
+    step = make_train_step(model, make_optimizer(iters=warmup + steps * trials), partial(diffusion_loss, mask_id=0, loss=loss), 1.0,
                            streams=streams)
     rng = np.random.default_rng(0)
     batch = lambda: mx.array(rng.integers(1, vocab_size, size=(batch_size, seq_len), dtype=np.int32))  # noqa: E731

@@ -27,7 +27,7 @@ from mlx_dlm.model import Model, quantize
 from mlx_dlm.tokenizer import CharTokenizer, HFTokenizer
 
 from . import hf, nanogpt, simple_dlm
-from .checkpoint import load_plain_pickle, load_torch, to_numpy
+from .torch_files import load_plain_pickle, load_torch, to_numpy
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

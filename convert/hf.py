@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs
 
-from .checkpoint import first_line
+from .torch_files import first_line
 
 HF_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.jinja"]

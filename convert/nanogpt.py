@@ -13,7 +13,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs
 from mlx_dlm.tokenizer import CharTokenizer
 
-from .checkpoint import check_keys
+from .torch_files import check_keys
 
 PREFIX = "_orig_mod."
 

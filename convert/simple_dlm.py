@@ -16,7 +16,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.model import ModelArgs, preset_args
 from mlx_dlm.tokenizer import CharTokenizer
 
-from .checkpoint import check_keys
+from .torch_files import check_keys
 
 # module index in a layer's ModuleList -> our name, per revision
 FUSED = {0: "attn_norm", 1: "attn.qkv", 2: "mlp_norm", 3: "mlp.fc1", 5: "mlp.fc2"}

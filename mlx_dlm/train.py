@@ -6,11 +6,9 @@ With no arguments it trains the default preset and recipe on Tiny Shakespeare in
 
 A map of the module:
 - flags: `setup_arg_parser`; which flags define a run (`RUN_SETTINGS`) and how `--resume` takes them
-  from the checkpoint (`resume_settings`);
-- the step: `make_optimizer`, `training_loss`, `make_train_step` (one compiled function: masks, loss,
-  gradients, clipping, update, and the weights' moving average `ema_update` with --ema; on a multi-core CPU
-  the batch is split over CPU streams, `default_cpu_streams`), `make_evaluator` (validation over fixed
-  windows and masks), `_inference_weights` (eval mode and the averaged weights, for validation and saving);
+  from the checkpoint (`resume_settings`); `optimizer_of` (the optimizer the flags describe);
+- the step itself is in `step.py` (optimizer, losses, the compiled step, the evaluator), the Ctrl-C/SIGTERM
+  watchdog in `stop.py`; `_inference_weights` (eval mode and the averaged weights, for validation and saving);
 - the run: `prepare` (data, model, optimizer, resumed state) -> `_loop` (steps, reports, validation,
   checkpoints, signals) -> `train`, which ties them together.
 """
@@ -22,28 +20,29 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import blas, checkpoint, data
-from .diffusion import LOSSES, T_SAMPLING, ar_loss, diffusion_loss
+from .diffusion import LOSSES, T_SAMPLING
 from .errors import UserError, given_flags, run_cli
 from .fileio import ensure_dir
 from .io import CONFIG_FILE, load
 from .model import INIT_SCHEMES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
+# The training step lives in step.py, the stop watchdog in stop.py; their names stay importable from here.
+from .step import (DEFAULT_LR, DEFAULT_MIN_LR_RATIO, DEFAULT_WARMUP, DEFAULT_WEIGHT_DECAY, EMA_WARMUP,  # noqa: F401
+                   default_cpu_streams, ema_update, make_evaluator, make_optimizer, make_train_step, training_loss)
+from .stop import StopRequest
 from .tokenizer import CharTokenizer, SentencePieceTokenizer
 
 DEFAULT_PRESET = "base"
@@ -52,8 +51,6 @@ DEFAULT_OUT = "checkpoints"
 DEFAULT_ITERS = 5000
 DEFAULT_BATCH_SIZE = 16  # learns fastest per FLOP and per second at laptop budgets (README "Learning speed")
 DEFAULT_SEQ_LEN = 128
-DEFAULT_LR = 1e-3
-DEFAULT_WARMUP = 100  # 20 leaves the plateau sooner at 0.7M parameters but destabilises the 7M default (README)
 DEFAULT_REPORT_EVERY = 10
 DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
@@ -134,9 +131,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=HELP["batch_size"])
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=HELP["seq_len"])
     p.add_argument("--learning-rate", type=float, default=DEFAULT_LR, help=HELP["learning_rate"])
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help=HELP["min_lr_ratio"])
+    p.add_argument("--min-lr-ratio", type=float, default=DEFAULT_MIN_LR_RATIO, help=HELP["min_lr_ratio"])
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=HELP["warmup"])
-    p.add_argument("--weight-decay", type=float, default=0.01, help=HELP["weight_decay"])
+    p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY, help=HELP["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=1.0, help=HELP["grad_clip"])
     p.add_argument("--objective", choices=("dlm", "ar"), default="dlm", help=HELP["objective"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
@@ -225,221 +222,14 @@ def _check_args(args: argparse.Namespace) -> None:
     parse_arch(args.arch)
 
 
-def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
-    """AdamW with linear warm-up then cosine decay to min_lr_ratio of the peak."""
-    warmup = min(args.warmup, max(args.iters - 1, 0))
-    decay = optim.cosine_decay(args.learning_rate, max(args.iters - warmup, 1),
-                               args.learning_rate * args.min_lr_ratio)
-    schedule = optim.join_schedules([optim.linear_schedule(0.0, args.learning_rate, warmup), decay], [warmup]) \
-        if warmup > 0 else decay
-    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
-
-
-def _assign(tree, values) -> None:
-    """Write values into the arrays of a nested dict/list state in place (compiled state stays the same object)."""
-    for k in (tree.keys() if isinstance(tree, dict) else range(len(tree))):
-        if isinstance(tree[k], (dict, list)):
-            _assign(tree[k], values[k])
-        else:
-            tree[k] = values[k]
-
-
-MIN_TOKENS_TO_SPLIT = 1024  # below this a step is too short for two streams to pay (measured: README)
-
-
-def default_cpu_streams(batch_size: int, seq_len: int) -> int:
-    """Parts of the batch computed side by side: 2 on a CPU backend with two or more cores, when the batch
-    splits evenly and holds at least MIN_TOKENS_TO_SPLIT tokens; else 1. MLX runs a CPU stream's element-wise
-    ops on one thread, so two streams with a one-thread BLAS keep both cores busy (measured in
-    benchmarks/README.md); a GPU needs no such split."""
-    if mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or batch_size % 2:
-        return 1
-    return 2 if batch_size * seq_len >= MIN_TOKENS_TO_SPLIT else 1
-
-
-def _split_loss_and_grad(loss_and_grad: Callable, model: Model, batch: mx.array, key: mx.array,
-                         shard: tuple[int, int], streams: list) -> tuple[mx.array, dict]:
-    """Loss and gradients as the mean over equal parts of the batch, each part on its own stream.
-
-    Part r of process `rank` is shard rank * n + r of size * n, with the same key: the parts see exactly the
-    mask ratios and masks one whole-batch call would draw."""
-    rank, size = shard
-    n = len(streams)
-    parts = []
-    for r, (stream, part) in enumerate(zip(streams, mx.split(batch, n))):
-        with mx.stream(stream):
-            parts.append(loss_and_grad(model, part, key=key, shard=(rank * n + r, size * n)))
-    loss = sum(p[0] for p in parts) / n
-    grads = tree_map(lambda *g: sum(g) / n, *(p[1] for p in parts))
-    return loss, grads
-
-
-EMA_WARMUP = 10  # the EMA's decay at optimizer step n is min(decay, (1 + n) / (EMA_WARMUP + n))
-
-
-def ema_update(ema: dict, params: dict, decay: float, step: mx.array, ok: mx.array) -> dict:
-    """One step of the exponential moving average of the weights (kept in float32): ema += (1 - d) (params - ema)
-    with d = min(decay, (1 + step) / (EMA_WARMUP + step)), so early averages are not dominated by the
-    initial weights; unchanged where ok is false (a skipped update)."""
-    d = mx.minimum(decay, (1 + step) / (EMA_WARMUP + step))
-    return tree_map(lambda e, p: mx.where(ok, e + (1 - d) * (p.astype(mx.float32) - e), e), ema, params)
-
-
-def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float = 0.0,
-                    skip_nonfinite: bool = False, distributed: bool = False, streams: int = 1,
-                    shard: tuple[int, int] = (0, 1), ema: dict | None = None, ema_decay: float = 0.0):
-    """One compiled step: loss, gradients (averaged over processes when distributed), clipping and update.
-
-    loss_fn(model, batch, key=, shard=). Each step draws one key from the random state (compiled state, so
-    masks and mask ratios are fresh on every call). streams > 1: the batch is split into that many parts,
-    computed side by side on separate CPU streams with the cores shared out among their BLAS calls (one
-    thread each on 2 cores), and their gradients averaged (the same draws as one part; the masked-mean loss
-    becomes the mean of the parts' means).
-    shard=(rank, size) of this process in a distributed run. With skip_nonfinite, an update whose loss or
-    gradient norm is not finite leaves weights and optimizer untouched. ema: a float32 copy of the trainable
-    parameters, moved towards them after every update (`ema_update`). Returns step(batch) -> (loss,
-    grad_norm, applied)."""
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state; fills the rest
-    state = [model.state, optimizer.state, mx.random.state] + ([ema] if ema is not None else [])
-    cpu_streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
-    blas_threads = max(1, (os.cpu_count() or 1) // streams) if cpu_streams else None
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # a key drawn from the random state
-        if cpu_streams:
-            loss, grads = _split_loss_and_grad(loss_and_grad, model, batch, key, shard, cpu_streams)
-        else:
-            loss, grads = loss_and_grad(model, batch, key=key, shard=shard)
-        if distributed:
-            grads = nn.average_gradients(grads)
-            loss = mx.distributed.all_sum(loss) / mx.distributed.init().size()
-        if grad_clip > 0:
-            grads, grad_norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-        ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
-        if not skip_nonfinite:
-            optimizer.update(model, grads)
-        else:
-            old_params, old_opt = model.trainable_parameters(), tree_map(lambda a: a, optimizer.state)
-            new_params = optimizer.apply_gradients(grads, old_params)
-            model.update(tree_map(lambda new, old: mx.where(ok, new, old), new_params, old_params))
-            _assign(optimizer.state, tree_map(lambda new, old: mx.where(ok, new, old), optimizer.state, old_opt))
-        if ema is not None:
-            _assign(ema, ema_update(ema, model.trainable_parameters(), ema_decay, optimizer.state["step"], ok))
-        return loss, grad_norm, ok
-
-    def run(batch: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        with blas.threads(blas_threads):  # the cores shared between the streams while they run
-            out = step(batch)
-            mx.eval(state, out)
-        return out
-
-    return run
-
-
-def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified") -> Callable:
-    """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, or next-token NLL for AR."""
-    if model.args.model_type == "ar":
-        return lambda model, batch, key=None, shard=(0, 1): ar_loss(model, batch)
-    return partial(diffusion_loss, mask_id=mask_id, loss=loss, t_sampling=t_sampling)
-
-
-def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int,
-                   shard: tuple[int, int] = (0, 1)) -> Callable[[], float]:
-    """Validation loss in nats/token over fixed windows (and fixed masks), comparable across steps:
-    the ELBO for diffusion models, the exact next-token NLL for AR models. With shard=(rank, size)
-    each process takes every size-th batch and the totals are summed over processes."""
-    rank, size = shard
-    batches = [(i, mx.array(windows[i:i + batch_size])) for i in range(0, len(windows), batch_size)]
-    mine = batches[rank::size]
-    loss = mx.compile(partial(training_loss(model, mask_id), model), inputs=model.state)
-
-    def evaluate() -> float:
-        total = mx.array(0.0)
-        for i, batch in mine:
-            total = total + loss(batch, key=mx.random.key(i)) * batch.size
-        if size > 1:
-            total = mx.distributed.all_sum(total)
-        return (total / sum(b.size for _, b in batches)).item()
-
-    return evaluate
-
-
 def _random_state() -> int:
     hi, lo = mx.random.state[0].tolist()
     return (hi << 32) | lo
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT aborts at once.
-
-    Python runs signal handlers only between bytecodes of the main thread, so a Ctrl-C that lands inside a
-    long MLX computation waits for it, and two of them merge into one. Instead the signal's C handler writes
-    each signal number to a pipe (`signal.set_wakeup_fd`), and a watchdog thread reads it: MLX releases the
-    GIL while it computes, so the watchdog acts at once."""
-
-    def __init__(self, out: Path):
-        self.signal = None
-        self.out = out
-        self._previous = {}
-        self._pipe = None
-        self._old_wakeup = -1
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, lambda signum, frame: None)  # the watchdog decides
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(write_fd, False)
-            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        except (ValueError, OSError):  # not the main thread (or no pipes): leave signals alone
-            self.__exit__()
-            return self
-        self._pipe = (read_fd, write_fd)
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="mlx_dlm-signals").start()
-        return self
-
-    def _watch(self, read_fd: int) -> None:
-        import signal
-
-        while True:
-            try:
-                received = os.read(read_fd, 64)
-            except OSError:
-                return
-            if not received:
-                return
-            for signum in received:
-                if signum not in (signal.SIGINT, signal.SIGTERM):
-                    continue
-                if signum == signal.SIGINT and self.signal == "SIGINT":
-                    print(f"Aborted by a second Ctrl-C; the last checkpoint in {self.out} is kept", file=sys.stderr,
-                          flush=True)
-                    os._exit(130)
-                if self.signal is None:
-                    self.signal = signal.Signals(signum).name
-                    print(f"{self.signal}: stopping after this step and saving a checkpoint"
-                          + (" (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""),
-                          file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            for fd in reversed(self._pipe):
-                os.close(fd)
-            self._pipe = None
-        return False
+def optimizer_of(args: argparse.Namespace) -> optim.Optimizer:
+    """The optimizer the flags describe (`step.make_optimizer`)."""
+    return make_optimizer(args.iters, args.learning_rate, args.warmup, args.min_lr_ratio, args.weight_decay)
 
 
 def _build_tokenizer(args: argparse.Namespace, text: str):
@@ -565,7 +355,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     elif rank == 0:
         print(f"note: validation split has fewer than {args.seq_len} tokens; skipping validation", file=sys.stderr)
 
-    optimizer = make_optimizer(args)
+    optimizer = optimizer_of(args)
     rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
     progress = Progress()
     # With --ema: the initial weights, or on resume the model file, which holds the average.
@@ -682,14 +472,14 @@ def _save(run: Run, on_checkpoint: Callable[[int], None] | None) -> None:
             on_checkpoint(p.step)
 
 
-def _stopping(run: Run, stop: _StopRequest) -> bool:
+def _stopping(run: Run, stop: StopRequest) -> bool:
     stopping = stop.signal is not None
     if run.size > 1:  # every process stops at the same step
         stopping = mx.distributed.all_sum(mx.array(float(stopping))).item() > 0
     return stopping
 
 
-def _loop(run: Run, log: _Logger, stop: _StopRequest, on_checkpoint) -> bool:
+def _loop(run: Run, log: _Logger, stop: StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
     loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling)
@@ -760,7 +550,7 @@ def train(args: argparse.Namespace, on_checkpoint: Callable[[int], None] | None 
     if run.progress.step:
         log.line(f"Resuming from step {run.progress.step}")
     try:
-        with _StopRequest(run.out) as stop:
+        with StopRequest(run.out) as stop:
             stopped = _loop(run, log, stop, on_checkpoint)
     finally:
         log.close()

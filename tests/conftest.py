@@ -9,7 +9,7 @@ import pytest
 
 import mlx_dlm  # noqa: F401  (BLAS switch before mlx.core)
 
-CONVERT_MODULES = ("checkpoint", "hf", "nanogpt", "simple_dlm", "__main__")
+CONVERT_MODULES = ("torch_files", "hf", "nanogpt", "simple_dlm", "__main__")
 
 
 def _alias_mutated_convert() -> None:
@@ -82,6 +82,19 @@ def needs(module: str, extra: str):
     """The module, or a skip saying which extra of pyproject.toml installs it (tests run with only `.[cpu,test]`)."""
     return pytest.importorskip(module, reason=f"{module} is not installed: the `{extra}` extra runs these tests "
                                               f"(pip install -e \".[{extra}]\")")
+
+
+def learning_rates(optimizer, updates: int) -> list[float]:
+    """The learning rate an optimizer applies at each of its first `updates` updates (of a zero gradient)."""
+    import mlx.core as mx
+
+    params = {"w": mx.zeros(2)}
+    optimizer.init(params)
+    rates = []
+    for _ in range(updates):
+        params = optimizer.apply_gradients({"w": mx.zeros(2)}, params)
+        rates.append(optimizer.learning_rate.item())
+    return rates
 
 
 def metrics_rows(out: Path) -> list[dict]:

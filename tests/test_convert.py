@@ -237,7 +237,7 @@ def test_malicious_checkpoint_does_not_run(tmp_path, text_file, capsys):
 def test_checkpoint_readers_say_what_is_wrong(tmp_path, monkeypatch):
     import sys
 
-    from mlx_dlm.convert.checkpoint import first_line, load_plain_pickle, load_torch, to_numpy
+    from mlx_dlm.convert.torch_files import first_line, load_plain_pickle, load_torch, to_numpy
     from mlx_dlm.errors import TORCH_CPU_HINT
 
     assert first_line(ValueError("first\nsecond")) == "first" and first_line(EOFError()) == "EOFError"
@@ -295,7 +295,7 @@ def test_hf_keys_map_skip_rotary_buffers_and_refuse_strangers(kind, prefix):
 
 
 def test_layout_errors_list_at_most_six_keys_of_each_kind():
-    from mlx_dlm.convert.checkpoint import check_keys
+    from mlx_dlm.convert.torch_files import check_keys
 
     def message(found, expected):
         return user_error(check_keys, "demo", set(found), set(expected))

@@ -230,7 +230,7 @@ def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_
     thread (training in a notebook's background thread), where Python refuses signal handlers, it leaves signals
     alone and never stops the run."""
     before = _wakeup_fd()
-    with train._StopRequest(tmp_path):
+    with train.StopRequest(tmp_path):
         inside = _wakeup_fd()
     assert inside != before and _wakeup_fd() == before  # restored
     with pytest.raises(OSError):
@@ -240,7 +240,7 @@ def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_
 
     def worker():
         try:
-            with train._StopRequest(tmp_path) as stop:
+            with train.StopRequest(tmp_path) as stop:
                 seen.append(stop.signal)
         except Exception as exc:  # what a bare __exit__ from this thread would raise
             seen.append(exc)
@@ -256,7 +256,7 @@ def test_watchdog_puts_back_the_wakeup_fd_and_leaves_signals_alone_off_the_main_
 def test_watchdog_passes_over_other_signals_in_the_pipe(tmp_path, capsys):
     """The wakeup pipe carries every signal Python handles: another one, read in the same chunk just before a
     SIGTERM, does not hide it."""
-    with train._StopRequest(tmp_path) as stop:
+    with train.StopRequest(tmp_path) as stop:
         os.write(_wakeup_fd(), bytes([signal.SIGUSR1, signal.SIGTERM]))
         deadline = time.monotonic() + 5
         while stop.signal is None and time.monotonic() < deadline:

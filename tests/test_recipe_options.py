@@ -89,7 +89,7 @@ def test_subs_flag_sets_the_tokenizers_mask_id(tmp_path, small_text_path):
 def test_ema_follows_the_recursion_of_the_trained_weights():
     decay, steps = 0.8, 5
     model = _model()
-    optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
+    optimizer = train.optimizer_of(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
     ema = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
 
     def loss_fn(model, batch, key=None, shard=(0, 1)):

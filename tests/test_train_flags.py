@@ -17,7 +17,7 @@ from mlx_dlm import blas, train
 from mlx_dlm.diffusion import diffusion_loss
 from mlx_dlm.model import init_model, preset_args
 
-from conftest import TINY_TRAIN, metrics_rows
+from conftest import TINY_TRAIN, metrics_rows, learning_rates
 
 BETA1 = 0.9  # AdamW's default first-moment decay
 
@@ -46,15 +46,9 @@ def test_learning_rate_follows_warmup_then_cosine_to_the_floor(tmp_path, small_t
 
 
 def _rates(*flags, updates):
-    """The learning rate of each of the first `updates` updates of make_optimizer's AdamW."""
-    optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--learning-rate", "0.01", *flags]))
-    params = {"w": mx.zeros(2)}
-    optimizer.init(params)
-    rates = []
-    for _ in range(updates):
-        params = optimizer.apply_gradients({"w": mx.zeros(2)}, params)
-        rates.append(optimizer.learning_rate.item())
-    return rates
+    """The learning rate of each of the first `updates` updates of the optimizer the flags describe."""
+    return learning_rates(train.optimizer_of(train.setup_arg_parser().parse_args(["--learning-rate", "0.01", *flags])),
+                          updates)
 
 
 def test_learning_rate_schedule_at_its_edges():
@@ -167,7 +161,7 @@ def test_skipped_update_is_a_no_op():
     """normal, skipped non-finite, normal == normal, normal: weights and optimizer state untouched by the skip."""
     def run(scales):
         model = init_model(preset_args("tiny", vocab_size=16), seed=0)
-        optimizer = train.make_optimizer(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
+        optimizer = train.optimizer_of(train.setup_arg_parser().parse_args(["--iters", "10", "--warmup", "0"]))
         tokens, t = mx.array(np.arange(32).reshape(2, 16) % 16), mx.array([0.3, 0.7])
 
         def loss_fn(model, scale, key=None, shard=(0, 1)):
