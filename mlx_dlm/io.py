@@ -88,7 +88,7 @@ def shipped_model(name: str | os.PathLike) -> Path | None:
 
 def _compute_dtype_for(model: Model) -> None:
     """On MLX's CPU backend compute half-precision weights in float32: its float16 matmuls are ~14x slower
-    (README, "Model directory"). Stored files keep their dtype; quantized weights stay quantized."""
+    (docs/models.md, "Model directory"). Stored files keep their dtype; quantized weights stay quantized."""
     if mx.default_device() != mx.cpu:
         return
     halves = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(model.parameters()))

@@ -94,7 +94,7 @@ PRESETS: dict[str, dict] = {
                        pos_emb="learned", norm="layernorm", mlp="relu", bias=True,
                        attn_out_proj=False, final_norm=False, output_bias=True),
     # The default: simple_dlm's layout with RoPE instead of the learned table, 4 heads of 64 and no time
-    # conditioning (learns fastest per FLOP at this size; measured in README "Learning speed").
+    # conditioning (learns fastest per FLOP at this size; measured in docs/benchmarks.md, "Learning speed").
     "base": dict(dim=256, n_layers=10, n_heads=4, hidden_dim=1024, max_seq_len=1024, pos_emb="rope",
                  norm="layernorm", mlp="relu", bias=True, attn_out_proj=False, final_norm=False, output_bias=True,
                  time_cond=False),
@@ -282,7 +282,7 @@ class Model(nn.Module):
 INIT_SCHEMES = ("local", "simple_dlm")
 
 
-SINUSOID_BASE = 1000.0  # sharper than the usual 10000 for 128-character windows (measured: README)
+SINUSOID_BASE = 1000.0  # sharper than the usual 10000 for 128-character windows (measured: docs/benchmarks.md)
 
 
 def sinusoid_table(length: int, dim: int, base: float = SINUSOID_BASE) -> mx.array:

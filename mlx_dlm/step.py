@@ -29,7 +29,7 @@ from .diffusion import ar_loss, diffusion_loss
 from .model import Model
 
 DEFAULT_LR = 1e-3
-DEFAULT_WARMUP = 100  # 20 leaves the plateau sooner at 0.7M parameters but destabilises the 7M default (README)
+DEFAULT_WARMUP = 100  # 20 leaves the plateau sooner at 0.7M parameters but destabilises the 7M default (docs/benchmarks.md)
 DEFAULT_MIN_LR_RATIO = 0.1
 DEFAULT_WEIGHT_DECAY = 0.01
 
@@ -54,14 +54,14 @@ def _assign(tree, values) -> None:
             tree[k] = values[k]
 
 
-MIN_TOKENS_TO_SPLIT = 1024  # below this a step is too short for two streams to pay (measured: README)
+MIN_TOKENS_TO_SPLIT = 1024  # below this a step is too short for two streams to pay (measured: docs/benchmarks.md)
 
 
 def default_cpu_streams(batch_size: int, seq_len: int) -> int:
     """Parts of the batch computed side by side: 2 on a CPU backend with two or more cores, when the batch
     splits evenly and holds at least MIN_TOKENS_TO_SPLIT tokens; else 1. MLX runs a CPU stream's element-wise
     ops on one thread, so two streams with a one-thread BLAS keep both cores busy (measured in
-    benchmarks/README.md); a GPU needs no such split."""
+    docs/benchmarks.md); a GPU needs no such split."""
     if mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or batch_size % 2:
         return 1
     return 2 if batch_size * seq_len >= MIN_TOKENS_TO_SPLIT else 1

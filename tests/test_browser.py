@@ -89,7 +89,7 @@ def test_page_shows_a_request_error(browser, served):
 
 
 def screenshot_mid_denoising(url: str, path: Path, driver) -> None:
-    """Save the page part-way through a long denoising (for the README)."""
+    """Save the page part-way through a long denoising (for docs/server.md)."""
     driver.get(f"{url}/?prompt=ROMEO:&max_tokens=256&steps=64&seed=1&run=1")
     _wait(driver, "return Number(document.body.dataset.frames || 0) >= 24")
     driver.save_screenshot(str(path))

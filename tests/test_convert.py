@@ -468,7 +468,7 @@ def test_help_and_the_parser_refusals(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert exc.value.code == 0 and shown.startswith("usage: mlx_dlm.convert ")  # each help text: test_cli
     args = convert.setup_arg_parser().parse_args(["hf", "some/model", "--out", "o", "-q"])
-    assert (args.q_bits, args.q_group_size, args.dtype, args.force) == (4, 64, None, False)  # as README documents
+    assert (args.q_bits, args.q_group_size, args.dtype, args.force) == (4, 64, None, False)  # as docs/models.md documents
     for bits, group, dtype in [(8, 32, "float16"), (4, 128, "bfloat16"), (8, 64, "float32")]:
         args = convert.setup_arg_parser().parse_args(["hf", "a/b", "--out", "o", "-q", "--q-bits", str(bits),
                                                       "--q-group-size", str(group), "--dtype", dtype])
