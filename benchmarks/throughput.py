@@ -8,13 +8,18 @@
   cache and with the dual cache, and remasking; AR with its KV cache over temperatures x top-k.
 - `_run`: a warm-up run (compilation), then --trials timed runs: median, min and max tokens/s.
 - `_add_quality` (trained models only): every row of one sampler setting gets the quality of all the
-  samples that setting produced (every trial, every batch size): per-character perplexity under the AR
-  model (genPPL) and character entropy; beside them each model's validation loss and the DLM's infill
-  accuracy.
-- `equal_quality`: the headline. Per batch size, the fastest DLM setting whose genPPL is within
-  --tolerance of the AR model's at its default sampling, and its speed over the AR's.
-- `plot`: tokens/s against genPPL (a Pareto plot, one panel per batch size); tokens/s against steps for
-  random-weight pairs.
+  samples that setting produced (every trial, every batch size): per-character perplexity (genPPL) under each
+  --judge (by default two independent ones, neither contestant: `shakespeare-judge` and a Kneser-Ney n-gram
+  model), character entropy and distinct-4 (at one count for every setting); held-out text cut and scored like
+  the samples is the reference (`eval.reference_texts`); beside them each model's validation loss and the DLM's
+  infill accuracy.
+- `equal_quality`: the headline. A DLM setting matches the AR at a temperature when, under every judge, its
+  genPPL is at most (1 + --tolerance) x the AR's and its diversity is the AR's (distinct-4 >= 0.95x, entropy
+  >= the AR's - 0.1 bits). Per batch size and AR setting: the fastest matching DLM setting. And the frontier
+  ratio: the DLM's Pareto frontier (of settings as diverse as the AR's default) against the AR's, interpolated in
+  log space at the AR default's genPPL, per judge (`frontier.py`).
+- `plot`: tokens/s against genPPL (both frontiers, the real-text level as a line; one panel per judge and batch
+  size); tokens/s against steps for random-weight pairs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ import mlx.core as mx
 
 from mlx_dlm import data
 from mlx_dlm.errors import UserError
-from mlx_dlm.eval import ar_nll, char_entropy, dlm_elbo, generative_perplexity, infill_accuracy, val_windows
+from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, char_entropy, check_independent,
+                          distinct_ngrams, dlm_elbo, generative_perplexity, infill_accuracy, load_judges, ngram_count,
+                          reference_texts, val_windows)
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.sample import STRATEGIES, stream_generate
 from mlx_dlm.tokenizer import CharTokenizer
 
+from .frontier import pareto, speed_at
 from .machine import backend, describe, machine_info, matmul_gflops, write_results
 
 DEFAULT_STEPS = "8,16,32,64,128"
@@ -39,7 +47,9 @@ DEFAULT_BATCH_SIZES = "1,8"
 DEFAULT_PROMPT = "ROMEO:"
 VAL_WINDOWS, VAL_DRAWS = 64, 2  # validation beside speed: 64 held-out windows of 128 tokens (mlx_dlm.eval for more)
 BLOCK_CACHES = (False, "prefix", "dual")  # each block row is run without cache and with both caches
-DEFAULT_TOLERANCE = 0.10  # "equal quality": genPPL within 10% of the AR model's at its default sampling
+DEFAULT_TOLERANCE = 0.10  # "equal quality": genPPL within 10% of the AR's under every judge
+DISTINCT_RATIO = 0.95  # ... and distinct-4 at least 0.95x the AR's
+ENTROPY_MARGIN = 0.1  # ... and character entropy at least the AR's minus 0.1 bits
 # For random-weight pairs: the 65 characters of Tiny Shakespeare (newline, space, punctuation, letters).
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -83,7 +93,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                             "`mlx_dlm.benchmark learn --help` for learning speed.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dlm", help="trained diffusion model directory")
-    p.add_argument("--ar", help="trained autoregressive model directory (also scores quality)")
+    p.add_argument("--ar", help="trained autoregressive model directory")
     p.add_argument("--preset", help=f"random-weight matched pair instead ({', '.join(PRESETS)}); speed only")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per sample")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text every sample starts with")
@@ -103,7 +113,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="AR temperatures to sweep (the first, with the first --ar-top-k, is the AR's default)")
     p.add_argument("--ar-top-k", type=_int_list0, default=[0], help="AR top-k values to sweep (0: off)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="equal quality: DLM genPPL at most (1 + tolerance) x the AR's at its default")
+                   help="equal quality: DLM genPPL at most (1 + tolerance) x the AR's, under every judge")
+    p.add_argument("--judge", action="append", metavar="MODEL_OR_NGRAM",
+                   help=f"what scores the samples: an AR model (directory, shipped name, Hub id) or `ngram`; "
+                        f"repeatable (default: {' and '.join(DEFAULT_JUDGES)})")
+    p.add_argument("--allow-self-judge", action="store_true",
+                   help="let a judge with a contestant's weights score (reported as self-judged)")
+    p.add_argument("--reference-windows", type=int, default=DEFAULT_REFERENCE_WINDOWS,
+                   help="held-out windows scored like the samples (the real-text level)")
     p.add_argument("--trials", type=int, default=5, help="timed generations per row (the median is reported)")
     p.add_argument("--data", help="corpus for validation losses (default: Tiny Shakespeare)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first trial")
@@ -176,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Machine: {describe(info)}; fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
     print(f"DLM {dlm.num_params() / 1e6:.2f}M params, AR {ar.num_params() / 1e6:.2f}M params, "
           f"{'trained' if trained else 'random weights'}; {args.max_tokens} tokens after {args.prompt!r}")
+    judges = _judges(args, dlm, ar) if trained else []
     quality = _model_quality(args, dlm, dlm_tok, ar, ar_tok) if trained else {}
     peak_ok = backend() != "cpu"
     rows, texts = [], []
@@ -201,71 +219,150 @@ def run(args: argparse.Namespace) -> dict:
         _print_row(row, header=len(rows) == 1)
     results = {"machine": info, "quality": quality, "args": vars(args), "rows": rows}
     if trained:
-        _add_quality(rows, texts, ar, ar_tok, args.prompt)
+        corpus = data.read_corpus(args.data)
+        reference = reference_texts(corpus, len(args.prompt), args.max_tokens, args.reference_windows)
+        results["judges"] = {j.name: {"self_judged": j.self_judged} for j in judges}
+        results["reference"] = _add_quality(rows, texts, judges, args.prompt, reference)
         results["equal_quality"] = equal_quality(rows, args.tolerance)
-        print("\nWith quality (genPPL and entropy pooled over every sample of a setting):")
-        for i, row in enumerate(rows):
-            _print_row(row, header=i == 0)
+        _print_quality(rows, results["reference"], judges)
         _print_summary(results["equal_quality"], args.tolerance)
     return results
 
 
-def _add_quality(rows: list[dict], texts: list[tuple[str, list[str]]], ar, ar_tok, prompt: str) -> None:
-    """genPPL and entropy of each setting's samples, pooled across its rows (batch sizes), written into the rows.
+def _judges(args: argparse.Namespace, dlm, ar) -> list:
+    """The judges that score every setting's samples, refused if one has a contestant's weights (unless allowed)."""
+    judges = load_judges(args.judge or list(DEFAULT_JUDGES), data.read_corpus(args.data))
+    check_independent(judges, {f"--dlm {args.dlm}": dlm, f"--ar {args.ar}": ar}, args.allow_self_judge)
+    for j in judges:
+        print(f"Judge {j.name}" + (f" (self-judged: it has the weights of {', '.join(j.self_judged)})"
+                                   if j.self_judged else ""))
+    return judges
+
+
+def _add_quality(rows: list[dict], texts: list[tuple[str, list[str]]], judges: list, prompt: str,
+                 reference: list[str]) -> dict:
+    """Quality of each setting's samples, pooled across its rows (batch sizes), written into the rows: genPPL
+    under each judge ({judge: value}), character entropy, and distinct-4 over one count of 4-grams for every
+    setting and the reference. Returns the same figures for the reference (held-out text cut like samples).
 
     texts: (setting, samples) of each row."""
     pooled: dict[str, list[str]] = {}
     for key, row_texts in texts:
         pooled.setdefault(key, []).extend(row_texts)
-    scores = {}
-    for key, samples in pooled.items():
-        try:
-            gen_ppl = generative_perplexity(ar, ar_tok, samples, prompt)
-        except UserError as err:
-            gen_ppl = None
-            print(f"note: cannot score samples with the AR model ({err})")
-        scores[key] = {"gen_ppl": gen_ppl, "quality_samples": len(samples),
-                       "entropy_bits": char_entropy(samples, prompt)}
+    count = min(ngram_count(t, len(prompt)) for t in [*pooled.values(), reference])
+
+    def score(samples: list[str]) -> dict:
+        ppl = {}
+        for j in judges:
+            try:
+                ppl[j.name] = generative_perplexity(j, samples, prompt)
+            except UserError as err:
+                ppl[j.name] = None
+                print(f"note: {j.name} cannot score these samples ({err})")
+        return {"gen_ppl": ppl, "quality_samples": len(samples), "entropy_bits": char_entropy(samples, prompt),
+                "distinct4": distinct_ngrams(samples, len(prompt), count=count), "distinct4_count": count}
+
+    scores = {key: score(samples) for key, samples in pooled.items()}
     for row, (key, _) in zip(rows, texts):
         row.update(scores[key])
+    return {**score(reference), "windows": len(reference)}
+
+
+def matches(dlm: dict, ar: dict, tolerance: float = DEFAULT_TOLERANCE) -> bool:
+    """Whether a DLM row is of the AR row's quality: genPPL at most (1 + tolerance)x under every judge, distinct-4
+    at least DISTINCT_RATIO x and entropy at least the AR's minus ENTROPY_MARGIN."""
+    ppl_ok = all(dlm["gen_ppl"].get(j) is not None and v is not None and dlm["gen_ppl"][j] <= v * (1 + tolerance)
+                 for j, v in ar["gen_ppl"].items())
+    return ppl_ok and _diverse(dlm, ar)
+
+
+def _diverse(dlm: dict, ar: dict) -> bool:
+    return dlm["distinct4"] >= DISTINCT_RATIO * ar["distinct4"] and \
+        dlm["entropy_bits"] >= ar["entropy_bits"] - ENTROPY_MARGIN
 
 
 def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> list[dict]:
-    """Per batch size: the AR model at its default sampling (its first row), the fastest DLM row whose genPPL
-    is within `tolerance` of the AR's (None if none is), and the DLM row of lowest genPPL, with speed ratios."""
+    """Per batch size: for each AR setting (the first is its default), the fastest DLM setting that matches it
+    (`matches`; None if none does) and its speed over the AR's; and per judge the frontier ratio: the DLM's
+    frontier (settings as diverse as the AR's default) over the AR's, at the AR default's genPPL."""
     summary = []
     for batch in sorted({r["batch_size"] for r in rows}):
-        ar = next(r for r in rows if r["model"] == "ar" and r["batch_size"] == batch)
-        dlm = [r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch and r.get("gen_ppl")]
-        if not dlm or not ar.get("gen_ppl"):
+        ars = [r for r in rows if r["model"] == "ar" and r["batch_size"] == batch]
+        dlm = [r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch]
+        if not ars or not dlm:
             continue
-        limit = ar["gen_ppl"] * (1 + tolerance)
-        within = [r for r in dlm if r["gen_ppl"] <= limit]
-        fastest = max(within, key=lambda r: r["tokens_per_sec"]) if within else None
-        best = min(dlm, key=lambda r: r["gen_ppl"])
-
-        def brief(r):
-            return None if r is None else {
-                "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"], "gen_ppl": r["gen_ppl"],
-                "entropy_bits": r["entropy_bits"], "tokens_per_sec": r["tokens_per_sec"],
-                "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"], "ppl_ratio": r["gen_ppl"] / ar["gen_ppl"]}
-
-        summary.append({"batch_size": batch, "ar_tokens_per_sec": ar["tokens_per_sec"], "ar_gen_ppl": ar["gen_ppl"],
-                        "ar_entropy_bits": ar["entropy_bits"], "gen_ppl_limit": limit,
-                        "fastest_within": brief(fastest), "best_quality": brief(best)})
+        default = ars[0]
+        per_ar = []
+        for ar in ars:
+            fastest = max((r for r in dlm if matches(r, ar, tolerance)), key=lambda r: r["tokens_per_sec"],
+                          default=None)
+            per_ar.append({"ar": _brief(ar, ar), "fastest_match": _brief(fastest, ar)})
+        frontier = {}
+        for judge, ppl in default["gen_ppl"].items():
+            ar_front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in ars if r["gen_ppl"].get(judge)])
+            dlm_front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in dlm
+                                if r["gen_ppl"].get(judge) and _diverse(r, default)])
+            speed = speed_at(dlm_front, ppl) if ppl else None
+            frontier[judge] = {"ar_frontier": ar_front, "dlm_frontier": dlm_front, "at_gen_ppl": ppl,
+                               "dlm_tokens_per_sec": speed,
+                               "speed_ratio": speed / default["tokens_per_sec"] if speed else None,
+                               "dlm_best_gen_ppl": dlm_front[0][0] if dlm_front else None}
+        ratios = [f["speed_ratio"] for f in frontier.values()]
+        summary.append({"batch_size": batch, "ar_default": _brief(default, default), "per_ar_setting": per_ar,
+                        "frontier": frontier,
+                        "frontier_ratio": None if None in ratios or not ratios else min(ratios)})
     return summary
 
 
+def _brief(r: dict | None, ar: dict) -> dict | None:
+    return None if r is None else {
+        "model": r["model"], "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"],
+        "temp": r.get("temp"), "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
+        "distinct4": r["distinct4"], "tokens_per_sec": r["tokens_per_sec"],
+        "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"]}
+
+
+def _label(r: dict) -> str:
+    if r["model"] == "ar":
+        return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
+    head = r["variant"] if r["variant"] != "-" else f"{r['strategy']} {r['steps']}"
+    return f"DLM {head} T{r['temp']:g}"
+
+
+def _print_quality(rows: list[dict], reference: dict, judges: list) -> None:
+    names = [j.name for j in judges]
+    print(f"\nQuality (pooled over every sample of a setting; distinct-4 over {reference['distinct4_count']} "
+          "4-grams each):")
+    print(f"{'setting':<34} {'batch':>5} {'tok/s':>9} " + " ".join(f"{n[:14]:>14}" for n in names)
+          + f" {'H(bit)':>6} {'dist4':>6}")
+
+    def line(label, batch, tps, q):
+        ppl = " ".join(f"{q['gen_ppl'][n]:>14.2f}" if q["gen_ppl"].get(n) else f"{'-':>14}" for n in names)
+        print(f"{label:<34} {batch:>5} {tps:>9} {ppl} {q['entropy_bits']:>6.2f} {q['distinct4']:>6.3f}")
+
+    line(f"real text ({reference['windows']} windows)", "-", "-", reference)
+    for r in rows:
+        line(_label(r)[:34], r["batch_size"], f"{r['tokens_per_sec']:.1f}", r)
+
+
 def _print_summary(summary: list[dict], tolerance: float) -> None:
-    print(f"\nEqual quality (DLM genPPL within {tolerance:.0%} of the AR's at its default sampling):")
+    print(f"\nEqual quality (under every judge genPPL within {tolerance:.0%} of the AR's, distinct-4 >= "
+          f"{DISTINCT_RATIO}x, entropy >= AR - {ENTROPY_MARGIN} bits):")
     for s in summary:
-        head = (f"batch {s['batch_size']}: AR {s['ar_tokens_per_sec']:.1f} tok/s at genPPL {s['ar_gen_ppl']:.2f}"
-                f" (limit {s['gen_ppl_limit']:.2f})")
-        f, b = s["fastest_within"], s["best_quality"]
-        fast = (f"fastest DLM within: {f['variant']}/{f['strategy']}/{f['steps']} steps, {f['tokens_per_sec']:.1f} "
-                f"tok/s = {f['speedup']:.2f}x AR, genPPL {f['gen_ppl']:.2f}" if f else "no DLM setting within")
-        print(f"  {head}; {fast}; best DLM genPPL {b['gen_ppl']:.2f} ({b['ppl_ratio']:.2f}x AR's) at "
-              f"{b['tokens_per_sec']:.1f} tok/s = {b['speedup']:.2f}x AR ({b['variant']}/{b['strategy']}/{b['steps']})")
+        for item in s["per_ar_setting"]:
+            ar, m = item["ar"], item["fastest_match"]
+            found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x"
+                     if m else "no DLM setting matches")
+            print(f"  batch {s['batch_size']}, {_label(ar)} ({ar['tokens_per_sec']:.1f} tok/s): {found}")
+        for judge, f in s["frontier"].items():
+            if f["speed_ratio"]:
+                ratio = f"{f['speed_ratio']:.2f}x the AR's speed"
+            elif f["dlm_best_gen_ppl"]:
+                ratio = f"the frontiers do not overlap (the DLM's best genPPL is {f['dlm_best_gen_ppl']:.2f})"
+            else:
+                ratio = "no DLM setting is as diverse as the AR's default"
+            print(f"  batch {s['batch_size']}, frontier under {judge} at the AR default's genPPL "
+                  f"{f['at_gen_ppl']:.2f}: {ratio}")
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
@@ -302,7 +399,7 @@ COLUMNS = [("model", "model", 5, ""), ("strategy", "strategy", 10, ""), ("varian
            ("batch_size", "batch", 5, ""), ("tokens_per_sec", "tok/s", 9, ".1f"), ("tokens_per_sec_min", "min", 9, ".1f"),
            ("tokens_per_sec_max", "max", 9, ".1f"), ("nfe", "NFE", 5, ""), ("tokens_per_forward", "tok/fw", 6, ".2f"),
            ("ms_per_forward", "ms/fw", 8, ".2f"), ("prompt_ms", "prompt_ms", 9, ".2f"),
-           ("roofline_fraction", "%peak", 6, ".1%"), ("gen_ppl", "genPPL", 7, ".2f"), ("entropy_bits", "H(bit)", 6, ".2f")]
+           ("roofline_fraction", "%peak", 6, ".1%")]
 
 
 def _print_row(row: dict, header: bool) -> None:
@@ -323,8 +420,8 @@ def _family(row: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Trained pairs: tokens/s against genPPL, one panel per batch size (the Pareto plot). Random weights:
-    tokens/s against DLM steps with the AR model as lines."""
+    """Trained pairs: tokens/s against genPPL, one panel per judge and batch size, with both Pareto frontiers and
+    the real-text level. Random weights: tokens/s against DLM steps with the AR model as lines."""
     try:
         import matplotlib
 
@@ -334,47 +431,67 @@ def plot(results: dict, path: str) -> None:
         raise UserError("--plot needs matplotlib: pip install 'mlx-dlm[plot]'") from None
     rows = results["rows"]
     batches = sorted({r["batch_size"] for r in rows})
-    pareto = all(r.get("gen_ppl") for r in rows)
-    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.5), squeeze=False)
+    judges = list(results.get("judges", {})) or [None]
+    fig, axes = plt.subplots(len(judges), len(batches), figsize=(6.5 * len(batches), 5.5 * len(judges)),
+                             squeeze=False)
     families = sorted({_family(r) for r in rows})
     style = {f: (f"C{i}", "s" if f.startswith("AR") else "o^vD<>P*"[i % 8]) for i, f in enumerate(families)}
-    for ax, batch in zip(axes[0], batches):
-        sel = [r for r in rows if r["batch_size"] == batch]
-        for family in families:
-            pts = [r for r in sel if _family(r) == family]
-            if not pareto:
-                pts = [r for r in pts if r["model"] == "dlm"]
-            if pts:
-                color, marker = style[family]
-                xs = [r["gen_ppl"] if pareto else r["steps"] for r in pts]
-                ax.scatter(xs, [r["tokens_per_sec"] for r in pts], color=color, marker=marker, label=family, zorder=3)
-        if pareto:
-            for r in sel:
-                label = r["variant"] if r["variant"] != "-" else (str(r["steps"]) if r["model"] == "dlm" else "AR T1")
-                ax.annotate(label, (r["gen_ppl"], r["tokens_per_sec"]), fontsize=6, xytext=(3, 2),
-                            textcoords="offset points")
-            summary = next((s for s in results.get("equal_quality", []) if s["batch_size"] == batch), None)
-            if summary:
-                ax.axvline(summary["gen_ppl_limit"], color="grey", linestyle="--", linewidth=1,
-                           label=f"AR default genPPL + {results['args']['tolerance']:.0%}")
-            ax.set_xlabel("genPPL per character under the AR model (lower is better)")
-            ax.set_xscale("log")
-        else:
-            for r in sel:
-                if r["model"] == "ar":
-                    ax.axhline(r["tokens_per_sec"], color="grey", linewidth=1, label="AR, KV cache")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("DLM denoising steps (forward passes) for %d tokens" % rows[0]["max_tokens"])
-        ax.set_yscale("log")
-        ax.set_ylabel("generated tokens / s (higher is better)")
-        ax.set_title(f"batch {batch}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+    for judge, panel_row in zip(judges, axes):
+        for ax, batch in zip(panel_row, batches):
+            sel = [r for r in rows if r["batch_size"] == batch]
+            if judge is None:
+                _speed_panel(ax, sel, families, style)
+            else:
+                _quality_panel(ax, results, judge, batch, sel, families, style)
+            ax.set_yscale("log")
+            ax.set_ylabel("generated tokens / s (higher is better)")
+            ax.set_title(f"batch {batch}" + (f", quality judged by {judge}" if judge else ""), fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="best")
     machine = results["machine"]
     fig.suptitle(f"mlx-dlm decode speed against quality: {machine['backend']} backend, {machine['cores']} cores, "
                  f"mlx {machine['mlx']}, {rows[0]['max_tokens']} tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _speed_panel(ax, sel: list[dict], families: list[str], style: dict) -> None:
+    for family in families:
+        pts = [r for r in sel if _family(r) == family and r["model"] == "dlm"]
+        if pts:
+            color, marker = style[family]
+            ax.scatter([r["steps"] for r in pts], [r["tokens_per_sec"] for r in pts], color=color, marker=marker,
+                       label=family, zorder=3)
+    for r in sel:
+        if r["model"] == "ar":
+            ax.axhline(r["tokens_per_sec"], color="grey", linewidth=1, label="AR, KV cache")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("DLM denoising steps (forward passes) for %d tokens" % sel[0]["max_tokens"])
+
+
+def _quality_panel(ax, results: dict, judge: str, batch: int, sel: list[dict], families: list[str],
+                   style: dict) -> None:
+    for family in families:
+        pts = [r for r in sel if _family(r) == family and r["gen_ppl"].get(judge)]
+        if pts:
+            color, marker = style[family]
+            ax.scatter([r["gen_ppl"][judge] for r in pts], [r["tokens_per_sec"] for r in pts], color=color,
+                       marker=marker, label=family, zorder=3)
+            for r in pts:
+                ax.annotate(_label(r).removeprefix("DLM "), (r["gen_ppl"][judge], r["tokens_per_sec"]), fontsize=5,
+                            xytext=(3, 2), textcoords="offset points")
+    summary = next((s for s in results.get("equal_quality", []) if s["batch_size"] == batch), None)
+    if summary and judge in summary["frontier"]:
+        f = summary["frontier"][judge]
+        for points, color, label in ((f["ar_frontier"], "black", "AR frontier"),
+                                     (f["dlm_frontier"], "C3", "DLM frontier (as diverse as AR T1)")):
+            if points:
+                ax.plot(*zip(*points), color=color, linewidth=1.2, marker="+", markersize=9, label=label, zorder=2)
+    real = results["reference"]["gen_ppl"].get(judge)
+    if real:
+        ax.axvline(real, color="green", linestyle="--", linewidth=1, label=f"real held-out text ({real:.2f})")
+    ax.set_xlabel(f"genPPL per character under {judge} (lower is better)")
+    ax.set_xscale("log")
 
 
 def main(argv: list[str] | None = None) -> None:

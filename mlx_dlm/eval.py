@@ -6,8 +6,14 @@
 - `dlm_elbo`: a diffusion model's bound on nats/token over those windows, from K Monte Carlo draws of
   mask ratios and masks, with a 95% interval over the draws (Student t).
 - `ar_nll`: an autoregressive model's exact next-token NLL over the same windows.
-- `generative_perplexity`: samples scored by a judge AR model (per character); `char_entropy`: how varied
-  the samples' characters are (a collapse into repetition shows as low entropy).
+- judges (`Judge`, `load_judges`): what scores samples, neither contestant by default: a neural AR model
+  directory (`shakespeare-judge`) and a character n-gram model with Kneser-Ney smoothing built from the
+  training split (`ngram.py`); one whose weights equal a model under test is refused (`check_independent`)
+  unless allowed, and is then reported as self-judged;
+- `generative_perplexity`: samples scored by a judge (per character); `reference_texts`: held-out text cut
+  like samples (the prompt's length, then the completion's), the real-text level every judge is read against;
+- diversity beside it, so low temperature or repetition cannot buy quality: `char_entropy` (bits) and
+  `distinct_ngrams` (the share of distinct 4-grams, counted over an equal number of 4-grams per source).
 - `infill_accuracy`: hide a span in the middle of held-out windows, fill it greedily, count the tokens
   recovered exactly.
 - `evaluate`: all of the above for one model directory; `main`: the command.
@@ -20,7 +26,9 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +39,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_write_text
 from .io import load
 from .model import memoize_on_model
+from .ngram import DEFAULT_ORDER, NGramModel
 from .sample import fill, generate
 
 DEFAULT_DRAWS = 5
@@ -42,6 +51,10 @@ DEFAULT_SAMPLES = 8
 DEFAULT_SAMPLE_TOKENS = 128
 DEFAULT_SAMPLE_STEPS = 64
 DEFAULT_PROMPT = "ROMEO:"
+NGRAM = "ngram"  # the judge name of the n-gram model
+DEFAULT_JUDGES = ("shakespeare-judge", NGRAM)  # neither contestant: a stronger AR model and an n-gram model
+DEFAULT_REFERENCE_WINDOWS = 64
+DISTINCT_N = 4
 # Two-sided 97.5% quantiles of Student's t by degrees of freedom (1-30); 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -130,30 +143,126 @@ def ar_nll(model, windows: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> 
     return Estimate(total.item() / len(windows), 0.0, 1)  # every window predicts the same number of tokens
 
 
-def generative_perplexity(judge, judge_tokenizer, texts: list[str], prompt: str) -> float:
-    """Per-character perplexity of the completions (text after the prompt) scored by an AR judge.
+@dataclass
+class Judge:
+    """What scores text: completion_nll(texts, start) -> nats of each text's characters after its first `start`,
+    given those before them. fingerprint: a hash of a neural judge's weights (a model with the same weights is
+    the same judge)."""
 
-    exp(total NLL of the completion tokens given everything before them / number of completion characters).
-    """
-    if judge.args.model_type != "ar":
-        raise UserError("the judge must be an autoregressive model (model_type ar)")
-    total_nll, total_chars = 0.0, 0
-    p = len(judge_tokenizer.encode(prompt))
-    for text in texts:
-        ids = judge_tokenizer.encode(text)
-        if p == 0:  # score the first token from a newline, as the AR model samples from one
-            ids, p_eff = judge_tokenizer.encode("\n") + ids, 1
+    name: str
+    completion_nll: Callable[[list[str], int], np.ndarray]
+    fingerprint: str = ""
+    self_judged: list[str] = field(default_factory=list)  # contestants with this judge's weights (when allowed)
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of a model's parameters (names, shapes and float32 values)."""
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(np.array(value.astype(mx.float32)).tobytes())
+    return digest.hexdigest()
+
+
+def model_judge(name: str, model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE) -> Judge:
+    """An autoregressive model as a judge. A text with nothing before `start` is scored from a newline, as the
+    AR models here sample from one."""
+    if model.args.model_type != "ar":
+        raise UserError(f"--judge {name} is a {model.args.model_type} model; the judge must be autoregressive "
+                        "(model_type ar)")
+
+    def completion_nll(texts: list[str], start: int) -> np.ndarray:
+        rows = []
+        for text in texts:
+            prefix = tokenizer.encode(text[:start] or "\n")
+            ids = prefix + tokenizer.encode(text[start:])
+            if len(ids) > model.args.max_seq_len:
+                raise UserError(f"a text of {len(ids)} tokens is longer than the judge's context "
+                                f"of {model.args.max_seq_len}")
+            rows.append((ids, len(prefix)))
+        out = np.zeros(len(texts))
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (ids, p) in enumerate(rows):
+            by_shape.setdefault((len(ids), p), []).append(i)
+        for (_, p), members in by_shape.items():
+            for chunk in range(0, len(members), batch_size):
+                part = members[chunk:chunk + batch_size]
+                ids = mx.array([rows[i][0] for i in part])
+                logits = model(ids[:, :-1]).astype(mx.float32)
+                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                nll = -mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+                out[part] = np.array(nll[:, p - 1:].sum(axis=1))
+        return out
+
+    return Judge(name, completion_nll, weights_fingerprint(model))
+
+
+def load_judges(names: list[str], corpus: str, val_fraction: float = data.DEFAULT_VAL_FRACTION,
+                ngram_order: int = DEFAULT_ORDER) -> list[Judge]:
+    """Judges by name: `ngram` (built from the training split of corpus), or an AR model directory, shipped
+    model or Hub repo id."""
+    judges = []
+    for name in names:
+        if name == NGRAM:
+            train_text, _ = data.split_tokens(corpus, val_fraction)
+            model = NGramModel.fit(train_text, ngram_order)
+            judges.append(Judge(f"{NGRAM}{ngram_order}", model.completion_nll))
         else:
-            p_eff = p
-        if len(ids) > judge.args.max_seq_len:
-            raise UserError(f"a sample of {len(ids)} tokens is longer than the judge's context "
-                            f"of {judge.args.max_seq_len}")
-        logits = judge(mx.array([ids[:-1]])).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        nll = -np.array(mx.take_along_axis(logp, mx.array([ids[1:]])[..., None], axis=-1))[0, :, 0]
-        total_nll += float(nll[p_eff - 1:].sum())
-        total_chars += len(text) - len(prompt)
-    return math.exp(total_nll / max(total_chars, 1))
+            judges.append(model_judge(name, *load(name)))
+    return judges
+
+
+def check_independent(judges: list[Judge], contestants: dict[str, object], allow_self_judge: bool = False) -> None:
+    """Refuse (UserError) a judge whose weights equal a contestant's, or with allow_self_judge record it in
+    judge.self_judged: a model scores its own samples better than anyone else's (by KL(q || p))."""
+    prints = {name: weights_fingerprint(model) for name, model in contestants.items()}
+    for judge in judges:
+        same = [name for name, fp in prints.items() if judge.fingerprint and fp == judge.fingerprint]
+        if same and not allow_self_judge:
+            raise UserError(f"the judge {judge.name} has the weights of {same[0]}, which it would judge: "
+                            "pick an independent judge, or pass --allow-self-judge (reported as self-judged)")
+        judge.self_judged = same
+
+
+def generative_perplexity(judge: Judge, texts: list[str], prompt: str) -> float:
+    """Per-character perplexity of the completions (text after the prompt) scored by a judge:
+    exp(total NLL of the completion characters given everything before them / number of completion characters).
+    """
+    total_chars = sum(len(t) - len(prompt) for t in texts)
+    return math.exp(float(judge.completion_nll(texts, len(prompt)).sum()) / max(total_chars, 1))
+
+
+def reference_texts(corpus: str, prompt_chars: int, completion_chars: int, count: int = DEFAULT_REFERENCE_WINDOWS,
+                    val_fraction: float = data.DEFAULT_VAL_FRACTION) -> list[str]:
+    """`count` held-out windows of prompt_chars + completion_chars characters, spread evenly over the validation
+    split: real text to score exactly as samples are (their first prompt_chars as the prompt)."""
+    if count < 1:
+        raise UserError(f"--reference-windows must be at least 1, got {count}")
+    _, val = data.split_tokens(corpus, val_fraction)
+    length = prompt_chars + completion_chars
+    if len(val) < length * count:
+        raise UserError(f"the validation text ({len(val)} characters) is too short for {count} reference windows "
+                        f"of {length}")
+    stride = len(val) // count
+    return [val[i * stride:i * stride + length] for i in range(count)]
+
+
+def distinct_ngrams(texts: list[str], start: int, n: int = DISTINCT_N, count: int | None = None) -> float:
+    """The share of distinct n-grams among the completions' n-grams (within each text[start:], in order), over
+    the first `count` of them when given: distinct-n falls as more are counted, so compare it at equal counts."""
+    grams = [t[i:i + n] for t in texts for i in range(start, len(t) - n + 1)]
+    if count is not None:
+        if count > len(grams):
+            raise UserError(f"distinct-{n} over {count} n-grams asked of texts that hold {len(grams)}")
+        grams = grams[:count]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def ngram_count(texts: list[str], start: int, n: int = DISTINCT_N) -> int:
+    """How many n-grams distinct_ngrams would count in texts (for choosing an equal count)."""
+    return sum(max(len(t) - start - n + 1, 0) for t in texts)
 
 
 def char_entropy(texts: list[str], prompt: str) -> float:
@@ -190,29 +299,32 @@ class Report:
     val_bpc: float
     infill_accuracy: float | None = None
     infill_span: int | None = None
-    gen_ppl: float | None = None
+    # per judge: {"gen_ppl": samples, "reference_gen_ppl": held-out text cut like them, "self_judged": [...]}
+    judges: dict | None = None
     sample_entropy_bits: float | None = None
+    reference_entropy_bits: float | None = None
+    sample_distinct4: float | None = None
+    reference_distinct4: float | None = None
+    distinct4_count: int | None = None  # the 4-grams both distinct-4 figures were counted over
     samples: list[str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate(model_path: str, data_path: str | None = None, judge_path: str | None = None,
+def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | tuple[str, ...] = DEFAULT_JUDGES,
              seq_len: int = DEFAULT_SEQ_LEN, draws: int = DEFAULT_DRAWS, max_windows: int = 0,
              batch_size: int = DEFAULT_BATCH_SIZE, infill_span: int = DEFAULT_INFILL_SPAN,
              infill_windows: int = DEFAULT_INFILL_WINDOWS, samples: int = DEFAULT_SAMPLES,
              sample_tokens: int = DEFAULT_SAMPLE_TOKENS, sample_steps: int = DEFAULT_SAMPLE_STEPS,
-             prompt: str = DEFAULT_PROMPT, seed: int = 0, val_fraction: float = data.DEFAULT_VAL_FRACTION) -> Report:
-    """Measure a model directory on the validation split of a corpus (Tiny Shakespeare by default)."""
+             prompt: str = DEFAULT_PROMPT, seed: int = 0, val_fraction: float = data.DEFAULT_VAL_FRACTION,
+             allow_self_judge: bool = False, reference_windows: int = DEFAULT_REFERENCE_WINDOWS) -> Report:
+    """Measure a model directory on the validation split of a corpus (Tiny Shakespeare by default); with judges
+    and samples, its samples' genPPL under each judge beside held-out text cut and scored the same way."""
     model, tokenizer = load(model_path)
-    judge = judge_tok = None
-    if judge_path is not None:
-        judge, judge_tok = load(judge_path)
-        if judge.args.model_type != "ar":
-            raise UserError(f"--judge {judge_path} is a {judge.args.model_type} model; the judge must be "
-                            "autoregressive (model_type ar)")
     text = data.read_corpus(data_path)
+    judged = load_judges(list(judges), text, val_fraction) if judges and samples else []
+    check_independent(judged, {str(model_path): model}, allow_self_judge)
     tokens = tokenizer.encode_array(text)
     seq_len = min(seq_len, model.args.max_seq_len)
     windows = val_windows(tokens, seq_len, val_fraction, max_windows)
@@ -227,14 +339,28 @@ def evaluate(model_path: str, data_path: str | None = None, judge_path: str | No
         report.infill_accuracy = infill_accuracy(model, tokenizer.mask_id, windows[:infill_windows], infill_span,
                                                  seed=seed)
         report.infill_span = infill_span
-    if judge is not None and samples:
+    if judged:
         texts = generate(model, tokenizer, prompt, max_tokens=sample_tokens, steps=sample_steps, seed=seed,
                          num_samples=samples)
         texts = texts if isinstance(texts, list) else [texts]
-        report.gen_ppl = generative_perplexity(judge, judge_tok, texts, prompt)
-        report.sample_entropy_bits = char_entropy(texts, prompt)
-        report.samples = texts
+        completion = min(len(t) for t in texts) - len(prompt)
+        reference = reference_texts(text, len(prompt), completion, reference_windows, val_fraction)
+        _judge_report(report, judged, texts, reference, prompt)
     return report
+
+
+def _judge_report(report: Report, judges: list[Judge], texts: list[str], reference: list[str], prompt: str) -> None:
+    """genPPL under each judge, entropy and distinct-4 of samples and reference at an equal count, into report."""
+    report.judges = {j.name: {"gen_ppl": generative_perplexity(j, texts, prompt),
+                              "reference_gen_ppl": generative_perplexity(j, reference, prompt),
+                              "self_judged": j.self_judged} for j in judges}
+    count = min(ngram_count(texts, len(prompt)), ngram_count(reference, len(prompt)))
+    report.sample_entropy_bits, report.reference_entropy_bits = char_entropy(texts, prompt), \
+        char_entropy(reference, prompt)
+    report.sample_distinct4 = distinct_ngrams(texts, len(prompt), count=count)
+    report.reference_distinct4 = distinct_ngrams(reference, len(prompt), count=count)
+    report.distinct4_count = count
+    report.samples = texts
 
 
 def format_report(r: Report) -> list[str]:
@@ -246,9 +372,14 @@ def format_report(r: Report) -> list[str]:
     if r.infill_accuracy is not None:
         lines.append(f"Infill accuracy: {r.infill_accuracy:.4f} (a {r.infill_span}-token span in the middle of "
                      f"each window, filled greedily)")
-    if r.gen_ppl is not None:
-        lines.append(f"Generative perplexity under the judge: {r.gen_ppl:.3f} per character; sample entropy "
-                     f"{r.sample_entropy_bits:.3f} bits ({len(r.samples)} samples)")
+    for name, j in (r.judges or {}).items():
+        self_judged = f" (self-judged: {', '.join(j['self_judged'])})" if j["self_judged"] else ""
+        lines.append(f"Generative perplexity under {name}: {j['gen_ppl']:.3f} per character; held-out text "
+                     f"scored the same way: {j['reference_gen_ppl']:.3f}{self_judged}")
+    if r.judges:
+        lines.append(f"Diversity of {len(r.samples)} samples (held-out text): character entropy "
+                     f"{r.sample_entropy_bits:.3f} ({r.reference_entropy_bits:.3f}) bits, distinct-4 "
+                     f"{r.sample_distinct4:.3f} ({r.reference_distinct4:.3f}) over {r.distinct4_count} 4-grams each")
     return lines
 
 
@@ -258,7 +389,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (or Hub repo id)")
     p.add_argument("--data", help="corpus whose last --val-fraction is held out (default: Tiny Shakespeare)")
-    p.add_argument("--judge", help="AR model directory that scores samples (generative perplexity)")
+    p.add_argument("--judge", action="append", metavar="MODEL_OR_NGRAM",
+                   help=f"what scores the samples (generative perplexity): an AR model directory, shipped model or "
+                        f"Hub id, or `{NGRAM}` (Kneser-Ney over the training split); repeatable "
+                        f"(default: {' and '.join(DEFAULT_JUDGES)})")
+    p.add_argument("--allow-self-judge", action="store_true",
+                   help="let a judge with the evaluated model's own weights score it (reported as self-judged)")
+    p.add_argument("--reference-windows", type=int, default=DEFAULT_REFERENCE_WINDOWS,
+                   help="held-out windows scored like samples (the real-text level)")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="Monte Carlo draws of masks (DLM ELBO)")
@@ -280,12 +418,14 @@ def _main(argv: list[str] | None) -> None:
     for name in ("seq_len", "batch_size"):
         if getattr(args, name) < 2 - (name == "batch_size"):
             raise UserError(f"--{name.replace('_', '-')} is too small")
-    for name in ("max_windows", "infill_span", "infill_windows", "samples", "sample_tokens", "sample_steps"):
+    for name in ("max_windows", "infill_span", "infill_windows", "samples", "sample_tokens", "sample_steps",
+                 "reference_windows"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    report = evaluate(args.model, args.data, args.judge, args.seq_len, args.draws, args.max_windows,
-                      args.batch_size, args.infill_span, args.infill_windows, args.samples, args.sample_tokens,
-                      args.sample_steps, args.prompt, args.seed, args.val_fraction)
+    report = evaluate(args.model, args.data, args.judge or DEFAULT_JUDGES, args.seq_len, args.draws,
+                      args.max_windows, args.batch_size, args.infill_span, args.infill_windows, args.samples,
+                      args.sample_tokens, args.sample_steps, args.prompt, args.seed, args.val_fraction,
+                      args.allow_self_judge, args.reference_windows)
     for line in format_report(report):
         print(line, flush=True)
     if args.json:

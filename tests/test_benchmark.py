@@ -43,48 +43,101 @@ def test_random_pair_sweep(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
-def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path):
+def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     bench.main(["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path),
-                "--trials", "2", "--steps", "8", "--strategies", "confidence", "--batch-size", "1,2",
-                "--ar-temps", "1,0.5", "--ar-top-k", "0,5", "--temp", "1,0.5", "--max-tokens", "24", "--out", str(out)]
+                "--judge", "ngram", "--trials", "2", "--steps", "8", "--strategies", "confidence",
+                "--batch-size", "1,2", "--ar-temps", "1,0.5", "--ar-top-k", "0,5", "--temp", "1,0.5",
+                "--max-tokens", "24", "--reference-windows", "16", "--out", str(out)]
                + (["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []))
     results = json.loads(out.read_text())
     q = results["quality"]
     assert q["dlm_val_elbo"] > 0 and q["ar_val_nll"] > 0 and 0 <= q["dlm_infill_accuracy"] <= 1
+    assert results["judges"] == {"ngram6": {"self_judged": []}}
+    ref = results["reference"]
+    assert ref["windows"] == 16 and 1 < ref["gen_ppl"]["ngram6"] < 100 and ref["entropy_bits"] > 3
     rows = results["rows"]
     ar = {(r["batch_size"], r["variant"]): r for r in rows if r["model"] == "ar"}
     assert sorted(ar) == [(b, v) for b in (1, 2) for v in ("-", "T0.5", "T0.5,k5", "T1,k5")]
     assert (ar[(1, "-")]["temp"], ar[(1, "-")]["top_k"]) == (1.0, 0)
     assert (ar[(2, "T0.5,k5")]["temp"], ar[(2, "T0.5,k5")]["top_k"]) == (0.5, 5)
+    count = 2 * (1 + 2) * (24 - 3)  # the fewest 4-grams of any setting: 6 samples of 24 characters
+    assert ref["distinct4_count"] == count
     for r in rows:
-        assert 1 < r["gen_ppl"] < 1e4 and 0 < r["entropy_bits"] < 7
-        assert r["quality_samples"] == 2 * (1 + 2)  # pooled: every trial of both batch sizes
+        assert 1 < r["gen_ppl"]["ngram6"] < 1e4 and 0 < r["entropy_bits"] < 7 and 0 < r["distinct4"] <= 1
+        assert r["quality_samples"] == 2 * (1 + 2) and r["distinct4_count"] == count  # pooled over batch sizes
     for v in ("-", "T0.5,k5"):  # one setting, one quality, whatever the batch size
         assert ar[(1, v)]["gen_ppl"] == ar[(2, v)]["gen_ppl"]
     dlm = {(r["batch_size"], r["temp"]): r for r in rows if r["model"] == "dlm"}
     assert sorted(dlm) == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
     assert dlm[(1, 0.5)]["gen_ppl"] == dlm[(2, 0.5)]["gen_ppl"] != dlm[(1, 1.0)]["gen_ppl"]
     assert [s["batch_size"] for s in results["equal_quality"]] == [1, 2]
+    assert "real text (16 windows)" in capsys.readouterr().out
     if png.exists():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_equal_quality_picks_the_fastest_dlm_within_tolerance():
+def test_a_contestant_as_judge_is_refused(tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
+    argv = ["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path),
+            "--judge", str(tiny_ar_dir), "--trials", "1", "--steps", "4", "--strategies", "confidence",
+            "--batch-size", "1", "--max-tokens", "8", "--reference-windows", "4"]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"the judge {tiny_ar_dir} has the weights of --ar {tiny_ar_dir}" in err
+    bench.main(argv + ["--allow-self-judge"])
+    assert f"(self-judged: it has the weights of --ar {tiny_ar_dir})" in capsys.readouterr().out
+
+
+def _row(model, tps, ppl, variant="-", batch=1, distinct4=0.8, entropy=4.5):
+    return {"model": model, "batch_size": batch, "tokens_per_sec": tps, "variant": variant, "strategy": "confidence",
+            "steps": 8, "temp": 1.0, "gen_ppl": ppl, "entropy_bits": entropy, "distinct4": distinct4}
+
+
+def test_equal_quality_needs_every_judge_and_the_diversity():
     from mlx_dlm.benchmark.throughput import equal_quality
 
-    def row(model, tps, ppl, variant="-", batch=1):
-        return {"model": model, "batch_size": batch, "tokens_per_sec": tps, "gen_ppl": ppl, "entropy_bits": 4.0,
-                "variant": variant, "strategy": "confidence", "steps": 8}
-
-    rows = [row("ar", 100.0, 5.0), row("ar", 500.0, 4.0, "T0.5"),  # the first AR row is the default
-            row("dlm", 900.0, 5.6, "a"), row("dlm", 300.0, 5.4, "b"), row("dlm", 200.0, 4.9, "c"),
-            row("dlm", 50.0, 4.5, "d"), row("ar", 10.0, 5.0, batch=8), row("dlm", 5.0, 9.0, batch=8)]
+    rows = [_row("ar", 100.0, {"a": 5.0, "b": 3.0}), _row("ar", 500.0, {"a": 4.0, "b": 2.0}, "T0.5"),
+            _row("dlm", 900.0, {"a": 5.4, "b": 3.4}, "fast but one judge disagrees"),
+            _row("dlm", 800.0, {"a": 5.4, "b": 3.2}, "repetitive", distinct4=0.7),
+            _row("dlm", 700.0, {"a": 5.4, "b": 3.2}, "low entropy", entropy=4.35),
+            _row("dlm", 300.0, {"a": 5.5, "b": 3.3}, "match"),
+            _row("dlm", 200.0, {"a": 4.4, "b": 2.2}, "matches T0.5 too", distinct4=0.76, entropy=4.41),
+            _row("ar", 10.0, {"a": 5.0, "b": 3.0}, batch=8), _row("dlm", 5.0, {"a": 9.0, "b": 9.0}, batch=8)]
     one, eight = equal_quality(rows, tolerance=0.10)
-    assert one["gen_ppl_limit"] == pytest.approx(5.5)
-    assert one["fastest_within"]["variant"] == "b" and one["fastest_within"]["speedup"] == pytest.approx(3.0)
-    assert one["best_quality"]["variant"] == "d" and one["best_quality"]["ppl_ratio"] == pytest.approx(0.9)
-    assert eight["fastest_within"] is None and eight["best_quality"]["speedup"] == pytest.approx(0.5)
+    default, cooler = one["per_ar_setting"]
+    assert default["fastest_match"]["variant"] == "match" and default["fastest_match"]["speedup"] == pytest.approx(3)
+    assert cooler["fastest_match"]["variant"] == "matches T0.5 too"
+    assert cooler["fastest_match"]["speedup"] == pytest.approx(0.4)
+    assert eight["per_ar_setting"][0]["fastest_match"] is None
+
+
+def test_frontier_interpolation_against_a_hand_computed_example():
+    """DLM settings at (genPPL, tok/s) (4, 50), (8, 200), (16, 800) and a dominated (10, 100); AR at (2, 100) and
+    (3, 200). In log-log space, genPPL 4 x sqrt(2) lies halfway from 4 to 8: sqrt(50 x 200) = 100 tok/s."""
+    from mlx_dlm.benchmark.frontier import pareto, speed_at, speed_ratio
+
+    dlm = pareto([(8.0, 200.0), (4.0, 50.0), (10.0, 100.0), (16.0, 800.0)])
+    ar = pareto([(3.0, 200.0), (2.0, 100.0)])
+    assert dlm == [(4.0, 50.0), (8.0, 200.0), (16.0, 800.0)] and ar == [(2.0, 100.0), (3.0, 200.0)]
+    assert speed_at(dlm, 4 * 2**0.5) == pytest.approx(100.0)
+    assert speed_at(dlm, 12.0) == pytest.approx(200 * 4 ** (np.log(1.5) / np.log(2)))
+    assert speed_at(dlm, 3.0) is None and speed_at(dlm, 20.0) == 800.0  # cannot reach 3; 16 is already better
+    assert speed_ratio(dlm, ar, 3.0) is None and speed_ratio(dlm, ar, 16.0) == pytest.approx(4.0)
+    assert speed_ratio(ar, dlm, 2 * 1.5**0.5) is None
+
+
+def test_the_frontier_ratio_uses_only_settings_as_diverse_as_the_ar():
+    from mlx_dlm.benchmark.throughput import equal_quality
+
+    rows = [_row("ar", 100.0, {"a": 4.0}), _row("ar", 150.0, {"a": 3.0}, "T0.7"),
+            _row("dlm", 400.0, {"a": 8.0}), _row("dlm", 100.0, {"a": 2.0}),
+            _row("dlm", 9000.0, {"a": 3.0}, "repetitive", distinct4=0.5)]
+    summary = equal_quality(rows)[0]
+    f = summary["frontier"]["a"]
+    assert f["dlm_frontier"] == [(2.0, 100.0), (8.0, 400.0)] and f["at_gen_ppl"] == 4.0
+    assert f["speed_ratio"] == pytest.approx(200.0 / 100.0) and summary["frontier_ratio"] == f["speed_ratio"]
 
 
 def test_plot(tmp_path):

@@ -53,8 +53,8 @@ def test_ar_nll_matches_brute_force_prefixes():
 
 def test_generative_perplexity_matches_numpy(tiny_ar_dir):
     model, tok = mlx_dlm.load(tiny_ar_dir)
-    texts = ["ROMEO: what say you", "ROMEO: to be or not"]
-    got = ev.generative_perplexity(model, tok, texts, "ROMEO:")
+    texts = ["ROMEO: what say you", "ROMEO: to be or not", "ROMEO: a longer line than both"]  # two lengths
+    got = ev.generative_perplexity(ev.model_judge("tiny", model, tok, batch_size=1), texts, "ROMEO:")
     nll, chars = 0.0, 0
     for text in texts:
         ids = np.array([tok.encode(text)])
@@ -64,6 +64,54 @@ def test_generative_perplexity_matches_numpy(tiny_ar_dir):
         chars += len(text) - len("ROMEO:")
     assert math.isclose(got, math.exp(nll / chars), rel_tol=1e-4)
     assert ev.char_entropy(["Paaaa", "Pbbbb"], "P") == pytest.approx(1.0)
+
+
+def test_an_empty_prompt_is_scored_from_a_newline(tiny_ar_dir):
+    model, tok = mlx_dlm.load(tiny_ar_dir)
+    judge = ev.model_judge("tiny", model, tok)
+    assert judge.completion_nll(["to be"], 0)[0] == pytest.approx(judge.completion_nll(["\nto be"], 1)[0], rel=1e-5)
+
+
+def test_real_text_is_cut_and_scored_exactly_like_samples(shakespeare):
+    """Reference windows: the prompt's length then the completion's, from the held-out tail; a judge scores the
+    same number of characters of each as of a sample, after the same number of prompt characters."""
+    windows = ev.reference_texts(shakespeare, prompt_chars=6, completion_chars=128, count=48)
+    cut = len(shakespeare) - round(len(shakespeare) * 0.1)
+    assert len(windows) == 48 and all(len(w) == 134 and w in shakespeare[cut:] for w in windows)
+    assert len(set(windows)) == 48
+    seen = []
+    judge = ev.Judge("recorder", lambda texts, start: seen.append((list(texts), start)) or np.ones(len(texts)))
+    samples = ["ROMEO:" + "x" * 128, "ROMEO:" + "y" * 128]
+    for texts in (samples, windows):
+        assert ev.generative_perplexity(judge, texts, "ROMEO:") == pytest.approx(math.exp(1 / 128))
+    assert [start for _, start in seen] == [6, 6]
+
+
+def test_distinct_ngrams_at_an_equal_count():
+    texts = ["P:abcabcabc", "P:abcdefgh"]
+    grams = [t[i:i + 4] for t in texts for i in range(2, len(t) - 3)]
+    assert ev.ngram_count(texts, 2) == len(grams) == 11
+    assert ev.distinct_ngrams(texts, 2) == pytest.approx(len(set(grams)) / 11)
+    assert ev.distinct_ngrams(texts, 2, count=6) == pytest.approx(3 / 6)  # the first text's six 4-grams
+    with pytest.raises(mlx_dlm.UserError, match="over 12 n-grams asked of texts that hold 11"):
+        ev.distinct_ngrams(texts, 2, count=12)
+
+
+def test_a_judge_with_a_contestants_weights_is_refused(tiny_ar_dir, tmp_path):
+    import shutil
+
+    model, tok = mlx_dlm.load(tiny_ar_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_ar_dir, copy)  # another path, the same weights
+    judge = ev.model_judge(str(copy), *mlx_dlm.load(copy))
+    with pytest.raises(mlx_dlm.UserError, match="has the weights of contestant"):
+        ev.check_independent([judge], {"contestant": model})
+    ev.check_independent([judge], {"contestant": model}, allow_self_judge=True)
+    assert judge.self_judged == ["contestant"]
+    other = init_model(model.args, seed=123)
+    fresh = ev.model_judge("other", other, tok)
+    ev.check_independent([fresh], {"contestant": model})
+    assert fresh.self_judged == []
 
 
 def test_batched_fill_equals_each_canvas_alone(tiny_model_dir, shakespeare):
@@ -85,32 +133,45 @@ def test_batched_fill_equals_each_canvas_alone(tiny_model_dir, shakespeare):
 def test_eval_command(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
     out = tmp_path / "e.json"
     ev.main(["--model", str(tiny_model_dir), "--data", str(small_text_path), "--judge", str(tiny_ar_dir),
-             "--seq-len", "64", "--max-windows", "8", "--draws", "3", "--infill-windows", "4", "--samples", "2",
-             "--sample-tokens", "16", "--sample-steps", "4", "--json", str(out)])
+             "--judge", "ngram", "--seq-len", "64", "--max-windows", "8", "--draws", "3", "--infill-windows", "4",
+             "--samples", "2", "--sample-tokens", "16", "--sample-steps", "4", "--reference-windows", "3",
+             "--json", str(out)])
     printed = capsys.readouterr().out
     assert "Val ELBO:" in printed and "95%, 3 draws" in printed and "Infill accuracy" in printed
+    assert "Generative perplexity under ngram6:" in printed and "held-out text scored the same way" in printed
     r = json.loads(out.read_text())
     assert r["windows"] == 8 and r["seq_len"] == 64 and r["val_loss"]["draws"] == 3
-    assert 0 <= r["infill_accuracy"] <= 1 and r["gen_ppl"] > 1 and len(r["samples"]) == 2
-    ev.main(["--model", str(tiny_ar_dir), "--data", str(small_text_path), "--seq-len", "64", "--max-windows", "4"])
+    assert 0 <= r["infill_accuracy"] <= 1 and len(r["samples"]) == 2
+    assert set(r["judges"]) == {str(tiny_ar_dir), "ngram6"}
+    for j in r["judges"].values():
+        assert j["gen_ppl"] > 1 and j["reference_gen_ppl"] > 1 and j["self_judged"] == []
+    assert r["distinct4_count"] == 2 * (16 - 3)  # the samples hold fewer 4-grams than 3 windows: their count
+    assert 0 < r["sample_distinct4"] <= 1 and 0 < r["reference_distinct4"] <= 1 and r["reference_entropy_bits"] > 2
+    ev.main(["--model", str(tiny_ar_dir), "--data", str(small_text_path), "--seq-len", "64", "--max-windows", "4",
+             "--samples", "0"])
     assert "Val NLL (exact)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("judge", "the judge must be autoregressive"),
+    ("self", "has the weights of"),
     ("chars", "is not in the tokenizer's vocabulary"),
 ])
-def test_eval_errors_are_one_line(case, message, tmp_path, tiny_model_dir, small_text_path, capsys):
+def test_eval_errors_are_one_line(case, message, tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--data", str(small_text_path), "--max-windows", "2"]
     if case == "missing":
         argv[1] = str(tmp_path / "nope")
     elif case == "judge":
         argv += ["--judge", str(tiny_model_dir)]
+    elif case == "self":
+        argv[1] = str(tiny_ar_dir)
+        argv += ["--judge", str(tiny_ar_dir) + "/"]  # the model itself, named another way
     else:
         bad = tmp_path / "bad.txt"
         bad.write_text("plain text with a \u00e9 and more " * 100, encoding="utf-8")
         argv[3] = str(bad)
+        argv += ["--judge", "ngram"]
     with pytest.raises(SystemExit) as exc:
         ev.main(argv)
     err = capsys.readouterr().err
