@@ -12,7 +12,9 @@ import mlx.core as mx
 
 from .errors import UserError, given_flags, run_cli, warn
 from .io import load
-from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions
+from .options import (DEFAULT_DRAFT_LENGTH, DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,
+                      SamplerOptions)
+from .speculative import check_drafter, draft_report
 from .sample import completion, cut_at_stop, stream_generate
 from .tokenizer import chat_prompt  # noqa: F401  (its home before tokenizer.py; importable from here as it was)
 from .view import TerminalView, save_frames
@@ -60,6 +62,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="draw the positions to commit from softmax(score / T) instead of best first (Dream)")
     p.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance against a pass with the prompt masked (LLaDA; 0: off)")
+    p.add_argument("--draft", metavar="DLM_DIR",
+                   help="speculative decoding: this diffusion model drafts, --model (autoregressive) verifies; the "
+                        "text follows --model's own distribution")
+    p.add_argument("--draft-length", type=int, default=DEFAULT_DRAFT_LENGTH, help="tokens drafted per round")
     p.add_argument("--num-samples", type=int, default=1, help="decode this many canvases in one batch")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -96,20 +102,29 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
              "(at most one step per position)")
 
 
-def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str):
-    """Generate, drawing and collecting frames as asked; returns the last step."""
-    for last in stream_generate(model, tokenizer, prompt, SamplerOptions.from_namespace(args)):
+def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str,
+         draft=None) -> tuple:
+    """Generate, drawing and collecting frames as asked; returns the last step and every step's draft_kept."""
+    kept = []
+    for last in stream_generate(model, tokenizer, prompt, SamplerOptions.from_namespace(args), draft):
+        kept.append(last.draft_kept)
         if view is not None:
             view.draw(last)
         if args.save_frames:
             frames.append(last)
-    return last
+    return last, kept
 
 
 def _main(argv: list[str] | None) -> None:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     model, tokenizer = load(args.model, args.revision)
+    draft = None
+    if args.draft is not None:
+        draft, draft_tokenizer = load(args.draft)
+        check_drafter(model, draft, tokenizer, draft_tokenizer)
+    elif "draft_length" in given_flags(parser, argv):
+        raise UserError("--draft-length goes with --draft (a diffusion model that drafts)")
     warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
     prompt = args.prompt
     if args.chat is not None:
@@ -122,7 +137,7 @@ def _main(argv: list[str] | None) -> None:
     view = TerminalView(tokenizer) if args.show else None
     frames = []
     try:
-        last = _run(args, model, tokenizer, view, frames, prompt)
+        last, kept = _run(args, model, tokenizer, view, frames, prompt, draft)
     finally:
         if view is not None:
             view.close()
@@ -139,8 +154,13 @@ def _main(argv: list[str] | None) -> None:
         print("=" * 10)
         prompt_rate = f", {last.prompt_tokens / last.prompt_seconds:.3f} tokens-per-sec" if last.prompt_seconds else ""
         print(f"Prompt: {last.prompt_tokens} tokens{prompt_rate}")
-        print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} "
-              f"tokens-per-sec, {last.nfe} steps ({last.nfe} forward passes)")
+        if draft is None:
+            print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} "
+                  f"tokens-per-sec, {last.nfe} steps ({last.nfe} forward passes)")
+        else:
+            print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} tokens-per-sec, "
+                  f"{last.nfe} rounds ({last.nfe} drafter + {last.nfe} verifier passes)")
+            print(draft_report(kept, args.draft_length))
         print(peak_memory_line())
 
 

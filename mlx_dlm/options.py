@@ -21,6 +21,7 @@ CACHE_MODES = ("prefix", "dual")
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_STEPS = 32
 DEFAULT_TEMP = 1.0
+DEFAULT_DRAFT_LENGTH = 4
 MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 
 
@@ -46,6 +47,7 @@ class SamplerOptions:
     remask: float = 0.0  # re-mask up to this fraction of committed tokens per step (ReMDM)
     alg_temp: float = 0.0  # draw the positions to commit from softmax(score / alg_temp) (Dream)
     cfg_scale: float = 0.0  # classifier-free guidance (LLaDA)
+    draft_length: int = DEFAULT_DRAFT_LENGTH  # speculative decoding: tokens a drafter proposes per round
 
     # Options that only a diffusion model uses (an AR model decodes one token per pass).
     DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh",
@@ -80,6 +82,8 @@ class SamplerOptions:
             raise UserError(f"unknown strategy {self.strategy!r} (choose from {', '.join(STRATEGIES)})")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
+        if self.draft_length < 1:
+            raise UserError(f"--draft-length must be at least 1, got {self.draft_length}")
         self._check_diffusion()
         return self
 
@@ -112,7 +116,8 @@ _INT, _FLOAT = (numbers.Integral,), (numbers.Real,)
 FIELD_TYPES = {"max_tokens": _INT, "steps": _INT, "strategy": (str,), "schedule": (str,), "temp": _FLOAT,
                "top_k": _INT, "top_p": _FLOAT, "seed": _INT, "num_samples": _INT, "suffix": (str,),
                "template": (str,), "threshold": _FLOAT, "block_length": _INT, "cache": (bool, str),
-               "cache_refresh": _INT, "remask": _FLOAT, "alg_temp": _FLOAT, "cfg_scale": _FLOAT}
+               "cache_refresh": _INT, "remask": _FLOAT, "alg_temp": _FLOAT, "cfg_scale": _FLOAT,
+               "draft_length": _INT}
 OPTIONAL = ("seed", "template", "threshold", "cache")  # may be None
 
 

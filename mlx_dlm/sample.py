@@ -28,49 +28,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
+from .decoding import GenerationStep, build_canvas, filter_logits, sample_tokens, without_mask  # noqa: F401
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401
-from .tokenizer import MASK_TOKEN
-
-
-@dataclass
-class GenerationStep:
-    """The state after one step (a denoising round, or one AR token)."""
-
-    step: int  # 1-based
-    tokens: np.ndarray  # (num_samples, length) ids, the mask id where still undecided
-    editable: np.ndarray  # (length,) bool: positions the sampler fills (the rest is given text)
-    committed: np.ndarray  # (num_samples, length) bool: positions decided by this step
-    remasked: np.ndarray  # (num_samples, length) bool: positions this step hid again for revision
-    generated_tokens: int  # fillable positions decided so far, over all samples
-    nfe: int  # forward passes so far (the AR prefill counts as one)
-    forward_tokens: int  # positions run through the model so far, over all samples (a FLOP count proxy)
-    elapsed: float  # seconds since generation started (prefill included)
-    prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
-    prompt_pass_tokens: int  # tokens produced by the prompt pass (AR: the first token per sample; 0 for diffusion)
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Given (not generated) positions."""
-        return int((~self.editable).sum())
-
-    @property
-    def decode_seconds(self) -> float:
-        """Seconds since the prompt pass."""
-        return self.elapsed - self.prompt_seconds
-
-    @property
-    def tokens_per_sec(self) -> float:
-        """Generation speed after the prompt pass (the AR prefill and the token it yields are left out)."""
-        decoded = self.generated_tokens - self.prompt_pass_tokens
-        return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
+from .speculative import check_drafter, speculative_generate
 
 
 def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
@@ -86,38 +53,6 @@ def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
         for k in range(1, steps + 1):  # at least one commit per step, and room for one in each step left
             remaining[k] = max(min(remaining[k], remaining[k - 1] - 1), steps - k)
     return [remaining[k] - remaining[k + 1] for k in range(steps)]
-
-
-def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0) -> mx.array:
-    """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = mx.sort(logits, axis=-1)[..., -top_k, None]
-        logits = mx.where(logits < kth, -mx.inf, logits)
-    if top_p < 1.0:
-        order = mx.argsort(-logits, axis=-1)
-        ranked = mx.take_along_axis(logits, order, axis=-1)
-        probs = mx.softmax(ranked, axis=-1)
-        drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p  # mass before this token already reaches top_p
-        ranked = mx.where(drop, -mx.inf, ranked)
-        logits = mx.take_along_axis(ranked, mx.argsort(order, axis=-1), axis=-1)
-    return logits
-
-
-def sample_tokens(logits: mx.array, key: mx.array, temp: float, top_k: int = 0, top_p: float = 1.0) -> mx.array:
-    """Draw one token per row of logits (..., V): greedy at temp 0, else categorical over filtered logits."""
-    if temp == 0:
-        return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(filter_logits(logits / temp, top_k, top_p), key=key)
-
-
-def _without_mask(logits: mx.array, mask_id: int, n_valid: int | None = None) -> mx.array:
-    """float32 logits in which the mask token, and ids past the tokenizer's n_valid (padding rows of an
-    embedding table), can never be drawn."""
-    ids = mx.arange(logits.shape[-1])
-    banned = ids == mask_id
-    if n_valid is not None and n_valid < logits.shape[-1]:
-        banned = banned | (ids >= n_valid)
-    return mx.where(banned, -mx.inf, logits.astype(mx.float32))
 
 
 def _rank(score: mx.array) -> mx.array:
@@ -165,7 +100,7 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
             uncond = mx.where(given, mx.array(mask_id, dtype=x.dtype), x)
             logits_u = forward(uncond, uncond)
             logits = logits_u + (cfg_scale + 1) * (logits - logits_u)
-        logits = _without_mask(logits, mask_id, n_valid)
+        logits = without_mask(logits, mask_id, n_valid)
         sample_key, score_key, order_key = mx.random.split(key, 3)
         proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(x.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
@@ -193,28 +128,6 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
 
     state = [model.state] + ([cache.state] if cache is not None else [])
     return mx.compile(step, inputs=state, outputs=[cache.state] if cache is not None else [])
-
-
-def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS, suffix: str = "",
-                 template: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, editable) of the canvas: prompt + max_tokens masks + suffix, or a template whose
-    `[MASK]` placeholders are the positions to fill (one token each)."""
-    mask_id = tokenizer.mask_id
-    if template is not None:
-        if prompt or suffix:
-            raise UserError("pass either a template or a prompt/suffix, not both")
-        parts = [tokenizer.encode(part) for part in template.split(MASK_TOKEN)]
-    else:
-        if max_tokens < 1:
-            raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
-        parts = [tokenizer.encode(prompt)] + [[] for _ in range(max_tokens - 1)] + [tokenizer.encode(suffix)]
-    ids, editable = list(parts[0]), [False] * len(parts[0])
-    for part in parts[1:]:
-        ids += [mask_id] + list(part)
-        editable += [True] + [False] * len(part)
-    if not any(editable):
-        raise UserError(f"the template has no {MASK_TOKEN} placeholder to fill")
-    return np.asarray(ids, dtype=np.int32), np.asarray(editable)
 
 
 def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.array, o: SamplerOptions,
@@ -277,7 +190,7 @@ def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: i
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
-        token = sample_tokens(_without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key, temp, top_k,
+        token = sample_tokens(without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key, temp, top_k,
                               top_p)
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
@@ -288,7 +201,7 @@ def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: i
 def _make_window_step(model, mask_id: int, temp: float, top_k: int, top_p: float, n_valid: int | None = None):
     """Compiled: the next token from a full forward over a window (B, max_seq_len) of the latest tokens."""
     def step(window: mx.array, key: mx.array) -> mx.array:
-        return sample_tokens(_without_mask(model(window)[:, -1], mask_id, n_valid), key, temp, top_k, top_p)
+        return sample_tokens(without_mask(model(window)[:, -1], mask_id, n_valid), key, temp, top_k, top_p)
 
     return mx.compile(step, inputs=[model.state])
 
@@ -345,8 +258,11 @@ def fill(model, mask_id: int, canvases: np.ndarray, editable: np.ndarray, steps:
 
 
 def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None = None,
-                    **fields) -> Iterator[GenerationStep]:
+                    draft_model=None, **fields) -> Iterator[GenerationStep]:
     """Generate and yield the state after every step.
+
+    draft_model: a diffusion model that drafts `draft_length` tokens a round for model (autoregressive) to
+    verify: speculative decoding, whose output follows exactly model's distribution (`speculative.py`).
 
     options: a `SamplerOptions` (default: its defaults); keyword fields (max_tokens=, steps=, temp=, ...: the
     fields of SamplerOptions) change it, so `stream_generate(model, tok, "ROMEO:", steps=16)` works as well.
@@ -355,6 +271,10 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
     o = (options or SamplerOptions()).replace(**fields).check()
+    if draft_model is not None:
+        check_drafter(model, draft_model, tokenizer)
+        yield from speculative_generate(model, draft_model, tokenizer, prompt, o)
+        return
     max_tokens, num_samples, temp, top_k, top_p = o.max_tokens, o.num_samples, o.temp, o.top_k, o.top_p
     seed, suffix, template = o.seed, o.suffix, o.template
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
@@ -413,14 +333,14 @@ def completion(tokenizer, step: GenerationStep, sample: int = 0) -> tuple[str, s
     return tokenizer.decode(cut[step.editable[:len(cut)]]), "stop" if len(cut) < len(row) else "length"
 
 
-def generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None = None,
+def generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None = None, draft_model=None,
              **fields) -> str | list[str]:
     """Generate and return the whole text (given text included), cut at the first eos/eot token for
     tokenizers that have them; a list when num_samples > 1.
 
     Options: see stream_generate."""
     last = None
-    for last in stream_generate(model, tokenizer, prompt, options, **fields):
+    for last in stream_generate(model, tokenizer, prompt, options, draft_model, **fields):
         pass
     stops = getattr(tokenizer, "stop_ids", ())
     texts = [tokenizer.decode(cut_at_stop(row, last.editable, stops)) for row in last.tokens]

@@ -29,6 +29,7 @@ from .errors import UserError, run_cli, warn
 from .io import load
 from .options import SamplerOptions
 from .sample import completion, stream_generate
+from .speculative import check_drafter
 from .tokenizer import chat_prompt
 from .view import cells
 
@@ -45,6 +46,7 @@ SAMPLER_FIELDS = {
     "steps": "steps", "strategy": "strategy", "schedule": "schedule", "threshold": "threshold",
     "block_length": "block_length", "cache": "cache", "cache_refresh": "cache_refresh", "remask": "remask",
     "suffix": "suffix", "template": "template", "alg_temp": "alg_temp", "cfg_scale": "cfg_scale",
+    "draft_length": "draft_length",
 }
 
 
@@ -71,8 +73,13 @@ def _as_request_error(message: str) -> RequestError:
 class ModelServer:
     """The loaded model, the lock that serialises generation, and the bounded queue in front of it."""
 
-    def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY):
+    def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
+                 draft_path: str | None = None):
         self.model, self.tokenizer = load(model_path)
+        self.draft = None  # a diffusion drafter: every request is decoded speculatively (`speculative.py`)
+        if draft_path is not None:
+            self.draft, draft_tokenizer = load(draft_path)
+            check_drafter(self.model, self.draft, self.tokenizer, draft_tokenizer)
         self.name = Path(str(model_path)).name
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(max_queue + 1)  # the running request and max_queue waiting
@@ -115,7 +122,7 @@ class ModelServer:
     def steps(self, prompt: str, options: SamplerOptions):
         """The generation's states; a UserError from the sampler (unknown character, canvas too long) becomes a 400."""
         try:
-            yield from stream_generate(self.model, self.tokenizer, prompt, options)
+            yield from stream_generate(self.model, self.tokenizer, prompt, options, self.draft)
         except UserError as err:
             raise RequestError(str(err)) from None
 
@@ -269,9 +276,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False):
-    """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address)."""
-    app = ModelServer(model_path, max_queue, max_body)
+                max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False,
+                draft: str | None = None):
+    """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address); with draft,
+    a diffusion model that drafts for it (speculative decoding)."""
+    app = ModelServer(model_path, max_queue, max_body, draft)
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as err:
@@ -290,6 +299,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait; more get 503")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (413 above)")
+    p.add_argument("--draft", metavar="DLM_DIR",
+                   help="speculative decoding: this diffusion model drafts for --model (autoregressive); requests "
+                        "may set draft_length")
     return p
 
 
@@ -299,7 +311,7 @@ def _main(argv: list[str] | None) -> None:
         raise UserError("--max-queue must be >= 0 and --max-body >= 1")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {args.host}: the server is reachable from other machines, with no authentication")
-    server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body)
+    server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body, draft=args.draft)
     host, port = server.server_address[:2]
     print(f"mlx_dlm.server: {server.app.name} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

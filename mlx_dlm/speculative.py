@@ -1,0 +1,168 @@
+"""Speculative decoding: a diffusion model drafts K tokens in one pass, the AR model verifies them in one cached pass,
+and the output follows exactly the AR model's distribution (Leviathan et al. 2023; Chen et al. 2023).
+
+Each round, with n tokens known:
+- the drafter runs once over a fixed canvas (the text, then masks to the end) and samples the K positions after
+  the text in parallel, each from its own filtered distribution q_i;
+- the AR model runs the last known token and the K drafts through its KV cache in one pass: p_1 .. p_{K+1};
+- `accept`: draft i is kept while u_i < p_i(d_i) / q_i(d_i); at the first rejection one token is drawn from
+  normalise(max(0, p_i - q_i)) and the round ends; if all K are kept the AR adds one from p_{K+1};
+- the AR cache rolls back to the kept length (its offset; later writes overwrite what was rejected).
+Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both are one-hot at
+their argmax, and the output is the AR model's greedy text. One compiled function does a round on the device.
+
+The drafter has no exact cache: a full-sequence diffusion model attends both ways, so its pass covers the canvas.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import UserError
+from .model import KVCache, memoize_on_model
+from .options import SamplerOptions
+from .decoding import GenerationStep, build_canvas, filter_logits, without_mask
+
+
+def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
+    """A one-line UserError unless draft_model can draft for model: an AR target, a diffusion drafter, one
+    vocabulary."""
+    if model.args.model_type != "ar":
+        raise UserError("speculative decoding verifies with an autoregressive model: --model must be one "
+                        f"(this one is {model.args.model_type})")
+    if draft_model.args.model_type != "dlm":
+        raise UserError(f"the drafter must be a diffusion model (this one is {draft_model.args.model_type})")
+    if draft_model.args.vocab_size != model.args.vocab_size or (
+            draft_tokenizer is not None and _vocabulary(draft_tokenizer) != _vocabulary(tokenizer)):
+        raise UserError(f"the drafter's vocabulary ({draft_model.args.vocab_size} ids) is not the model's "
+                        f"({model.args.vocab_size} ids): a drafter must share the verifier's tokenizer")
+
+
+def _vocabulary(tokenizer) -> list[str]:
+    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size) if i != tokenizer.mask_id]
+
+
+def probabilities(logits: mx.array, temp: float, top_k: int, top_p: float) -> mx.array:
+    """The distribution a token is drawn from: softmax of the filtered logits / temp, one-hot at the argmax at 0."""
+    if temp == 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+    return mx.softmax(filter_logits(logits / temp, top_k, top_p), axis=-1)
+
+
+def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+    """The speculative-sampling rule for rows of drafts (B, K) drawn from q (B, K, V), verified by p (B, K+1, V).
+
+    Returns (kept, token): how many leading drafts each row keeps (B,), and the token that follows them (B,):
+    from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept."""
+    B, K = drafts.shape
+    accept_key, draw_key = mx.random.split(key)
+    p_d = mx.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]
+    q_d = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    ok = mx.random.uniform(shape=(B, K), key=accept_key) * q_d < p_d  # u < p / q, with q(d) > 0
+    kept = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
+    residual = mx.maximum(p - mx.concatenate([q, mx.zeros((B, 1, q.shape[-1]))], axis=1), 0.0)
+    mass = residual.sum(axis=-1, keepdims=True)
+    residual = mx.where(mass > 0, residual / mx.where(mass > 0, mass, 1.0), p)
+    chosen = mx.take_along_axis(residual, kept[:, None, None], axis=1)[:, 0]
+    token = mx.random.categorical(mx.log(chosen), key=draw_key)
+    return kept, token
+
+
+def _make_round(model, draft_model, mask_id: int, n_valid: int | None, o: SamplerOptions, K: int, cache: KVCache):
+    """Compiled: (x (1, L), n (), key) -> (x, n, kept, token). x holds the known tokens before n and masks after."""
+    positions = mx.arange(K)
+
+    def round_(x, n, key):
+        draft_key, accept_key = mx.random.split(key)
+        L = x.shape[1]
+        t = (x == mask_id).sum(axis=1).astype(mx.float32) / L
+        q_logits = without_mask(mx.take(draft_model(x, t), n + positions, axis=1), mask_id, n_valid)
+        q = probabilities(q_logits, o.temp, o.top_k, o.top_p)
+        drafts = mx.random.categorical(mx.log(q), key=draft_key) if o.temp else mx.argmax(q, axis=-1)
+        drafts = drafts.astype(x.dtype)
+        cache.state["offset"] = n - 1  # roll back to the known text; the last known token goes in first
+        last = mx.take(x, (n - 1)[None], axis=1)
+        p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
+        p = probabilities(p_logits, o.temp, o.top_k, o.top_p)
+        kept, token = accept(p, q, drafts, accept_key)
+        written = mx.arange(L)[None] - n  # each canvas position's index in the round
+        x = mx.where((written >= 0) & (written < kept[:, None]),
+                      mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
+        x = mx.where(written == kept[:, None], token[:, None].astype(x.dtype), x)
+        cache.state["offset"] = n + kept[0]  # what is cached now: every token before the new one
+        return x, n + kept[0] + 1, kept[0], token[0]
+
+    return mx.compile(round_, inputs=[model.state, draft_model.state, cache.state], outputs=[cache.state])
+
+
+def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerOptions
+                         ) -> Iterator[GenerationStep]:
+    """Draft with draft_model, verify with model (AR), `o.draft_length` tokens a round; yields a state per round.
+
+    The state's `draft_kept` is how many of this round's drafts were kept (the round adds one more token)."""
+    if o.num_samples != 1:
+        raise UserError("speculative decoding decodes one sample at a time: use --num-samples 1")
+    if o.suffix or o.template is not None:
+        raise UserError("a suffix or template needs diffusion decoding, not speculative decoding")
+    K, mask_id = o.draft_length, tokenizer.mask_id
+    ids, editable = build_canvas(tokenizer, prompt or "\n", o.max_tokens)
+    P, total = int((~editable).sum()), len(ids)
+    length = total + K  # drafts may run past the end: the canvas and the cache have room, the text is cut
+    context = min(model.args.max_seq_len, draft_model.args.max_seq_len)
+    if length > context:
+        raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
+                        f"({length} in all) within both models' context of {context}")
+    n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
+    seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
+    cache, round_ = memoize_on_model(model, ("speculative", id(draft_model), mask_id, n_valid, o.temp, o.top_k,
+                                            o.top_p, K, length), lambda: _build(model, draft_model, mask_id, n_valid,
+                                                                                o, K, length))
+    x = mx.array(np.concatenate([ids, np.full(K, mask_id, dtype=np.int32)])[None])
+    tic = time.perf_counter()
+    cache.reset()
+    if P > 1:
+        model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
+    mx.eval(cache.state)
+    prompt_seconds = time.perf_counter() - tic
+    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(seed), 0, P - 1
+    done = P
+    while done < total:
+        key, round_key = mx.random.split(key)
+        x, n, kept, _ = round_(x, n, round_key)
+        tokens = np.array(x)
+        kept, before, done = int(kept.item()), done, int(n.item())
+        k += 1
+        forwarded += length + K + 1  # the drafter's canvas and the verifier's K + 1 positions
+        committed = np.zeros_like(tokens, dtype=bool)
+        committed[:, before:min(done, total)] = True
+        row = tokens[:, :total]
+        yield GenerationStep(
+            step=k, tokens=row, editable=editable, committed=committed[:, :total],
+            remasked=np.zeros_like(row, dtype=bool), generated_tokens=int(min(done, total) - P), nfe=k,
+            forward_tokens=forwarded, elapsed=time.perf_counter() - tic, prompt_seconds=prompt_seconds,
+            prompt_pass_tokens=0, draft_kept=kept)
+
+
+def acceptance_by_position(kept: list[int], draft_length: int) -> list[float]:
+    """P(draft i kept) for i = 1..K over rounds: the share of rounds that kept at least i drafts."""
+    kept_arr = np.array(kept)
+    return [float((kept_arr >= i).mean()) if len(kept_arr) else 0.0 for i in range(1, draft_length + 1)]
+
+
+def draft_report(kept: list[int], draft_length: int) -> str:
+    """One line: tokens per round and acceptance by draft position."""
+    rounds = len(kept)
+    per_round = (sum(kept) + rounds) / max(rounds, 1)
+    by_position = ", ".join(f"{p:.2f}" for p in acceptance_by_position(kept, draft_length))
+    return f"Drafts: {per_round:.2f} tokens per round ({sum(kept)} drafts kept of {rounds * draft_length}); " \
+           f"P(draft 1..{draft_length} kept): {by_position}"
+
+
+def _build(model, draft_model, mask_id, n_valid, o, K, length):
+    cache = KVCache(model.args, 1, length + 1)
+    return cache, _make_round(model, draft_model, mask_id, n_valid, o, K, cache)

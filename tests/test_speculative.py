@@ -1,0 +1,151 @@
+"""Speculative decoding: the diffusion model drafts, the AR model verifies. The output must be the AR model's: its
+greedy text at temperature 0, its exact distribution when sampling (chi-square tests, each at a 0.1% false-alarm
+rate), and the verifier's cache after every round as if the rejected drafts had never been seen."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_dlm
+from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE
+from mlx_dlm.speculative import accept
+
+from conftest import untrained, user_error
+
+CHI2_999 = {4: 18.467, 15: 37.697}  # 99.9% quantiles of chi-square by degrees of freedom
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, tiny_ar_dir):
+    (dlm, tok), (ar, _) = mlx_dlm.load(tiny_model_dir), mlx_dlm.load(tiny_ar_dir)
+    return ar, dlm, tok
+
+
+@pytest.mark.parametrize("prompt", ["ROMEO:", "\n", "First Citizen:\nWe are"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_is_the_ar_models_own(pair, prompt, k):
+    ar, dlm, tok = pair
+    alone = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0)
+    assert mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=dlm, draft_length=k) == alone
+
+
+def test_the_acceptance_rule_yields_p_whatever_q():
+    """40,000 rounds of K = 3 drafts from fixed q, verified by fixed p: the first token follows p_1 and, where the
+    first draft was kept, the second follows p_2 (with fixed p the second position does not depend on the first)."""
+    rng = np.random.default_rng(0)
+    B, K, V = 40_000, 3, 5
+    p = rng.dirichlet(np.ones(V), size=K + 1).astype(np.float32)
+    q = rng.dirichlet(np.ones(V) * 0.5, size=K).astype(np.float32)
+    drafts = mx.random.categorical(mx.log(mx.broadcast_to(mx.array(q), (B, K, V))), key=mx.random.key(1))
+    kept, token = accept(mx.broadcast_to(mx.array(p), (B, K + 1, V)), mx.broadcast_to(mx.array(q), (B, K, V)),
+                         drafts, mx.random.key(2))
+    kept, token, drafts = np.array(kept), np.array(token), np.array(drafts)
+    out = np.where(np.arange(K + 1)[None] < kept[:, None], np.pad(drafts, ((0, 0), (0, 1))), -1)
+    out[np.arange(B), kept] = token  # the sequence each round writes: kept drafts, then its own token
+    first = np.bincount(out[:, 0], minlength=V)
+    second = np.bincount(out[kept >= 1, 1], minlength=V)
+    assert chi_square(first, p[0]) < CHI2_999[V - 1] and chi_square(second, p[1]) < CHI2_999[V - 1]
+    assert 0 < (kept == 0).mean() < 1 and (kept == K).any()  # both branches of the rule were taken
+
+
+def test_sampled_output_follows_the_ar_models_exact_distribution():
+    """The first two tokens after a prompt, over 1,200 seeds, against the AR model's exact p(a) p(b | a)."""
+    text = "abcd" * 8
+    ar, tok = untrained(text, 16, model_type="ar", seed=5)
+    dlm, _ = untrained(text, 16, seed=6)
+    prompt = "ab"
+
+    def next_token(context: str) -> np.ndarray:  # the AR's distribution; the mask token is never drawn
+        logits = np.array(ar(mx.array([tok.encode(context)]))[0, -1], dtype=np.float64)
+        logits[tok.mask_id] = -np.inf
+        return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    p1 = next_token(prompt)
+    chars = [c for c in tok.chars]
+    joint = np.zeros((len(chars), len(chars)))
+    for i, a in enumerate(chars):
+        p2 = next_token(prompt + a)
+        joint[i] = p1[tok.encode(a)[0]] * p2[[tok.encode(b)[0] for b in chars]]
+    counts = np.zeros_like(joint)
+    for seed in range(1200):
+        out = mlx_dlm.generate(ar, tok, prompt, max_tokens=2, temp=1.0, seed=seed, draft_model=dlm, draft_length=2)
+        counts[chars.index(out[2]), chars.index(out[3])] += 1
+    assert joint.sum() == pytest.approx(1.0)
+    assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[15]
+
+
+def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair):
+    """After each round the verifier's cache holds, for every known position, the keys and values a fresh prefill
+    of the kept text gives: rejected drafts leave no trace. Rounds with 0 .. K drafts kept all occur."""
+    ar, dlm, tok = pair
+    K, seen = 3, set()
+    ar.__dict__.pop(MEMO_ATTRIBUTE, None)  # the one speculative cache left is this test's
+    for seed in range(6):
+        for state in mlx_dlm.stream_generate(ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=seed, draft_model=dlm,
+                                             draft_length=K):
+            seen.add(state.draft_kept)
+            cache = next(v[0] for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
+            known = min(int(cache.offset.item()), state.tokens.shape[1])
+            fresh = KVCache(ar.args, 1, cache.size)
+            ar(mx.array(state.tokens[:, :known]), cache=fresh)
+            for name in ("keys", "values"):
+                for got, want in zip(cache.state[name], fresh.state[name]):
+                    np.testing.assert_allclose(np.array(got[:, :, :known]), np.array(want[:, :, :known]), atol=2e-5)
+    assert seen == set(range(K + 1))
+
+
+def test_refusals_are_one_line(pair, tmp_path):
+    ar, dlm, tok = pair
+    wrong, wrong_tok = untrained("xyz", 64, seed=1)
+    assert "the drafter's vocabulary" in user_error(mlx_dlm.generate, ar, tok, "RO", max_tokens=4, draft_model=wrong)
+    assert "the drafter must be a diffusion model" in user_error(mlx_dlm.generate, ar, tok, "RO", draft_model=ar)
+    assert "verifies with an autoregressive model" in user_error(mlx_dlm.generate, dlm, tok, "RO", draft_model=dlm)
+    assert "one sample at a time" in user_error(mlx_dlm.generate, ar, tok, "RO", num_samples=2, draft_model=dlm)
+    assert "within both models' context" in user_error(mlx_dlm.generate, ar, tok, "RO", max_tokens=2000,
+                                                       draft_model=dlm)
+    assert user_error(mlx_dlm.generate, ar, tok, "RO", draft_model=dlm, draft_length=0) == \
+        "--draft-length must be at least 1, got 0"
+
+
+def test_generate_command_drafts_and_reports(tiny_model_dir, tiny_ar_dir, capsys):
+    import importlib
+
+    generate = importlib.import_module("mlx_dlm.generate")
+    base = ["--model", str(tiny_ar_dir), "--prompt", "ROMEO:", "--max-tokens", "24", "--temp", "0", "--seed", "3"]
+    generate.main(base)
+    alone = capsys.readouterr().out.split("\n==========\n")[0]
+    generate.main(base + ["--draft", str(tiny_model_dir), "--draft-length", "3"])
+    text, stats = capsys.readouterr().out.split("\n==========\n")
+    assert text == alone
+    rounds = int(stats.split(" rounds (")[0].rsplit(", ", 1)[1])
+    assert f"({rounds} drafter + {rounds} verifier passes)" in stats and "P(draft 1..3 kept): " in stats
+    kept = int(stats.split(" drafts kept of ")[0].rsplit("(", 1)[1])
+    assert kept + rounds >= 24 and f"drafts kept of {3 * rounds})" in stats  # every round adds kept + 1 tokens
+
+
+def test_the_server_decodes_speculatively(tiny_model_dir, tiny_ar_dir):
+    import http.client
+    import json
+    import threading
+
+    from mlx_dlm.server import make_server
+
+    server = make_server(str(tiny_ar_dir), port=0, quiet=True, draft=str(tiny_model_dir))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+        body = {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0, "draft_length": 3}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        reply = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    ar, tok = mlx_dlm.load(tiny_ar_dir)
+    assert "ROMEO:" + reply["choices"][0]["text"] == mlx_dlm.generate(ar, tok, "ROMEO:", max_tokens=20, temp=0)
+    assert server.app.draft is not None and 1 <= reply["nfe"] <= 20  # rounds, each adding at least one token
