@@ -37,6 +37,7 @@ from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, cha
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.sample import STRATEGIES, stream_generate
+from mlx_dlm.speculative import acceptance_by_position, check_drafter
 from mlx_dlm.tokenizer import CharTokenizer
 
 from .frontier import pareto, speed_at
@@ -105,6 +106,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="also semi-autoregressive rows per block length: without cache, prefix cache, dual cache")
     p.add_argument("--remask", type=_float_list, default=[], help="also revision rows per fraction, e.g. 0.1")
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
+    p.add_argument("--draft-lengths", type=_int_list, default=[],
+                   help="also speculative rows (batch 1, each --ar-temps value): the DLM drafts this many tokens a "
+                        "round, the AR verifies; the output is the AR's own distribution")
+    p.add_argument("--draft", help="drafter of the speculative rows (default: --dlm)")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
     p.add_argument("--temp", type=_float_list, default=[1.0],
@@ -147,27 +152,40 @@ def _models(args: argparse.Namespace):
     return dlm, ar, True
 
 
-def _run(model, tokenizer, prompt, trials, **options) -> tuple[dict, list[str]]:
-    """Warm-up, then `trials` timed generations; timing stats and the texts of every trial."""
+def _run(model, tokenizer, prompt, trials, draft=None, extra_samples=0, **options) -> tuple[dict, list[str]]:
+    """Warm-up, then `trials` timed generations; timing stats and the texts of every trial (with a drafter: also
+    tokens per round and the share of rounds that kept each draft position), and of extra_samples untimed
+    generations after them (so a setting run at batch 1 only is judged on as many samples as the others)."""
+    kept = []
+
     def once(seed):
         last = None
-        for last in stream_generate(model, tokenizer, prompt, seed=seed, **options):
-            pass
+        for last in stream_generate(model, tokenizer, prompt, seed=seed, draft_model=draft, **options):
+            kept.append(last.draft_kept)
         return last
 
     once(0)  # warm-up: compilation
+    kept.clear()
     runs = [once(1 + i) for i in range(trials)]
     decode = [r.decode_seconds for r in runs]
     rates = [r.tokens_per_sec for r in runs]
     last = runs[-1]
     n = options["max_tokens"]
-    return {"forward_tokens": last.forward_tokens,
-        "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
-        "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
-        "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
-        "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
-        "decode_ms": statistics.median(decode) * 1e3,
-    }, [tokenizer.decode(row) for r in runs for row in r.tokens]
+    stats = {"forward_tokens": last.forward_tokens,
+             "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
+             "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
+             "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
+             "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
+             "decode_ms": statistics.median(decode) * 1e3}
+    if draft is not None:
+        stats |= _draft_stats(kept, options["draft_length"])
+    runs += [once(1 + trials + i) for i in range(extra_samples)]
+    return stats, [tokenizer.decode(row) for r in runs for row in r.tokens]
+
+
+def _draft_stats(kept: list[int], draft_length: int) -> dict:
+    return {"tokens_per_round": (sum(kept) + len(kept)) / max(len(kept), 1),
+            "acceptance_by_position": acceptance_by_position(kept, draft_length)}
 
 
 def _model_quality(args, dlm, dlm_tok, ar, ar_tok) -> dict:
@@ -197,22 +215,27 @@ def run(args: argparse.Namespace) -> dict:
     quality = _model_quality(args, dlm, dlm_tok, ar, ar_tok) if trained else {}
     peak_ok = backend() != "cpu"
     rows, texts = [], []
+    drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
     for kind, batch, options, variant in _plan(args):
         model, tok = (dlm, dlm_tok) if kind == "dlm" else (ar, ar_tok)
         if peak_ok:
             mx.reset_peak_memory()
-        stats, row_texts = _run(model, tok, args.prompt, args.trials, max_tokens=args.max_tokens,
-                                num_samples=batch, **options)
-        row = {"model": kind, "strategy": options.get("strategy", "kv-cache"), "variant": variant,
-               "steps": stats["nfe"] if kind == "dlm" else None, "batch_size": batch, "max_tokens": args.max_tokens,
+        extra = args.trials * (sum(args.batch_size) - 1) if kind == "spec" else 0  # batch 1 only: as many samples
+        stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None, extra,
+                                max_tokens=args.max_tokens, num_samples=batch, **options)
+        strategy = {"dlm": options.get("strategy"), "ar": "kv-cache", "spec": "speculative"}[kind]
+        row = {"model": kind, "strategy": strategy, "variant": variant,
+               "steps": stats["nfe"] if kind != "ar" else None, "batch_size": batch, "max_tokens": args.max_tokens,
                **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
         if kind == "dlm":  # compute-bound: achieved FLOP/s against the measured matmul rate
             length = len(tok.encode(args.prompt)) + args.max_tokens
             flops = model.flops_per_token(length) * stats["forward_tokens"]
             row["gflops_per_sec"] = flops / (stats["decode_ms"] / 1e3) / 1e9
             row["roofline_fraction"] = row["gflops_per_sec"] / info["matmul_gflops"]
-        else:
+        elif kind == "ar":
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
+        else:
+            row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
         row["sample"] = row_texts[0][:80]
         rows.append(row)
         texts.append((repr((kind, variant, sorted(options.items()))), row_texts))  # the setting, batch aside
@@ -227,6 +250,16 @@ def run(args: argparse.Namespace) -> dict:
         _print_quality(rows, results["reference"], judges)
         _print_summary(results["equal_quality"], args.tolerance)
     return results
+
+
+def _drafter(args: argparse.Namespace, dlm, ar, ar_tok):
+    """The speculative rows' drafter: --draft, else the benchmark's diffusion model."""
+    if args.draft is None:
+        check_drafter(ar, dlm, ar_tok)
+        return dlm
+    draft, draft_tok = load(args.draft)
+    check_drafter(ar, draft, ar_tok, draft_tok)
+    return draft
 
 
 def _judges(args: argparse.Namespace, dlm, ar) -> list:
@@ -292,11 +325,15 @@ def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> lis
         if not ars or not dlm:
             continue
         default = ars[0]
+        spec = [r for r in rows if r["model"] == "spec" and r["batch_size"] == batch]
         per_ar = []
         for ar in ars:
             fastest = max((r for r in dlm if matches(r, ar, tolerance)), key=lambda r: r["tokens_per_sec"],
                           default=None)
-            per_ar.append({"ar": _brief(ar, ar), "fastest_match": _brief(fastest, ar)})
+            same = [r for r in spec if r["temp"] == ar["temp"] and not ar.get("top_k")]  # the AR's distribution
+            fastest_spec = max(same, key=lambda r: r["tokens_per_sec"], default=None)
+            per_ar.append({"ar": _brief(ar, ar), "fastest_match": _brief(fastest, ar),
+                           "speculative": _brief(fastest_spec, ar)})
         frontier = {}
         for judge, ppl in default["gen_ppl"].items():
             ar_front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in ars if r["gen_ppl"].get(judge)])
@@ -317,12 +354,14 @@ def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> lis
 def _brief(r: dict | None, ar: dict) -> dict | None:
     return None if r is None else {
         "model": r["model"], "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"],
-        "temp": r.get("temp"), "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
+        "temp": r.get("temp"), "top_k": r.get("top_k"), "draft_length": r.get("draft_length"), "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
         "distinct4": r["distinct4"], "tokens_per_sec": r["tokens_per_sec"],
         "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"]}
 
 
 def _label(r: dict) -> str:
+    if r["model"] == "spec":
+        return f"spec K{r['draft_length']} T{r['temp']:g}"
     if r["model"] == "ar":
         return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
     head = r["variant"] if r["variant"] != "-" else f"{r['strategy']} {r['steps']}"
@@ -353,6 +392,10 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
             ar, m = item["ar"], item["fastest_match"]
             found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x"
                      if m else "no DLM setting matches")
+            spec = item["speculative"]
+            if spec:
+                found += (f"; speculative {_label(spec)} (the AR's own distribution): "
+                          f"{spec['tokens_per_sec']:.1f} tok/s = {spec['speedup']:.2f}x")
             print(f"  batch {s['batch_size']}, {_label(ar)} ({ar['tokens_per_sec']:.1f} tok/s): {found}")
         for judge, f in s["frontier"].items():
             if f["speed_ratio"]:
@@ -377,6 +420,9 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
             for j, k in enumerate(args.ar_top_k):
                 label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
                 plan.append(("ar", b, dict(temp=temp, top_k=k), label))
+        if b == 1:  # speculative decoding runs one sample at a time
+            plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
+                     for k in args.draft_lengths]
         for i, temp in enumerate(args.temp):
             strategies = args.strategies if i == 0 else [s for s in args.strategies if s == "confidence"]
             dlm = [(dict(strategy=s, steps=k), "-") for s in strategies for k in args.steps]
@@ -413,6 +459,8 @@ def _family(row: dict) -> str:
     """Legend group of a row in the plots."""
     if row["model"] == "ar":
         return "AR, KV cache (temperature, top-k)"
+    if row["model"] == "spec":
+        return "speculative: DLM drafts K, AR verifies"
     v = row["variant"]
     if v == "-":
         return f"DLM {row['strategy']}, steps 8-128"

@@ -48,7 +48,7 @@ def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small
     bench.main(["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path),
                 "--judge", "ngram", "--trials", "2", "--steps", "8", "--strategies", "confidence",
                 "--batch-size", "1,2", "--ar-temps", "1,0.5", "--ar-top-k", "0,5", "--temp", "1,0.5",
-                "--max-tokens", "24", "--reference-windows", "16", "--out", str(out)]
+                "--max-tokens", "24", "--reference-windows", "16", "--draft-lengths", "3", "--out", str(out)]
                + (["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []))
     results = json.loads(out.read_text())
     q = results["quality"]
@@ -68,6 +68,14 @@ def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small
         assert r["quality_samples"] == 2 * (1 + 2) and r["distinct4_count"] == count  # pooled over batch sizes
     for v in ("-", "T0.5,k5"):  # one setting, one quality, whatever the batch size
         assert ar[(1, v)]["gen_ppl"] == ar[(2, v)]["gen_ppl"]
+    spec = {r["temp"]: r for r in rows if r["model"] == "spec"}
+    assert sorted(spec) == [0.5, 1.0] and all(r["batch_size"] == 1 and r["draft_length"] == 3 for r in spec.values())
+    for r in spec.values():  # each round adds its kept drafts and one token
+        assert r["tokens_per_round"] == pytest.approx(24 / r["steps"], rel=0.2) and 1 <= r["tokens_per_round"] <= 4
+        assert len(r["acceptance_by_position"]) == 3 and r["acceptance_by_position"] == sorted(
+            r["acceptance_by_position"], reverse=True)
+    first = results["equal_quality"][0]["per_ar_setting"][0]
+    assert first["speculative"]["temp"] == 1.0 and first["speculative"]["tokens_per_sec"] == spec[1.0]["tokens_per_sec"]
     dlm = {(r["batch_size"], r["temp"]): r for r in rows if r["model"] == "dlm"}
     assert sorted(dlm) == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
     assert dlm[(1, 0.5)]["gen_ppl"] == dlm[(2, 0.5)]["gen_ppl"] != dlm[(1, 1.0)]["gen_ppl"]
