@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -359,11 +360,32 @@ def quantize(model: Model, *, group_size: int, bits: int) -> dict:
     return {"group_size": group_size, "bits": bits}
 
 
+MEMO_MAX_ENTRIES = 128  # compiled functions and caches kept per model, least recently used dropped first
+MEMO_MAX_BYTES = 1 << 30  # and at most this many bytes of cached keys/values (a KV cache per canvas shape)
+
+
 def memoize_on_model(model: Model, key: tuple, build):
     """What build() returns (compiled decoding or scoring functions, their caches), built once per model and key
     and kept on the model for later calls. The compiled functions take the model's weights as inputs, so later
-    weight updates are seen."""
-    store = model.__dict__.setdefault(MEMO_ATTRIBUTE, {})
-    if key not in store:
-        store[key] = build()
-    return store[key]
+    weight updates are seen. The store is bounded (MEMO_MAX_ENTRIES, MEMO_MAX_BYTES of KV caches): the least
+    recently used entries go first, so a server answering many shapes does not grow without end."""
+    store = model.__dict__.setdefault(MEMO_ATTRIBUTE, OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    store[key] = value = build()
+    while len(store) > 1 and (len(store) > MEMO_MAX_ENTRIES or memo_bytes(model) > MEMO_MAX_BYTES):
+        store.popitem(last=False)
+    return value
+
+
+def memo_bytes(model: Model) -> int:
+    """Bytes of the KV caches a model's memo holds."""
+    def size(value) -> int:
+        if isinstance(value, KVCache):
+            return sum(a.nbytes for name in ("keys", "values") for a in value.state[name])
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return sum(size(v) for v in model.__dict__.get(MEMO_ATTRIBUTE, {}).values())

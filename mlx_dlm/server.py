@@ -37,6 +37,7 @@ DEFAULT_MODEL = "shakespeare-dlm"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_TIMEOUT = 60.0  # seconds a connection may sit idle in a read or a write
 DEFAULT_MAX_TOKENS = 128
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Body field -> SamplerOptions field (types and ranges: SamplerOptions.check); OpenAI's names first, then the
@@ -68,6 +69,21 @@ def _as_request_error(message: str) -> RequestError:
             message = flag.sub(f"'{field}'", message)
             param = param or field
     return RequestError(message, param=param)
+
+
+# OpenAI fields this server does not implement, with the one value that means "not used".
+UNSUPPORTED = {"n": 1, "stop": None, "logprobs": None, "echo": False, "best_of": 1, "suffix_logprobs": None}
+FLAGS = ("stream", "stream_frames")  # booleans: "false" (a string) is a mistake, not False
+
+
+def _check_fields(body: dict) -> None:
+    """400 for a field the server would otherwise ignore or misread."""
+    for field, neutral in UNSUPPORTED.items():
+        if field in body and body[field] not in (neutral, None) and not (neutral is False and body[field] is False):
+            raise RequestError(f"'{field}' is not supported by this server", param=field)
+    for field in FLAGS:
+        if field in body and not isinstance(body[field], bool):
+            raise RequestError(f"'{field}' must be true or false, got {body[field]!r}", param=field)
 
 
 class ModelServer:
@@ -144,6 +160,10 @@ class Handler(BaseHTTPRequestHandler):
     def app(self) -> ModelServer:
         return self.server.app
 
+    def setup(self) -> None:
+        self.timeout = getattr(self.server, "timeout_s", DEFAULT_TIMEOUT)  # every read and write on the socket
+        super().setup()
+
     def log_message(self, format: str, *args) -> None:  # one line per request on stderr, as http.server does
         if not getattr(self.server, "quiet", False):
             super().log_message(format, *args)
@@ -181,21 +201,27 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _body(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise RequestError("bad Content-Length") from None
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError("Transfer-Encoding is not supported: send the body with a Content-Length", status=501)
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            raise RequestError("a POST needs a Content-Length", status=411)
+        if not declared.strip().isdigit():
+            raise RequestError(f"bad Content-Length {declared!r}")
+        length = int(declared)
         if length > self.app.max_body:
             raise RequestError(f"request body over {self.app.max_body} bytes", status=413)
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw or b"{}")
-        except ValueError as err:
-            raise RequestError(f"malformed JSON ({err})") from None
+        except (ValueError, RecursionError) as err:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise RequestError(f"malformed JSON ({reason})") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         if body.get("model") not in (None, self.app.name):
             raise RequestError(f"unknown model {body['model']!r}: this server has {self.app.name!r}", param="model")
+        _check_fields(body)
         return body
 
     def do_POST(self) -> None:  # noqa: N802
@@ -220,6 +246,12 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as err:
             self.close_connection = True
             self._error(err)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or stopped reading
+            self.close_connection = True
+        except Exception as err:  # a bug: still an answer, never a dropped connection
+            self.close_connection = True
+            self.log_error("internal error: %r", err)
+            self._error(RequestError(f"internal error ({type(err).__name__})", status=500, kind="server_error"))
         finally:
             self.app.slots.release()
 
@@ -252,8 +284,8 @@ class Handler(BaseHTTPRequestHandler):
             self._event(self._final(ident, created, last, chat, chunk=True))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            steps.close()  # the client left: stop generating
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            steps.close()  # the client left, or stopped reading for --timeout seconds: stop generating
 
     def _event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -277,7 +309,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False,
-                draft: str | None = None):
+                draft: str | None = None, timeout: float = DEFAULT_TIMEOUT):
     """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address); with draft,
     a diffusion model that drafts for it (speculative decoding)."""
     app = ModelServer(model_path, max_queue, max_body, draft)
@@ -286,7 +318,7 @@ def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_P
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror})") from None
     server.daemon_threads = True
-    server.app, server.quiet = app, quiet
+    server.app, server.quiet, server.timeout_s = app, quiet, timeout
     return server
 
 
@@ -299,6 +331,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait; more get 503")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (413 above)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a connection may wait in a read or a write (a client that stops reading is dropped "
+                        "and its generation stopped)")
     p.add_argument("--draft", metavar="DLM_DIR",
                    help="speculative decoding: this diffusion model drafts for --model (autoregressive); requests "
                         "may set draft_length")
@@ -309,9 +344,12 @@ def _main(argv: list[str] | None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if args.max_queue < 0 or args.max_body < 1:
         raise UserError("--max-queue must be >= 0 and --max-body >= 1")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {args.host}: the server is reachable from other machines, with no authentication")
-    server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body, draft=args.draft)
+    server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body, draft=args.draft,
+                         timeout=args.timeout)
     host, port = server.server_address[:2]
     print(f"mlx_dlm.server: {server.app.name} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

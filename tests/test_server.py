@@ -210,3 +210,101 @@ def test_a_half_precision_model_serves_from_worker_threads(tmp_path, tiny_model_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _raw(server, data: bytes, timeout: float = 30) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes the connection."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"Content-Length: -1\r\n", b"400"),
+    (b"", b"411"),  # no Content-Length
+    (b"Transfer-Encoding: chunked\r\n", b"501"),
+])
+def test_bodies_without_an_honest_length_are_refused(served, head, status):
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + head +
+               b"Connection: close\r\n\r\n" + b'5\r\n{"a":\r\n0\r\n\r\n')
+    reply = _raw(served, request)
+    assert reply.split(b"\r\n")[0].split(b" ")[1] == status, reply[:200]
+    assert _json(served, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"[" * 200_000 + b"]" * 200_000, "malformed JSON (nested too deeply)"),
+    (b'{"prompt": "x", "stream": "false"}', "'stream' must be true or false, got 'false'"),
+    (b'{"prompt": "x", "n": 2}', "'n' is not supported by this server"),
+    (b'{"prompt": "x", "stop": ["\\n"]}', "'stop' is not supported by this server"),
+    (b'{"prompt": "x", "logprobs": 3}', "'logprobs' is not supported by this server"),
+    (b'{"prompt": "x", "echo": true}', "'echo' is not supported by this server"),
+])
+def test_fields_the_server_would_misread_get_a_400(tiny_model_dir, body, match):
+    server = make_server(str(tiny_model_dir), port=0, max_body=1 << 20, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, err = _json(server, "POST", "/v1/completions", raw=body)
+        assert status == 400 and err["error"]["message"] == match
+        neutral = {"prompt": "x", "max_tokens": 2, "steps": 1, "n": 1, "stop": None, "logprobs": None, "echo": False}
+        assert _json(server, "POST", "/v1/completions", neutral)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_stops_reading_frees_the_server(tiny_model_dir):
+    """A stream_frames client that never reads fills the socket; the write times out after --timeout, its
+    generation stops and the next request is answered. A half-sent request is dropped after the timeout too."""
+    server = make_server(str(tiny_model_dir), port=0, quiet=True, timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stalled = socket.create_connection(server.server_address[:2])
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        body = json.dumps({"prompt": "", "max_tokens": 250, "steps": 250, "stream_frames": True}).encode()
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)
+        tic = time.perf_counter()
+        status, _, _ = _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "steps": 2},
+                                timeout=60)
+        assert status == 200 and time.perf_counter() - tic < 30
+        half = socket.create_connection(server.server_address[:2], timeout=10)
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        tic = time.perf_counter()
+        assert half.recv(65536) == b"" and time.perf_counter() - tic < 5  # closed by the server, not by us
+        half.close()
+        stalled.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_memory_stays_bounded_over_many_shapes_and_options(tiny_model_dir, monkeypatch):
+    """50 requests of different lengths, caches and temperatures: the model's memo of compiled steps and KV caches
+    stays within its entry and byte caps (lowered here), and what it answers is still right."""
+    from mlx_dlm import model as model_module
+
+    monkeypatch.setattr(model_module, "MEMO_MAX_ENTRIES", 6)
+    monkeypatch.setattr(model_module, "MEMO_MAX_BYTES", 200_000)
+    server = make_server(str(tiny_model_dir), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sizes = []
+    try:
+        for i in range(50):
+            body = {"prompt": "ROMEO:", "max_tokens": 8 + 2 * i, "steps": 2, "block_length": 4 + i, "seed": i,
+                    "cache": "prefix" if i % 2 else "dual", "temperature": 0.5 + i / 100}
+            status, reply = _json(server, "POST", "/v1/completions", body)
+            assert status == 200, reply
+            sizes.append((len(server.app.model.__dict__[model_module.MEMO_ATTRIBUTE]),
+                          model_module.memo_bytes(server.app.model)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert max(n for n, _ in sizes) <= 6 and max(b for _, b in sizes) <= 200_000
+    fresh, tok = mlx_dlm.load(tiny_model_dir)  # nothing memoised: built from scratch
+    assert "ROMEO:" + reply["choices"][0]["text"] == mlx_dlm.generate(
+        fresh, tok, "ROMEO:", max_tokens=8 + 2 * 49, steps=2, block_length=4 + 49, seed=49, cache="prefix", temp=0.99)
