@@ -16,6 +16,7 @@ bind is 127.0.0.1; any other address prints a warning. Built on the standard lib
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import re
 import sys
@@ -111,10 +112,10 @@ class ModelServer:
             options = SamplerOptions(**fields).check()
         except UserError as err:
             raise _as_request_error(str(err)) from None
-        limit = self.model.args.max_seq_len
+        limit = getattr(self, "max_tokens", self.model.args.max_seq_len)
         if options.max_tokens > limit:
-            raise RequestError(f"'max_tokens' must be between 1 and the model's context of {limit}",
-                               param="max_tokens")
+            raise RequestError(f"'max_tokens' must be between 1 and {limit} (the model's context, or the server's "
+                               f"--max-tokens)", param="max_tokens")
         return options
 
     def prompt_of(self, body: dict, chat: bool) -> str:
@@ -168,6 +169,29 @@ class Handler(BaseHTTPRequestHandler):
         if not getattr(self.server, "quiet", False):
             super().log_message(format, *args)
 
+    def end_headers(self) -> None:
+        self.send_header("X-Frame-Options", "DENY")  # no page may frame this one
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        super().end_headers()
+
+    def _check_origin(self) -> None:
+        """403 for a Host or Origin that is not this server (DNS rebinding, cross-site pages) on a loopback bind,
+        401 without the API key when the server has one."""
+        allowed = self.server.allowed_hosts
+        if allowed is not None:
+            if self.headers.get("Host", "").lower() not in allowed:
+                raise RequestError(f"Host {self.headers.get('Host')!r} is not this server", status=403,
+                                   kind="forbidden")
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.lower().partition("://")[2] not in allowed:
+                raise RequestError(f"Origin {origin!r} may not use this server", status=403, kind="forbidden")
+        key = self.server.api_key
+        if key is not None and self.path.startswith("/v1/") and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            raise RequestError("a valid API key is required (Authorization: Bearer KEY)", status=401,
+                               kind="authentication_error")
+
     def _send_json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -182,6 +206,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?")[0]
+        try:
+            self._check_origin()
+        except RequestError as err:
+            self._error(err)
+            return
         if path == "/health":
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
@@ -211,7 +240,10 @@ class Handler(BaseHTTPRequestHandler):
         length = int(declared)
         if length > self.app.max_body:
             raise RequestError(f"request body over {self.app.max_body} bytes", status=413)
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            raise RequestError(f"the body did not arrive within {self.timeout:g} s", status=408) from None
         try:
             body = json.loads(raw or b"{}")
         except (ValueError, RecursionError) as err:
@@ -228,8 +260,11 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         chat = path == "/v1/chat/completions"
         try:
+            self._check_origin()
             if path not in ("/v1/completions", "/v1/chat/completions"):
                 raise RequestError(f"no route {path}", status=404, kind="not_found_error")
+            if self.headers.get_content_type() != "application/json":
+                raise RequestError("the body must be sent as Content-Type: application/json", status=415)
             body = self._body()
             prompt = self.app.prompt_of(body, chat)
             options = self.app.options(body)
@@ -309,7 +344,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False,
-                draft: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+                draft: str | None = None, timeout: float = DEFAULT_TIMEOUT, api_key: str | None = None,
+                max_tokens: int | None = None):
     """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address); with draft,
     a diffusion model that drafts for it (speculative decoding)."""
     app = ModelServer(model_path, max_queue, max_body, draft)
@@ -318,7 +354,13 @@ def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_P
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror})") from None
     server.daemon_threads = True
-    server.app, server.quiet, server.timeout_s = app, quiet, timeout
+    server.app, server.quiet, server.timeout_s, server.api_key = app, quiet, timeout, api_key
+    app.max_tokens = min(max_tokens or app.model.args.max_seq_len, app.model.args.max_seq_len)
+    bound = server.server_address[1]
+    names = ("localhost", "127.0.0.1", "[::1]", host if ":" not in host else f"[{host}]")
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    server.allowed_hosts = {f"{n}:{bound}" for n in names} | ({*names} if bound == 80 else set()) \
+        if loopback else None  # a server bound beyond loopback is reached by other names: --api-key guards it
     return server
 
 
@@ -331,6 +373,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait; more get 503")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (413 above)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests (the page has a field "
+                                     "for it)")
+    p.add_argument("--max-tokens", type=int, help="the most tokens one request may ask for (default: the context)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a connection may wait in a read or a write (a client that stops reading is dropped "
                         "and its generation stopped)")
@@ -347,9 +392,12 @@ def _main(argv: list[str] | None) -> None:
     if not args.timeout > 0:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        warn(f"binding {args.host}: the server is reachable from other machines, with no authentication")
+        warn(f"binding {args.host}: the server is reachable from other machines" +
+             ("" if args.api_key else ", with no authentication (--api-key KEY adds it)"))
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body, draft=args.draft,
-                         timeout=args.timeout)
+                         timeout=args.timeout, api_key=args.api_key, max_tokens=args.max_tokens)
     host, port = server.server_address[:2]
     print(f"mlx_dlm.server: {server.app.name} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

@@ -34,6 +34,11 @@ def _request(server, method, path, body=None, raw=None, timeout=120):
     return response.status, response.getheader("Content-Type"), payload
 
 
+def _host(server) -> bytes:
+    """The Host header a client of this server sends."""
+    return ("%s:%d" % server.server_address[:2]).encode()
+
+
 def _json(server, method, path, body=None, raw=None):
     status, _, payload = _request(server, method, path, body, raw)
     return status, json.loads(payload)
@@ -88,7 +93,7 @@ def test_stream_and_frames(served):
     ({"prompt": 7}, None, 400, "'prompt' must be a string"),
     ({"prompt": "x", "max_tokens": "ten"}, None, 400, "'max_tokens' has the wrong type"),
     ({"prompt": "x", "steps": True}, None, 400, "'steps' has the wrong type"),
-    ({"prompt": "x", "max_tokens": 100000}, None, 400, "between 1 and the model's context"),
+    ({"prompt": "x", "max_tokens": 100000}, None, 400, "between 1 and 256 (the model's context"),
     ({"prompt": "caf\u00e9"}, None, 400, "is not in the tokenizer's vocabulary"),
     ({"prompt": "x", "strategy": "best"}, None, 400, "unknown strategy 'best' (choose from"),
     ({"prompt": "x", "steps": 0}, None, 400, "'steps' must be at least 1, got 0"),
@@ -149,11 +154,13 @@ def test_a_client_that_disconnects_stops_its_generation(served):
     served.app.steps = counting
     body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "steps": 200, "stream_frames": True}).encode()
     sock = socket.create_connection(served.server_address[:2])
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(served) + b"\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
     while b"data: " not in received:  # headers first, then the first frame
-        received += sock.recv(4096)
+        chunk = sock.recv(4096)
+        assert chunk, received  # the server answered and closed instead of streaming
+        received += chunk
     sock.close()
     deadline = time.time() + 30
     while served.app.lock.locked() and time.time() < deadline:  # wait until the handler has given up
@@ -228,7 +235,7 @@ def _raw(server, data: bytes, timeout: float = 30) -> bytes:
     (b"Transfer-Encoding: chunked\r\n", b"501"),
 ])
 def test_bodies_without_an_honest_length_are_refused(served, head, status):
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + head +
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(served) + b"\r\nContent-Type: application/json\r\n" + head +
                b"Connection: close\r\n\r\n" + b'5\r\n{"a":\r\n0\r\n\r\n')
     reply = _raw(served, request)
     assert reply.split(b"\r\n")[0].split(b" ")[1] == status, reply[:200]
@@ -265,7 +272,7 @@ def test_a_client_that_stops_reading_frees_the_server(tiny_model_dir):
         stalled = socket.create_connection(server.server_address[:2])
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         body = json.dumps({"prompt": "", "max_tokens": 250, "steps": 250, "stream_frames": True}).encode()
-        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(server) + b"\r\nContent-Type: application/json\r\n"
                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.5)
         tic = time.perf_counter()
@@ -273,9 +280,13 @@ def test_a_client_that_stops_reading_frees_the_server(tiny_model_dir):
                                 timeout=60)
         assert status == 200 and time.perf_counter() - tic < 30
         half = socket.create_connection(server.server_address[:2], timeout=10)
-        half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(server) +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
         tic = time.perf_counter()
-        assert half.recv(65536) == b"" and time.perf_counter() - tic < 5  # closed by the server, not by us
+        answer = b""
+        while chunk := half.recv(65536):  # until the server closes the connection
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 < time.perf_counter() - tic < 5, answer
         half.close()
         stalled.close()
     finally:
@@ -308,3 +319,50 @@ def test_memory_stays_bounded_over_many_shapes_and_options(tiny_model_dir, monke
     fresh, tok = mlx_dlm.load(tiny_model_dir)  # nothing memoised: built from scratch
     assert "ROMEO:" + reply["choices"][0]["text"] == mlx_dlm.generate(
         fresh, tok, "ROMEO:", max_tokens=8 + 2 * 49, steps=2, block_length=4 + 49, seed=49, cache="prefix", temp=0.99)
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Host": "evil.example:8080"}, 403),  # DNS rebinding: a foreign name for this loopback server
+    ({"Origin": "http://evil.example"}, 403),  # a page of another site
+    ({"Content-Type": "text/plain"}, 415),  # a "simple" cross-site POST needs no preflight: refused
+])
+def test_foreign_hosts_origins_and_content_types_are_refused(served, headers, status):
+    conn = http.client.HTTPConnection(*served.server_address[:2], timeout=60)
+    body = json.dumps({"prompt": "x", "max_tokens": 2, "steps": 1})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json", **headers})
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    conn.close()
+    assert response.status == status and reply["error"]["message"]
+    assert response.getheader("X-Frame-Options") == "DENY"
+    own = {"Origin": "http://%s:%d" % served.server_address[:2]}
+    conn = http.client.HTTPConnection(*served.server_address[:2], timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json", **own})
+    assert conn.getresponse().status == 200  # the page itself
+    conn.close()
+
+
+def test_api_key_and_max_tokens_cap(tiny_model_dir):
+    server = make_server(str(tiny_model_dir), port=0, quiet=True, api_key="s3cret", max_tokens=16)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def post(body, key=None):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+        conn.close()
+        return response.status, reply
+
+    try:
+        ok = {"prompt": "x", "max_tokens": 16, "steps": 2}
+        assert post(ok)[0] == 401 and post(ok, "wrong")[0] == 401 and post(ok, "s3cret")[0] == 200
+        status, reply = post({**ok, "max_tokens": 17}, "s3cret")
+        assert status == 400 and "between 1 and 16" in reply["error"]["message"]
+        assert _json(server, "GET", "/health")[0] == 200  # health needs no key
+        status, _, page = _request(server, "GET", "/")
+        assert status == 200 and b'id="api_key"' in page  # the page sends the key it is given
+    finally:
+        server.shutdown()
+        server.server_close()
