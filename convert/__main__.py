@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_dlm import data
 from mlx_dlm.errors import UserError, run_cli
 from mlx_dlm.fileio import ensure_dir
-from mlx_dlm.io import WEIGHTS_FILE, save_model, write_model_card
+from mlx_dlm.io import CONFIG_FILE, WEIGHTS_FILE, save_model, write_model_card
 from mlx_dlm.model import Model, quantize
 from mlx_dlm.tokenizer import CharTokenizer, HFTokenizer
 
@@ -130,6 +130,9 @@ def _main(argv: list[str] | None) -> None:
         raise UserError(f"--out {out} is a file, not a model directory: choose another --out")
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).exists():
+        raise UserError(f"--force replaces only a model directory, and {out} holds no {CONFIG_FILE}: "
+                        "choose another --out")
     args.dtype = args.dtype or ("bfloat16" if args.source == "hf" else "float32")
     model_args, weights, tokenizer, source, prequantized = _read_source(args)
     # Random initial weights stay lazy: they are replaced before anything evaluates them.

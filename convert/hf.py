@@ -138,6 +138,10 @@ def shard_files(folder: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as err:
             raise UserError(f"{index} is not a valid safetensors index ({err})") from None
+        root = folder.resolve()
+        outside = [n for n in names if not isinstance(n, str) or root not in (folder / n).resolve().parents]
+        if outside:  # a hostile index could pull any local file into the converted (and uploaded) model
+            raise UserError(f"model.safetensors.index.json names a shard outside the model folder: {outside[0]!r}")
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
             raise UserError(f"missing shard {missing[0]} in {folder} (listed in model.safetensors.index.json)")

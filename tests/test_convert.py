@@ -348,8 +348,13 @@ def test_conversion_errors(tmp_path, text_file, capsys):
     _one_line_error(capsys, ["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing)],
                     "pass --force")
     assert (existing / "keep.txt").read_text() == "mine"
+    # --force replaces a model directory only: a folder of something else is refused, untouched.
+    assert _error(capsys, ["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing), "--force"]) == (
+        f"--force replaces only a model directory, and {existing} holds no config.json: choose another --out")
+    assert (existing / "keep.txt").read_text() == "mine"
+    (existing / "config.json").write_text("{}")  # an (old) model directory
     convert.main(["simple_dlm", str(ckpt), "--text", str(text_file), "--out", str(existing), "--force"])
-    assert not (existing / "keep.txt").exists() and (existing / "config.json").exists()
+    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 

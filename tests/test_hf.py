@@ -272,6 +272,13 @@ def test_hf_weights_without_index_with_tied_head_and_broken_shards(tmp_path):
         mx.load(str(first))
     assert user_error(hf.read_weights, folder, "llada", args, mx.float32) == (
         f"{first} is not a readable safetensors file ({mlx_error.value})")
+    index = folder / "model.safetensors.index.json"
+    secret = tmp_path / "elsewhere.safetensors"  # a local file a hostile index points at
+    mx.save_safetensors(str(secret), {"x": mx.zeros(2)})
+    for name in (str(secret), "../elsewhere.safetensors", "sub/../../elsewhere.safetensors"):
+        index.write_text(json.dumps({"weight_map": {"model.embed": name}}))
+        assert user_error(hf.shard_files, folder) == (
+            f"model.safetensors.index.json names a shard outside the model folder: {name!r}")
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
     assert user_error(hf.shard_files, folder) == (
         f"{folder / 'model.safetensors.index.json'} is not a valid "
