@@ -36,7 +36,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model directory, shipped model (shakespeare-dlm, shakespeare-ar) or Hugging Face repo (user/name)")
+                   help="model directory, shipped model (shakespeare-dlm, shakespeare-ar, shakespeare-judge) or "
+                        "Hugging Face repo (user/name)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) with a repo id")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
     p.add_argument("--chat", help="a user message, wrapped by the model's chat template (converted chat models); "

@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar")  # reference models trained here, in ASSETS_DIR
+# reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, and the independent judge
+SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge")
 
 
 def save_weights(path: str | os.PathLike, model: Model, metadata: dict[str, str] | None = None) -> None:
