@@ -96,8 +96,6 @@ def test_command_extraction_on_a_known_block():
 @pytest.mark.parametrize("page, argv", ALL_COMMANDS, ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else v)
 def test_every_documented_command_parses(page, argv, capsys):
     module, flags = _parser_of(argv)
-    if module.endswith(("convert.__main__",)) or module.endswith("sampler_speed") or module.endswith("learn"):
-        pytest.importorskip("torch", reason="the `convert` extra (torch) builds this parser's module")
     parser = importlib.import_module(module).setup_arg_parser()
     try:
         parser.parse_args(flags)
