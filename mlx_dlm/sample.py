@@ -21,6 +21,9 @@ One compiled function does a step on the device; nothing loops over positions or
 
 AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token; past the
 model's context, a compiled forward over the last max_seq_len tokens per token (nanoGPT's sliding window).
+
+Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder shares (the canvas,
+the step state, drawing tokens): `decoding.py`; the options and their checks: `options.py`.
 """
 
 from __future__ import annotations

@@ -73,14 +73,14 @@ def _as_request_error(message: str) -> RequestError:
 
 
 # OpenAI fields this server does not implement, with the one value that means "not used".
-UNSUPPORTED = {"n": 1, "stop": None, "logprobs": None, "echo": False, "best_of": 1, "suffix_logprobs": None}
+UNSUPPORTED = {"n": 1, "stop": None, "logprobs": None, "echo": False, "best_of": 1}
 FLAGS = ("stream", "stream_frames")  # booleans: "false" (a string) is a mistake, not False
 
 
 def _check_fields(body: dict) -> None:
     """400 for a field the server would otherwise ignore or misread."""
     for field, neutral in UNSUPPORTED.items():
-        if field in body and body[field] not in (neutral, None) and not (neutral is False and body[field] is False):
+        if field in body and body[field] not in (neutral, None):
             raise RequestError(f"'{field}' is not supported by this server", param=field)
     for field in FLAGS:
         if field in body and not isinstance(body[field], bool):
