@@ -19,6 +19,8 @@ import argparse
 import hmac
 import json
 import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -39,6 +41,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_TIMEOUT = 60.0  # seconds a connection may sit idle in a read or a write
+DEFAULT_DEADLINE = 600.0  # seconds one request's generation may run
 DEFAULT_MAX_TOKENS = 128
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Body field -> SamplerOptions field (types and ranges: SamplerOptions.check); OpenAI's names first, then the
@@ -294,11 +297,14 @@ class Handler(BaseHTTPRequestHandler):
         stream, frames = bool(body.get("stream")), bool(body.get("stream_frames"))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        steps = self.app.steps(prompt, options)
+        steps = self._within_deadline(self.app.steps(prompt, options))
         if not (stream or frames):
             last = None
             for last in steps:
-                pass
+                if self._client_gone():  # nobody to answer: stop generating
+                    steps.close()
+                    self.close_connection = True
+                    return
             self._send_json(200, self._final(ident, created, last, chat))
             return
         last = next(steps)  # a bad request fails here, before any event is sent
@@ -321,6 +327,28 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             steps.close()  # the client left, or stopped reading for --timeout seconds: stop generating
+        except RequestError as err:  # past the deadline mid-stream: an error event ends the stream
+            self._event({"error": {"message": str(err), "type": err.kind, "param": None, "code": None}})
+
+    def _within_deadline(self, steps):
+        """The generation's states until --deadline seconds have passed: then a 504 (before anything was sent)."""
+        deadline = time.monotonic() + self.server.deadline_s
+        try:
+            for state in steps:
+                yield state
+                if time.monotonic() > deadline:
+                    raise RequestError(f"the generation ran past the server's --deadline of "
+                                       f"{self.server.deadline_s:g} s", status=504, kind="timeout")
+        finally:
+            steps.close()
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (readable, with nothing left to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -345,7 +373,7 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY, quiet: bool = False,
                 draft: str | None = None, timeout: float = DEFAULT_TIMEOUT, api_key: str | None = None,
-                max_tokens: int | None = None):
+                max_tokens: int | None = None, deadline: float = DEFAULT_DEADLINE):
     """A ThreadingHTTPServer serving the model (port 0: any free port; see server.server_address); with draft,
     a diffusion model that drafts for it (speculative decoding)."""
     app = ModelServer(model_path, max_queue, max_body, draft)
@@ -355,6 +383,7 @@ def make_server(model_path: str, host: str = DEFAULT_HOST, port: int = DEFAULT_P
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror})") from None
     server.daemon_threads = True
     server.app, server.quiet, server.timeout_s, server.api_key = app, quiet, timeout, api_key
+    server.deadline_s = deadline
     app.max_tokens = min(max_tokens or app.model.args.max_seq_len, app.model.args.max_seq_len)
     bound = server.server_address[1]
     names = ("localhost", "127.0.0.1", "[::1]", host if ":" not in host else f"[{host}]")
@@ -376,6 +405,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests (the page has a field "
                                      "for it)")
     p.add_argument("--max-tokens", type=int, help="the most tokens one request may ask for (default: the context)")
+    p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
+                   help="seconds one request's generation may run (504 after, or the stream ends)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a connection may wait in a read or a write (a client that stops reading is dropped "
                         "and its generation stopped)")
@@ -389,15 +420,16 @@ def _main(argv: list[str] | None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if args.max_queue < 0 or args.max_body < 1:
         raise UserError("--max-queue must be >= 0 and --max-body >= 1")
-    if not args.timeout > 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout}")
+    if not args.timeout > 0 or not args.deadline > 0:
+        raise UserError("--timeout and --deadline must be positive")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {args.host}: the server is reachable from other machines" +
              ("" if args.api_key else ", with no authentication (--api-key KEY adds it)"))
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     server = make_server(args.model, args.host, args.port, args.max_queue, args.max_body, draft=args.draft,
-                         timeout=args.timeout, api_key=args.api_key, max_tokens=args.max_tokens)
+                         timeout=args.timeout, api_key=args.api_key, max_tokens=args.max_tokens,
+                         deadline=args.deadline)
     host, port = server.server_address[:2]
     print(f"mlx_dlm.server: {server.app.name} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

@@ -366,3 +366,43 @@ def test_api_key_and_max_tokens_cap(tiny_model_dir):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(served):
+    produced = []
+    original = served.app.steps
+
+    def counting(prompt, options):
+        for state in original(prompt, options):
+            produced.append(state.step)
+            yield state
+
+    served.app.steps = counting
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "steps": 200}).encode()
+    sock = socket.create_connection(served.server_address[:2])
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(served) + b"\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.time() + 30
+    while not produced and time.time() < deadline:  # generation under way
+        time.sleep(0.01)
+    sock.close()
+    while served.app.lock.locked() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not served.app.lock.locked() and 0 < len(produced) < 200  # it stopped without running all 200 steps
+    assert _json(served, "GET", "/health")[0] == 200
+
+
+def test_a_generation_past_the_deadline_ends(tiny_model_dir):
+    server = make_server(str(tiny_model_dir), port=0, quiet=True, deadline=0.05)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = {"prompt": "ROMEO:", "max_tokens": 200, "steps": 200}
+        status, err = _json(server, "POST", "/v1/completions", body)
+        assert status == 504 and err["error"]["message"] == "the generation ran past the server's --deadline of 0.05 s"
+        status, _, payload = _request(server, "POST", "/v1/completions", {**body, "stream": True})
+        events = [json.loads(line[6:]) for line in payload.decode().splitlines() if line.startswith("data: {")]
+        assert status == 200 and events[-1]["error"]["type"] == "timeout" and b"[DONE]" not in payload
+        assert _json(server, "GET", "/health")[0] == 200 and not server.app.lock.locked()
+    finally:
+        server.shutdown()
+        server.server_close()
