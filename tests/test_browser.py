@@ -82,14 +82,28 @@ def test_page_streams_frames_fills_the_canvas_and_matches_the_api(browser, serve
     assert errors == []  # no console errors
 
 
+def _open_from_the_page(driver, url: str, query: str) -> None:
+    """Follow ?...&run=1 from the server's own page, as its auto-run requires (the referrer is the page)."""
+    driver.get(f"{url}/")
+    driver.execute_script(f"location.href = '/?{query}'")
+    _wait(driver, f"return location.search === '?{query}'")
+
+
 def test_page_shows_a_request_error(browser, served):
-    browser.get(f"{served}/?prompt=caf%C3%A9&run=1")
+    _open_from_the_page(browser, served, "prompt=caf%C3%A9&run=1")
     _wait(browser, "return document.body.dataset.state === 'done'")
     assert "is not in the tokenizer's vocabulary" in browser.find_element("id", "error").text
 
 
+def test_a_link_from_elsewhere_fills_the_form_but_does_not_run(browser, served):
+    browser.get(f"{served}/?prompt=From%20elsewhere&run=1")  # no referrer from this server's page
+    time.sleep(1.0)
+    assert browser.find_element("id", "prompt").get_attribute("value") == "From elsewhere"
+    assert browser.execute_script("return document.body.dataset.state || ''") == ""  # nothing started
+
+
 def screenshot_mid_denoising(url: str, path: Path, driver) -> None:
     """Save the page part-way through a long denoising (for docs/server.md)."""
-    driver.get(f"{url}/?prompt=ROMEO:&max_tokens=256&steps=64&seed=1&run=1")
+    _open_from_the_page(driver, url, "prompt=ROMEO:&max_tokens=256&steps=64&seed=1&run=1")
     _wait(driver, "return Number(document.body.dataset.frames || 0) >= 24")
     driver.save_screenshot(str(path))

@@ -406,3 +406,54 @@ def test_a_generation_past_the_deadline_ends(tiny_model_dir):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_load_with_a_stalled_and_a_slow_client(tiny_model_dir, monkeypatch):
+    """200 requests from 8 clients of varied shapes while one client streams frames and never reads, and another
+    sends its body a byte at a time: every well-behaved request is answered 200 or 503, the memo stays within its
+    caps, and the server is healthy after."""
+    from mlx_dlm import model as model_module
+
+    monkeypatch.setattr(model_module, "MEMO_MAX_ENTRIES", 8)
+    server = make_server(str(tiny_model_dir), port=0, quiet=True, timeout=2.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = _host(server)
+
+    def stalled():
+        sock = socket.create_connection(server.server_address[:2])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        body = json.dumps({"prompt": "", "max_tokens": 250, "steps": 250, "stream_frames": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        return sock  # never read
+
+    def slow():
+        with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+            body = json.dumps({"prompt": "x", "max_tokens": 4, "steps": 2}).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)
+            return sock.recv(65536).split(b" ")[1]
+
+    def one(i):
+        body = {"prompt": "ROMEO:", "max_tokens": 4 + i % 13, "steps": 2, "temperature": 0.5 + i % 5 / 10}
+        return _json(server, "POST", "/v1/completions", body)[0]
+
+    try:
+        held = stalled()
+        with ThreadPoolExecutor(9) as pool:
+            slow_status = pool.submit(slow)
+            statuses = list(pool.map(one, range(200)))
+        # While the stalled stream holds the lock (until its write times out) the queue fills and the rest get a
+        # clean 503; the queued ones are answered once the stall is dropped.
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 1
+        assert slow_status.result() in (b"200", b"503")
+        assert len(server.app.model.__dict__[model_module.MEMO_ATTRIBUTE]) <= 8
+        assert _json(server, "GET", "/health") == (200, {"status": "ok"}) and not server.app.lock.locked()
+        assert one(0) == 200
+        held.close()
+    finally:
+        server.shutdown()
+        server.server_close()
