@@ -181,7 +181,7 @@ class Handler(BaseHTTPRequestHandler):
     def _check_origin(self) -> None:
         """403 for a Host or Origin that is not this server (DNS rebinding, cross-site pages) on a loopback bind,
         401 without the API key when the server has one."""
-        allowed = self.server.allowed_hosts
+        allowed = getattr(self.server, "allowed_hosts", None)
         if allowed is not None:
             if self.headers.get("Host", "").lower() not in allowed:
                 raise RequestError(f"Host {self.headers.get('Host')!r} is not this server", status=403,
@@ -189,7 +189,7 @@ class Handler(BaseHTTPRequestHandler):
             origin = self.headers.get("Origin")
             if origin is not None and origin.lower().partition("://")[2] not in allowed:
                 raise RequestError(f"Origin {origin!r} may not use this server", status=403, kind="forbidden")
-        key = self.server.api_key
+        key = getattr(self.server, "api_key", None)
         if key is not None and self.path.startswith("/v1/") and not hmac.compare_digest(
                 self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
             raise RequestError("a valid API key is required (Authorization: Bearer KEY)", status=401,
@@ -238,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
         declared = self.headers.get("Content-Length")
         if declared is None:
             raise RequestError("a POST needs a Content-Length", status=411)
-        if not declared.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", declared.strip()):
             raise RequestError(f"bad Content-Length {declared!r}")
         length = int(declared)
         if length > self.app.max_body:
@@ -332,13 +332,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _within_deadline(self, steps):
         """The generation's states until --deadline seconds have passed: then a 504 (before anything was sent)."""
-        deadline = time.monotonic() + self.server.deadline_s
+        limit = getattr(self.server, "deadline_s", DEFAULT_DEADLINE)
+        deadline = time.monotonic() + limit
         try:
             for state in steps:
                 yield state
                 if time.monotonic() > deadline:
-                    raise RequestError(f"the generation ran past the server's --deadline of "
-                                       f"{self.server.deadline_s:g} s", status=504, kind="timeout")
+                    raise RequestError(f"the generation ran past the server's --deadline of {limit:g} s",
+                                       status=504, kind="timeout")
         finally:
             steps.close()
 

@@ -231,6 +231,7 @@ def _raw(server, data: bytes, timeout: float = 30) -> bytes:
 
 @pytest.mark.parametrize("head, status", [
     (b"Content-Length: -1\r\n", b"400"),
+    ("Content-Length: \u00b2\r\n".encode(), b"400"),  # a digit to str.isdigit, not to int()
     (b"", b"411"),  # no Content-Length
     (b"Transfer-Encoding: chunked\r\n", b"501"),
 ])
