@@ -23,7 +23,7 @@ class GenerationStep:
     committed: np.ndarray  # (num_samples, length) bool: positions decided by this step
     remasked: np.ndarray  # (num_samples, length) bool: positions this step hid again for revision
     generated_tokens: int  # fillable positions decided so far, over all samples
-    nfe: int  # forward passes so far (the AR prefill counts as one)
+    nfe: int  # forward passes so far (the AR prefill counts as one; speculative decoding: rounds)
     forward_tokens: int  # positions run through the model so far, over all samples (a FLOP count proxy)
     elapsed: float  # seconds since generation started (prefill included)
     prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
