@@ -1,17 +1,27 @@
 """mlx-dlm: masked diffusion language models in MLX."""
 
-import warnings
+import sys
+import types
 
 # The BLAS switch must run before anything imports mlx.core.
 from .blas import use_openblas as _use_openblas
 
 _use_openblas()
 
-# `mlx_dlm.generate` is both a command module and the API function; the module is imported first so that
-# the function's name wins. `python -m mlx_dlm.generate` then finds the module already imported, which is
-# intended here: silence runpy's warning about it (only that one).
-warnings.filterwarnings("ignore", message="'mlx_dlm.generate' found in sys.modules", category=RuntimeWarning)
-from . import generate as _generate_command  # noqa: E402,F401
+
+class _Package(types.ModuleType):
+    """`mlx_dlm.generate` is both a command module and the API function. Importing the submodule would make the
+    package's `generate` attribute the module; this keeps it the function (the module stays in sys.modules), so the
+    command module, and with it argparse, is loaded only by whoever runs or imports the command."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType) and "generate" in vars(self):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 from .errors import UserError  # noqa: E402
 from .io import load, save_model  # noqa: E402
 from .sample import generate, stream_generate  # noqa: E402

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import argparse
 
 
 SIGPIPE_EXIT = 141  # what a shell reports for a command ended by SIGPIPE (128 + 13), as `cat` is under `| head`
@@ -49,6 +51,8 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """Destinations of the flags given on the command line (argv; sys.argv[1:] when None), defaults aside."""
+    import argparse  # here, not at the top: the library (step.py, the sampler) must not need the CLI's modules
+
     probe = copy.deepcopy(parser)
     for action in probe._actions:
         action.default = argparse.SUPPRESS

@@ -7,13 +7,16 @@ one; the sampler (`sample.py`) takes it. A new option is a field here (with its 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import argparse
 
 STRATEGIES = ("confidence", "margin", "entropy", "random")
 SCHEDULES = ("linear", "cosine")

@@ -24,8 +24,14 @@ def test_make_optimizer_takes_plain_values():
 
 
 def test_step_module_needs_no_flags():
-    """The step module neither imports argparse nor builds a parser: a fresh interpreter trains a step with it."""
+    """Importing the step module loads no argparse (nor any command module), and a fresh interpreter trains a step
+    with it."""
     assert "argparse" not in vars(step) and "setup_arg_parser" not in vars(step)
+    code = ("import sys\nimport mlx_dlm.step\n"
+            "print('argparse' in sys.modules, sorted(m for m in sys.modules if m in ('mlx_dlm.generate', "
+            "'mlx_dlm.train', 'mlx_dlm.server', 'mlx_dlm.chat')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "[]"], (out.stdout, out.stderr)
     code = ("import mlx.core as mx, numpy as np\n"
             "from mlx_dlm.step import make_optimizer, make_train_step, training_loss\n"
             "from mlx_dlm.model import init_model, preset_args\n"
@@ -46,3 +52,13 @@ def test_training_loss_of_an_ar_model_is_its_next_token_nll():
         - logits.max(-1, keepdims=True)
     expected = -np.take_along_axis(logp, np.array(batch)[:, 1:, None], axis=-1).mean()
     assert step.training_loss(model, 0)(model, batch).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_generate_name_stays_the_function_after_the_command_module_is_imported():
+    import importlib
+
+    import mlx_dlm
+    from mlx_dlm import sample
+
+    module = importlib.import_module("mlx_dlm.generate")
+    assert mlx_dlm.generate is sample.generate and module.__name__ == "mlx_dlm.generate" and module.main

@@ -11,10 +11,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_dlm"
-# Modules with a command-line main that no library module may import (generate: only the package's __init__, for
-# the `mlx_dlm.generate` name, and chat, which takes generate's flags, may).
+# Modules with a command-line main that no library module may import (chat takes generate's flags, train uploads).
 COMMANDS = {"train", "generate", "chat", "server", "export", "upload", "cli", "__main__"}
-MAY_IMPORT_COMMANDS = {"__init__": {"generate"}, "chat": {"generate"}, "__main__": {"cli"}, "train": {"upload"}}
+MAY_IMPORT_COMMANDS = {"chat": {"generate"}, "__main__": {"cli"}, "train": {"upload"}}
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
