@@ -39,6 +39,26 @@ def _host(server) -> bytes:
     return ("%s:%d" % server.server_address[:2]).encode()
 
 
+def _post_head(server, length: int) -> bytes:
+    """The request line and headers of a completions POST whose body is `length` bytes (sent separately)."""
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(server) + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(length).encode() + b"\r\n\r\n")
+
+
+def _count_steps(server) -> list:
+    """Record the step number of every state the server's generations produce (in the returned list)."""
+    produced = []
+    original = server.app.steps
+
+    def counting(prompt, options):
+        for state in original(prompt, options):
+            produced.append(state.step)
+            yield state
+
+    server.app.steps = counting
+    return produced
+
+
 def _json(server, method, path, body=None, raw=None):
     status, _, payload = _request(server, method, path, body, raw)
     return status, json.loads(payload)
@@ -143,19 +163,10 @@ def test_full_queue_is_503(served):
 
 
 def test_a_client_that_disconnects_stops_its_generation(served):
-    produced = []
-    original = served.app.steps
-
-    def counting(prompt, options):
-        for state in original(prompt, options):
-            produced.append(state.step)
-            yield state
-
-    served.app.steps = counting
+    produced = _count_steps(served)
     body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "steps": 200, "stream_frames": True}).encode()
     sock = socket.create_connection(served.server_address[:2])
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(served) + b"\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(_post_head(served, len(body)) + body)
     received = b""
     while b"data: " not in received:  # headers first, then the first frame
         chunk = sock.recv(4096)
@@ -273,16 +284,14 @@ def test_a_client_that_stops_reading_frees_the_server(tiny_model_dir):
         stalled = socket.create_connection(server.server_address[:2])
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         body = json.dumps({"prompt": "", "max_tokens": 250, "steps": 250, "stream_frames": True}).encode()
-        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(server) + b"\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        stalled.sendall(_post_head(server, len(body)) + body)
         time.sleep(0.5)
         tic = time.perf_counter()
         status, _, _ = _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "steps": 2},
                                 timeout=60)
         assert status == 200 and time.perf_counter() - tic < 30
         half = socket.create_connection(server.server_address[:2], timeout=10)
-        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(server) +
-                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        half.sendall(_post_head(server, 100) + b"{")
         tic = time.perf_counter()
         answer = b""
         while chunk := half.recv(65536):  # until the server closes the connection
@@ -370,19 +379,10 @@ def test_api_key_and_max_tokens_cap(tiny_model_dir):
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(served):
-    produced = []
-    original = served.app.steps
-
-    def counting(prompt, options):
-        for state in original(prompt, options):
-            produced.append(state.step)
-            yield state
-
-    served.app.steps = counting
+    produced = _count_steps(served)
     body = json.dumps({"prompt": "ROMEO:", "max_tokens": 200, "steps": 200}).encode()
     sock = socket.create_connection(served.server_address[:2])
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + _host(served) + b"\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(_post_head(served, len(body)) + body)
     deadline = time.time() + 30
     while not produced and time.time() < deadline:  # generation under way
         time.sleep(0.01)
@@ -418,21 +418,18 @@ def test_load_with_a_stalled_and_a_slow_client(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(model_module, "MEMO_MAX_ENTRIES", 8)
     server = make_server(str(tiny_model_dir), port=0, quiet=True, timeout=2.0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    host = _host(server)
 
     def stalled():
         sock = socket.create_connection(server.server_address[:2])
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         body = json.dumps({"prompt": "", "max_tokens": 250, "steps": 250, "stream_frames": True}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(_post_head(server, len(body)) + body)
         return sock  # never read
 
     def slow():
         with socket.create_connection(server.server_address[:2], timeout=30) as sock:
             body = json.dumps({"prompt": "x", "max_tokens": 4, "steps": 2}).encode()
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            sock.sendall(_post_head(server, len(body)))
             for byte in body:
                 sock.sendall(bytes([byte]))
                 time.sleep(0.05)
