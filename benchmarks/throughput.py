@@ -188,9 +188,8 @@ def _draft_stats(kept: list[int], draft_length: int) -> dict:
             "acceptance_by_position": acceptance_by_position(kept, draft_length)}
 
 
-def _model_quality(args, dlm, dlm_tok, ar, ar_tok) -> dict:
+def _model_quality(text: str, dlm, dlm_tok, ar, ar_tok) -> dict:
     """Validation loss of both models (nats/token) and the DLM's infill accuracy on held-out windows."""
-    text = data.read_corpus(args.data)
     windows = [val_windows(tok.encode_array(text), min(128, m.args.max_seq_len), max_windows=VAL_WINDOWS)
                for m, tok in ((dlm, dlm_tok), (ar, ar_tok))]
     quality = {"dlm_val_elbo": dlm_elbo(dlm, windows[0], dlm_tok.mask_id, draws=VAL_DRAWS).mean,
@@ -211,8 +210,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Machine: {describe(info)}; fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
     print(f"DLM {dlm.num_params() / 1e6:.2f}M params, AR {ar.num_params() / 1e6:.2f}M params, "
           f"{'trained' if trained else 'random weights'}; {args.max_tokens} tokens after {args.prompt!r}")
-    judges = _judges(args, dlm, ar) if trained else []
-    quality = _model_quality(args, dlm, dlm_tok, ar, ar_tok) if trained else {}
+    corpus = data.read_corpus(args.data) if trained else None  # read once: validation, judges, reference
+    judges = _judges(args, corpus, dlm, ar) if trained else []
+    quality = _model_quality(corpus, dlm, dlm_tok, ar, ar_tok) if trained else {}
     peak_ok = backend() != "cpu"
     rows, texts = [], []
     drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
@@ -242,7 +242,6 @@ def run(args: argparse.Namespace) -> dict:
         _print_row(row, header=len(rows) == 1)
     results = {"machine": info, "quality": quality, "args": vars(args), "rows": rows}
     if trained:
-        corpus = data.read_corpus(args.data)
         reference = reference_texts(corpus, len(args.prompt), args.max_tokens, args.reference_windows)
         results["judges"] = {j.name: {"self_judged": j.self_judged} for j in judges}
         results["reference"] = _add_quality(rows, texts, judges, args.prompt, reference)
@@ -262,9 +261,9 @@ def _drafter(args: argparse.Namespace, dlm, ar, ar_tok):
     return draft
 
 
-def _judges(args: argparse.Namespace, dlm, ar) -> list:
+def _judges(args: argparse.Namespace, corpus: str, dlm, ar) -> list:
     """The judges that score every setting's samples, refused if one has a contestant's weights (unless allowed)."""
-    judges = load_judges(args.judge or list(DEFAULT_JUDGES), data.read_corpus(args.data))
+    judges = load_judges(args.judge or list(DEFAULT_JUDGES), corpus)
     check_independent(judges, {f"--dlm {args.dlm}": dlm, f"--ar {args.ar}": ar}, args.allow_self_judge)
     for j in judges:
         print(f"Judge {j.name}" + (f" (self-judged: it has the weights of {', '.join(j.self_judged)})"

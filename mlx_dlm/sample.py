@@ -274,13 +274,14 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
     o = (options or SamplerOptions()).replace(**fields).check()
+    if o.seed is None:
+        o = o.replace(seed=int.from_bytes(os.urandom(4), "little"))
     if draft_model is not None:
         check_drafter(model, draft_model, tokenizer)
         yield from speculative_generate(model, draft_model, tokenizer, prompt, o)
         return
     max_tokens, num_samples, temp, top_k, top_p = o.max_tokens, o.num_samples, o.temp, o.top_k, o.top_p
     seed, suffix, template = o.seed, o.suffix, o.template
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
     is_ar = model.args.model_type == "ar"

@@ -16,7 +16,6 @@ The drafter has no exact cache: a full-sequence diffusion model attends both way
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterator
 
@@ -103,6 +102,7 @@ def _make_round(model, draft_model, mask_id: int, n_valid: int | None, o: Sample
 def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerOptions
                          ) -> Iterator[GenerationStep]:
     """Draft with draft_model, verify with model (AR), `o.draft_length` tokens a round; yields a state per round.
+    o: checked options with a seed (`sample.stream_generate` picks one when none is given).
 
     The state's `draft_kept` is how many of this round's drafts were kept (the round adds one more token)."""
     if o.num_samples != 1:
@@ -118,7 +118,6 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
         raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
                         f"({length} in all) within both models' context of {context}")
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
-    seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
     cache, round_ = memoize_on_model(model, ("speculative", id(draft_model), mask_id, n_valid, o.temp, o.top_k,
                                             o.top_p, K, length), lambda: _build(model, draft_model, mask_id, n_valid,
                                                                                 o, K, length))
@@ -129,7 +128,7 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
         model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
     mx.eval(cache.state)
     prompt_seconds = time.perf_counter() - tic
-    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(seed), 0, P - 1
+    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(o.seed), 0, P - 1
     done = P
     while done < total:
         key, round_key = mx.random.split(key)
