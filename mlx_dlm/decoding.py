@@ -1,15 +1,18 @@
-"""What every decoder shares: the canvas (`build_canvas`), the state after a step (`GenerationStep`), and how a
-token is drawn from logits (`filter_logits` for top-k/top-p, `sample_tokens`, `without_mask`)."""
+"""What every decoder shares: the canvas (`build_canvas`), the state after a step (`GenerationStep`), how a
+token is drawn from logits (`filter_logits` for top-k/top-p, `sample_tokens`, `without_mask`), and the diffusion
+step's commit (`commit_rule`: propose, score, commit, revise; `commit_schedule` and `commit_targets`: how many
+per step), which full-sequence (`sample.py`) and block (`block_decode.py`) decoding both run."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
-from .options import DEFAULT_MAX_TOKENS
+from .options import DEFAULT_MAX_TOKENS, SCHEDULES, SamplerOptions
 from .tokenizer import MASK_TOKEN
 
 
@@ -99,3 +102,88 @@ def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKE
     if not any(editable):
         raise UserError(f"the template has no {MASK_TOKEN} placeholder to fill")
     return np.asarray(ids, dtype=np.int32), np.asarray(editable)
+
+
+def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
+    """How many positions to commit at each step: sums to n, each >= 1 when steps <= n.
+
+    linear: even shares; cosine (MaskGIT): few early, many late (masked fraction cos(pi/2 * k/steps))."""
+    if kind not in SCHEDULES:
+        raise UserError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)})")
+    if kind == "linear":
+        remaining = [n - (n * k) // steps for k in range(steps + 1)]
+    else:
+        remaining = [math.floor(n * math.cos(math.pi / 2 * k / steps)) for k in range(steps + 1)]
+        for k in range(1, steps + 1):  # at least one commit per step, and room for one in each step left
+            remaining[k] = max(min(remaining[k], remaining[k - 1] - 1), steps - k)
+    return [remaining[k] - remaining[k + 1] for k in range(steps)]
+
+
+def _rank(score: mx.array) -> mx.array:
+    """0 for the highest score of each row, 1 for the next, ..."""
+    return mx.argsort(mx.argsort(-score, axis=-1), axis=-1)
+
+
+def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) -> tuple[mx.array, mx.array]:
+    """(score used to order commits, probability of the proposal) per position."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    prob = mx.exp(mx.take_along_axis(logp, proposal[..., None], axis=-1).squeeze(-1))
+    if strategy == "confidence":
+        return prob, prob
+    if strategy == "margin":
+        top2 = mx.topk(logp, 2, axis=-1)  # unsorted pair
+        return mx.exp(top2.max(axis=-1)) - mx.exp(top2.min(axis=-1)), prob
+    if strategy == "entropy":
+        p = mx.exp(logp)
+        return (p * mx.where(p > 0, logp, 0.0)).sum(axis=-1), prob  # -H: low entropy scores high
+    return mx.random.uniform(shape=proposal.shape, key=key), prob
+
+
+def commit_rule(mask_id: int, strategy: str, temp: float, top_k: int, top_p: float, threshold: float | None,
+                 n_valid: int | None, alg_temp: float):
+    """The part of a step every diffusion decoder shares: from the logits over a window, propose, score and commit.
+
+    commit(logits, xs, act, cs, target, remask_frac, key) -> (xs, cs, committed, remasked) over the window.
+    act marks the positions this step may fill; cs holds each committed token's confidence (for revision).
+    alg_temp > 0: positions to commit are drawn from softmax(score / alg_temp) without replacement (Dream)
+    instead of taken in score order."""
+
+    def commit(logits, xs, act, cs, target, remask_frac, key):
+        logits = without_mask(logits, mask_id, n_valid)
+        sample_key, score_key, order_key = mx.random.split(key, 3)
+        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(xs.dtype)
+        score, prob = _scores(logits, proposal, strategy, score_key)
+        if alg_temp > 0:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise are a draw without replacement
+            score = score / alg_temp + mx.random.gumbel(shape=score.shape, key=order_key)
+        hidden = (xs == mask_id) & act
+        rank = _rank(mx.where(hidden, score, -mx.inf))
+        if threshold is None:
+            n_commit = hidden.sum(axis=1, keepdims=True) - target
+            committed = hidden & (rank < n_commit)
+        else:
+            committed = hidden & ((prob >= threshold) | (rank == 0))
+        xs = mx.where(committed, proposal, xs)
+        cs = mx.where(committed, prob, cs)
+        # Revision: hide again the lowest-confidence tokens committed by earlier steps.
+        earlier = act & (xs != mask_id) & ~committed
+        n_remask = mx.floor(remask_frac * earlier.sum(axis=1, keepdims=True))
+        remasked = earlier & (_rank(mx.where(earlier, -cs, -mx.inf)) < n_remask)
+        return mx.where(remasked, mask_id, xs), cs, committed, remasked
+
+    return commit
+
+
+def commit_targets(n: int, per_block: int, o: SamplerOptions) -> list[int]:
+    """Masked positions left in a block of n after each of its steps (the schedule's), or, with a threshold,
+    one entry per possible step (decoding stops early once the block is full)."""
+    if o.threshold is not None:
+        return [0] * n
+    counts = commit_schedule(n, min(per_block, n), o.schedule)
+    return [n - sum(counts[:j + 1]) for j in range(len(counts))]
+
+
+def all_stopped(x: mx.array, stop_ids, positions: np.ndarray) -> bool:
+    """Whether every row of the canvas holds a stop token at one of these positions."""
+    decided = x[:, mx.array(positions)]
+    return bool(mx.all(mx.any(mx.any(decided[..., None] == mx.array(list(stop_ids))[None, None], axis=-1),
+                              axis=-1)).item())

@@ -8,6 +8,17 @@ Losses (cross-entropy on masked positions only):
 - "masked-mean": mean over masked tokens (simple_dlm's loss);
 - "elbo": the MDLM continuous-time bound, each masked token weighted by 1/t and
   the sum normalised by B*L, so it estimates negative log-likelihood per token.
+
+Block diffusion (BD3-LM; `block_loss`): the window is cut into blocks of B positions. The noised
+window and the clean window are laid side by side (2L positions, both copies at the same positions)
+and run in one forward under `block_attention_mask`: a noisy token sees its own noisy block and the
+clean blocks before it; a clean token sees the clean blocks up to its own. The loss is the block
+NELBO: the ELBO above within every block given the clean blocks before it, so it too estimates
+nats/token, and it approaches the exact AR likelihood as B shrinks. The mask ratio is drawn per
+block or per sequence (`T_PER`). With `logit_shift` (a model adapted from an AR one, whose head
+predicts the next token) a position is predicted from the output one position to its left; a
+block's first position from the clean copy's last position of the block before
+(`shifted_block_logits`), and the window's first token is always given context.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import mlx.nn as nn
 LOSSES = ("elbo", "masked-mean")
 T_SAMPLING = ("stratified", "uniform", "batch")
 T_MIN = 1e-3  # keeps the 1/t weight of the ELBO bounded
+T_PER = ("block", "sequence")  # block diffusion: one mask ratio per block, or one per window
 
 
 def sample_t(batch_size: int, mode: str = "stratified", key: mx.array | None = None) -> mx.array:
@@ -38,13 +50,14 @@ def sample_t(batch_size: int, mode: str = "stratified", key: mx.array | None = N
 
 def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = None,
             shard: tuple[int, int] = (0, 1)) -> tuple[mx.array, mx.array]:
-    """Hide each token with probability t of its row. Returns (noisy tokens, boolean mask of hidden positions).
+    """Hide each token with probability t of its row (t: (B,)), or of its position (t: (B, L)).
+    Returns (noisy tokens, boolean mask of hidden positions).
 
     shard=(rank, size): the uniforms are drawn for size times as many rows and this rank's rows kept."""
     rank, size = shard
     B = tokens.shape[0]
     u = mx.random.uniform(shape=(B * size, tokens.shape[1]), key=key)[rank * B:(rank + 1) * B]
-    hidden = u < t[:, None]
+    hidden = u < (t if t.ndim == 2 else t[:, None])
     return mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens), hidden
 
 
@@ -89,3 +102,63 @@ def ar_loss(model, tokens: mx.array) -> mx.array:
     """Next-token cross-entropy (mean per predicted token) for a causal model."""
     logits = model(tokens[:, :-1])
     return nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="mean")
+
+
+def block_attention_mask(length: int, block_size: int) -> mx.array:
+    """The (2L, 2L) boolean mask over [noisy; clean] (True: attend): noisy rows see their own noisy block and
+    earlier clean blocks; clean rows see clean blocks up to their own."""
+    block = mx.arange(length) // block_size
+    same = block[:, None] == block[None, :]
+    earlier = block[:, None] > block[None, :]
+    top = mx.concatenate([same, earlier], axis=1)
+    bottom = mx.concatenate([mx.zeros_like(same), same | earlier], axis=1)
+    return mx.concatenate([top, bottom], axis=0)
+
+
+def shifted_block_logits(noisy: mx.array, clean: mx.array, block_size: int, start: int = 0) -> mx.array:
+    """Logits for each noisy position (B, L, V) of a shifted model: from the noisy output one position to the
+    left, or at a block's first position from the clean output one to the left. `start`: the absolute position
+    of column 0 (blocks are counted from position 0). Column 0, a block's start, takes clean[:, 0]: in training
+    the window's first token, given and never predicted; in decoding the caller puts the previous block's last
+    clean output there."""
+    first = (start + mx.arange(noisy.shape[1])) % block_size == 0
+    prev_noisy = mx.concatenate([noisy[:, :1], noisy[:, :-1]], axis=1)
+    prev_clean = mx.concatenate([clean[:, :1], clean[:, :-1]], axis=1)
+    return mx.where(first[None, :, None], prev_clean, prev_noisy)
+
+
+def block_logits(model, noisy: mx.array, clean: mx.array) -> mx.array:
+    """The block model's logits (B, L, V) for every noisy position, from one forward over [noisy; clean]."""
+    L, size = noisy.shape[1], model.args.block_size
+    logits = model(mx.concatenate([noisy, clean], axis=1), attn_mask=block_attention_mask(L, size), copies=2)
+    noisy_out, clean_out = logits[:, :L], logits[:, L:]
+    return shifted_block_logits(noisy_out, clean_out, size) if model.args.logit_shift else noisy_out
+
+
+def block_t(batch_size: int, length: int, block_size: int, per: str = "block", mode: str = "stratified",
+            key: mx.array | None = None) -> mx.array:
+    """Mask ratios per position (batch_size, length): one per block of block_size, or one per window."""
+    if per not in T_PER:
+        raise ValueError(f"unknown mask-ratio unit {per!r} (choose from {', '.join(T_PER)})")
+    if per == "sequence":
+        return mx.broadcast_to(sample_t(batch_size, mode, key=key)[:, None], (batch_size, length))
+    n_blocks = -(-length // block_size)
+    t = sample_t(batch_size * n_blocks, mode, key=key).reshape(batch_size, n_blocks)
+    return mx.repeat(t, block_size, axis=1)[:, :length]
+
+
+def block_loss(model, tokens: mx.array, mask_id: int, t_per: str = "block", t_sampling: str = "stratified",
+               key: mx.array | None = None, shard: tuple[int, int] = (0, 1)) -> mx.array:
+    """The block NELBO in nats/token (see module docstring): mask ratios per block (or window), masks, one
+    forward over [noisy; clean], hidden cross-entropy weighted by 1/t over the predicted positions
+    (all L, or L - 1 with logit_shift: the first token is given). shard: as for `diffusion_loss`."""
+    rank, size = shard
+    B, L = tokens.shape
+    t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
+    t = block_t(B * size, L, model.args.block_size, t_per, t_sampling, key=t_key)[rank * B:(rank + 1) * B]
+    shift = model.args.logit_shift
+    if shift:  # the first token is never hidden
+        t = mx.where(mx.arange(L)[None, :] > 0, t, 0.0)
+    noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
+    weighted = _hidden_ce(block_logits(model, noisy, tokens), tokens, hidden) / mx.maximum(t, T_MIN)
+    return (weighted.sum(axis=1) / (L - int(shift))).mean()

@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data
-from .diffusion import ar_loss, elbo_per_sequence, sample_t
+from .diffusion import ar_loss, block_loss, elbo_per_sequence, sample_t
 from .errors import UserError, run_cli
 from .fileio import atomic_write_text
 from .io import load
@@ -100,12 +100,16 @@ def _batches(windows: np.ndarray, batch_size: int):
         yield mx.array(windows[i:i + batch_size])
 
 
+def _check_draws(draws: int) -> None:
+    if draws < 1:
+        raise UserError(f"--draws must be at least 1, got {draws}")
+
+
 def dlm_elbo(model, windows: np.ndarray, mask_id: int, draws: int = DEFAULT_DRAWS,
              batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> Estimate:
     """The ELBO (nats/token) of a diffusion model over windows: each draw picks stratified mask ratios
     across the windows and independent masks; the estimate is the mean over draws, with its interval."""
-    if draws < 1:
-        raise UserError(f"--draws must be at least 1, got {draws}")
+    _check_draws(draws)
     totals = []
     for d in range(draws):
         t_key, mask_key = mx.random.split(mx.random.key(seed * 100_003 + d))
@@ -132,6 +136,22 @@ def _compiled_elbo(model, mask_id: int):
         return elbo_per_sequence(model(noisy, t), batch, hidden, t)
 
     return memoize_on_model(model, ("elbo", mask_id), lambda: mx.compile(per_sequence, inputs=[model.state]))
+
+
+def block_nelbo(model, windows: np.ndarray, mask_id: int, draws: int = DEFAULT_DRAWS,
+                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> Estimate:
+    """The block NELBO (nats/token) of a block-diffusion model over windows (`diffusion.block_loss`: mask
+    ratios per block, stratified within each batch); the mean over draws, with its interval."""
+    _check_draws(draws)
+    loss = memoize_on_model(model, ("block-nelbo", mask_id), lambda: mx.compile(
+        lambda batch, key: block_loss(model, batch, mask_id, key=key) * batch.shape[0], inputs=[model.state]))
+    totals = []
+    for d in range(draws):
+        total = mx.array(0.0)
+        for i, batch in enumerate(_batches(windows, batch_size)):
+            total = total + loss(batch, mx.random.key((seed * 100_003 + d) * 100_003 + i))
+        totals.append(total.item() / len(windows))
+    return interval(totals)
 
 
 def ar_nll(model, windows: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> Estimate:
@@ -295,7 +315,7 @@ class Report:
     params: int
     windows: int
     seq_len: int
-    val_loss: Estimate  # ELBO (dlm) or exact NLL (ar), nats/token
+    val_loss: Estimate  # ELBO (dlm), block NELBO (block) or exact NLL (ar), nats/token
     val_bpc: float
     infill_accuracy: float | None = None
     infill_span: int | None = None
@@ -329,8 +349,11 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
     seq_len = min(seq_len, model.args.max_seq_len)
     windows = val_windows(tokens, seq_len, val_fraction, max_windows)
     is_dlm = model.args.model_type == "dlm"
-    loss = dlm_elbo(model, windows, tokenizer.mask_id, draws, batch_size, seed) if is_dlm else \
-        ar_nll(model, windows, batch_size)
+    if model.args.model_type == "block":
+        loss = block_nelbo(model, windows, tokenizer.mask_id, draws, batch_size, seed)
+    else:
+        loss = dlm_elbo(model, windows, tokenizer.mask_id, draws, batch_size, seed) if is_dlm else \
+            ar_nll(model, windows, batch_size)
     chars_per_token = len(tokenizer.decode(windows.reshape(-1))) / windows.size
     report = Report(model=str(model_path), model_type=model.args.model_type, params=model.num_params(),
                     windows=len(windows), seq_len=seq_len, val_loss=loss,
@@ -365,7 +388,7 @@ def _judge_report(report: Report, judges: list[Judge], texts: list[str], referen
 
 def format_report(r: Report) -> list[str]:
     """The lines `mlx_dlm.eval` prints."""
-    kind = "ELBO" if r.model_type == "dlm" else "NLL (exact)"
+    kind = {"dlm": "ELBO", "block": "block NELBO"}.get(r.model_type, "NLL (exact)")
     lines = [f"Model: {r.model} ({r.model_type}, {r.params / 1e6:.2f}M parameters); "
              f"{r.windows} validation windows of {r.seq_len} tokens",
              f"Val {kind}: {r.val_loss} nats/token, {r.val_bpc:.4f} bits/char"]

@@ -1,7 +1,11 @@
 """One configurable Transformer: the exact simple_dlm layout or a modern one.
 
 Diffusion models (model_type "dlm") attend bidirectionally and are told the mask
-ratio t; autoregressive models (model_type "ar") use a causal mask.
+ratio t; autoregressive models (model_type "ar") use a causal mask; block-diffusion
+models (model_type "block", `block_size` B) attend as their caller's mask says
+(`diffusion.block_attention_mask`: bidirectional inside a block of B, causal across blocks).
+A caller may pass `copies` > 1: the tokens are that many copies of one window laid side
+by side, each at the same positions (block diffusion's [noisy; clean] layout).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from .errors import UserError
 MEMO_ATTRIBUTE = "_mlx_dlm_sampling"  # where memoize_on_model keeps what it built
 
 
+MODEL_TYPES = ("dlm", "ar", "block")
+
+
 @dataclass
 class ModelArgs:
     """Architecture; saved as config.json in a model directory."""
 
-    model_type: str = "dlm"  # "dlm" (bidirectional, t-conditioned) or "ar" (causal)
+    model_type: str = "dlm"  # "dlm" (bidirectional, t-conditioned), "ar" (causal) or "block" (block diffusion)
     vocab_size: int = 66
     dim: int = 256
     n_layers: int = 10
@@ -43,19 +50,24 @@ class ModelArgs:
     time_cond: bool = True  # add Linear(1, dim)(t) to every position
     output_bias: bool = True
     tie_embeddings: bool = False
-    logit_shift: bool = False  # Dream: position i's logits come from hidden state i-1 (position 0 from its own)
+    logit_shift: bool = False  # Dream: position i's logits come from hidden state i-1 (position 0 from its own);
+    # block models: applied by diffusion.shifted_block_logits (a block's first position from the clean copy)
+    block_size: int = 0  # block models: positions denoised together (B); 0 for the others
     dropout: float = 0.0  # residual dropout on the embeddings and each block's outputs while training
     subs_mask_id: int | None = None  # MDLM's SUBS: this (mask) id gets logit -inf, never probability
 
     def __post_init__(self) -> None:
-        choices = {"model_type": ("dlm", "ar"), "pos_emb": ("learned", "rope"),
+        choices = {"model_type": MODEL_TYPES, "pos_emb": ("learned", "rope"),
                    "norm": ("layernorm", "rmsnorm"), "mlp": ("relu", "gelu", "swiglu")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise UserError(f"model config: {field} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, field)!r}")
-        if self.model_type == "ar":
-            self.time_cond = False  # an AR model is not told a mask ratio
+        if self.model_type in ("ar", "block"):
+            self.time_cond = False  # not told a mask ratio (a block model has one per block)
+        if (self.model_type == "block") != (self.block_size >= 1) or self.block_size < 0:
+            raise UserError(f"model config: block_size must be at least 1 for a block model and 0 otherwise, "
+                            f"got {self.block_size} for model_type {self.model_type!r}")
         if self.dim % self.n_heads:
             raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -132,19 +144,29 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
         self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
 
-    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int) -> mx.array:
+    def _rope(self, a: mx.array, offset, copies: int) -> mx.array:
+        """Rotary positions from the offset; with copies > 1 each copy of the window starts at the offset."""
+        if copies == 1:
+            return self.rope(a, offset=offset)
+        B, H, L, D = a.shape
+        return self.rope(a.reshape(B, H, copies, L // copies, D), offset=offset).reshape(B, H, L, D)
+
+    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int, attn_mask: mx.array | None = None,
+                 copies: int = 1) -> mx.array:
         B, L, D = x.shape
         q, k, v = mx.split(self.qkv(x), self.split, axis=-1)
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k, v = (a.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (k, v))
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
-            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+            q, k = self._rope(q, offset, copies), self._rope(k, offset, copies)
+        mask = attn_mask  # the caller's (block diffusion), over the cache's buffer when there is one
         if cache is None:
-            mask = "causal" if self.causal else None
+            mask = "causal" if self.causal and mask is None else mask
         else:  # attend over the preallocated buffer: causal models mask what is not yet written,
             k, v = cache.update(layer, k, v)  # a diffusion model's buffer holds exactly its sequence
-            mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None] if self.causal else None
+            if self.causal and mask is None:
+                mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, D)
         return self.out_proj(out) if self.out_proj is not None else out
@@ -175,8 +197,9 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)  # no parameters; the identity at 0 or in eval mode
 
-    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int) -> mx.array:
-        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer))
+    def __call__(self, x: mx.array, cache: "KVCache | None", layer: int, attn_mask: mx.array | None = None,
+                 copies: int = 1) -> mx.array:
+        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer, attn_mask, copies))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -222,6 +245,8 @@ class Model(nn.Module):
 
     With dropout > 0 it is active in training mode only (`model.train()`; `io.load` returns models in eval mode).
     AR models: `model(tokens, cache=KVCache(...))` continues from the cache's offset and advances it.
+    attn_mask (L, L) or, with a cache, (L, cache size) boolean (True: attend) replaces the model's own mask;
+    copies: tokens are that many copies of one window, each at the window's positions (see module docstring).
     """
 
     def __init__(self, args: ModelArgs):
@@ -239,25 +264,29 @@ class Model(nn.Module):
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=args.output_bias)
 
-    def __call__(self, tokens: mx.array, t: mx.array | None = None, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, t: mx.array | None = None, cache: KVCache | None = None,
+                 attn_mask: mx.array | None = None, copies: int = 1, advance: int | None = None) -> mx.array:
+        """advance: positions the cache's offset moves on by (default all L; block decoding writes a noisy
+        block's keys without keeping them)."""
         args = self.args
         L = tokens.shape[1]
         x = self.tok_emb(tokens)
         if args.pos_emb == "learned":
-            x = x + (self.pos_emb[:L] if cache is None else mx.take(self.pos_emb, cache.offset + mx.arange(L), axis=0))
+            span = mx.arange(L // copies) + (cache.offset if cache is not None else 0)
+            x = x + mx.tile(mx.take(self.pos_emb, span, axis=0), (copies, 1))
         if "t_proj" in self:
             if t is None:
                 raise ValueError("this diffusion model needs the mask ratio t (B,)")
             x = x + self.t_proj(t.astype(x.dtype).reshape(-1, 1, 1))
         x = self.emb_drop(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
+            x = layer(x, cache, i, attn_mask, copies)
         if cache is not None:
-            cache.advance(L)
+            cache.advance(L if advance is None else advance)
         if args.final_norm:
             x = self.norm(x)
         logits = self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
-        if args.logit_shift:  # predictions for position i sit at i-1 in such checkpoints: move them home
+        if args.logit_shift and args.model_type != "block":  # predictions for position i sit at i-1: move them home
             logits = mx.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
         if args.subs_mask_id is not None:
             banned = mx.arange(logits.shape[-1]) == args.subs_mask_id

@@ -22,13 +22,13 @@ One compiled function does a step on the device; nothing loops over positions or
 AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token; past the
 model's context, a compiled forward over the last max_seq_len tokens per token (nanoGPT's sliding window).
 
-Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder shares (the canvas,
+Block diffusion (model_type "block": blocks of B left to right, an exact KV cache): `block_decode.py`, with
+the same commit rule. Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder shares (the canvas,
 the step state, drawing tokens): `decoding.py`; the options and their checks: `options.py`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Iterator
@@ -36,46 +36,13 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .decoding import GenerationStep, build_canvas, filter_logits, sample_tokens, without_mask  # noqa: F401
+from .block_decode import check_block_options, decode_blocks
+from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule, commit_targets,  # noqa: F401
+                       filter_logits, sample_tokens, without_mask)
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401
 from .speculative import check_drafter, speculative_generate
-
-
-def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
-    """How many positions to commit at each step: sums to n, each >= 1 when steps <= n.
-
-    linear: even shares; cosine (MaskGIT): few early, many late (masked fraction cos(pi/2 * k/steps))."""
-    if kind not in SCHEDULES:
-        raise UserError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)})")
-    if kind == "linear":
-        remaining = [n - (n * k) // steps for k in range(steps + 1)]
-    else:
-        remaining = [math.floor(n * math.cos(math.pi / 2 * k / steps)) for k in range(steps + 1)]
-        for k in range(1, steps + 1):  # at least one commit per step, and room for one in each step left
-            remaining[k] = max(min(remaining[k], remaining[k - 1] - 1), steps - k)
-    return [remaining[k] - remaining[k + 1] for k in range(steps)]
-
-
-def _rank(score: mx.array) -> mx.array:
-    """0 for the highest score of each row, 1 for the next, ..."""
-    return mx.argsort(mx.argsort(-score, axis=-1), axis=-1)
-
-
-def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) -> tuple[mx.array, mx.array]:
-    """(score used to order commits, probability of the proposal) per position."""
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    prob = mx.exp(mx.take_along_axis(logp, proposal[..., None], axis=-1).squeeze(-1))
-    if strategy == "confidence":
-        return prob, prob
-    if strategy == "margin":
-        top2 = mx.topk(logp, 2, axis=-1)  # unsorted pair
-        return mx.exp(top2.max(axis=-1)) - mx.exp(top2.min(axis=-1)), prob
-    if strategy == "entropy":
-        p = mx.exp(logp)
-        return (p * mx.where(p > 0, logp, 0.0)).sum(axis=-1), prob  # -H: low entropy scores high
-    return mx.random.uniform(shape=proposal.shape, key=key), prob
 
 
 def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
@@ -86,10 +53,10 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
 
     (x, given, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). given marks the
     text the sampler never changes; active the positions this step may fill; conf holds each committed
-    token's confidence (for revision). alg_temp > 0: positions to commit are drawn from softmax(score /
-    alg_temp) without replacement (Dream) instead of taken in score order. cfg_scale > 0: classifier-free
+    token's confidence (for revision); the commit itself: `commit_rule`. cfg_scale > 0: classifier-free
     guidance against a pass with the given text masked (LLaDA), uncond + (cfg_scale + 1)(cond - uncond).
     """
+    commit = commit_rule(mask_id, strategy, temp, top_k, top_p, threshold, n_valid, alg_temp)
 
     def forward(x, xs):
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
@@ -103,26 +70,7 @@ def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: in
             uncond = mx.where(given, mx.array(mask_id, dtype=x.dtype), x)
             logits_u = forward(uncond, uncond)
             logits = logits_u + (cfg_scale + 1) * (logits - logits_u)
-        logits = without_mask(logits, mask_id, n_valid)
-        sample_key, score_key, order_key = mx.random.split(key, 3)
-        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(x.dtype)
-        score, prob = _scores(logits, proposal, strategy, score_key)
-        if alg_temp > 0:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise are a draw without replacement
-            score = score / alg_temp + mx.random.gumbel(shape=score.shape, key=order_key)
-        hidden = (xs == mask_id) & act
-        rank = _rank(mx.where(hidden, score, -mx.inf))
-        if threshold is None:
-            n_commit = hidden.sum(axis=1, keepdims=True) - target
-            committed = hidden & (rank < n_commit)
-        else:
-            committed = hidden & ((prob >= threshold) | (rank == 0))
-        xs = mx.where(committed, proposal, xs)
-        cs = mx.where(committed, prob, cs)
-        # Revision: hide again the lowest-confidence tokens committed by earlier steps.
-        earlier = act & (xs != mask_id) & ~committed
-        n_remask = mx.floor(remask_frac * earlier.sum(axis=1, keepdims=True))
-        remasked = earlier & (_rank(mx.where(earlier, -cs, -mx.inf)) < n_remask)
-        xs = mx.where(remasked, mask_id, xs)
+        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key)
         before = mx.zeros((x.shape[0], start), dtype=mx.bool_)
         after = mx.zeros((x.shape[0], x.shape[1] - stop), dtype=mx.bool_)
         return (mx.concatenate([x[:, :start], xs, x[:, stop:]], axis=1),
@@ -162,11 +110,7 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
         active = np.zeros(L, dtype=bool)
         active[block] = True
         active = mx.array(np.tile(active, (num_samples, 1)))
-        if threshold is None:
-            counts = commit_schedule(len(block), min(per_block, len(block)), o.schedule)
-            targets = [len(block) - sum(counts[:j + 1]) for j in range(len(counts))]
-        else:
-            targets = [0] * len(block)  # at most one pass per position; stops when the block is full
+        targets = commit_targets(len(block), per_block, o)
         for j, target in enumerate(targets):
             refresh = kv_cache is None or j == 0 or (o.cache_refresh and j % o.cache_refresh == 0)
             start = 0 if refresh else int(block[0])
@@ -180,7 +124,7 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
             yield x, committed, remasked, num_samples * ((end or L) - start) * (2 if o.cfg_scale else 1)
             if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
-        if len(stop_ids) and _all_stopped(x, stop_ids, positions[positions <= block[-1]]):
+        if len(stop_ids) and all_stopped(x, stop_ids, positions[positions <= block[-1]]):
             return
 
 
@@ -284,13 +228,16 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     seed, suffix, template = o.seed, o.suffix, o.template
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
-    is_ar = model.args.model_type == "ar"
+    kind = model.args.model_type
+    is_ar = kind == "ar"
     if is_ar and (suffix or template is not None):
         raise UserError("a suffix or template needs a diffusion model; this one is autoregressive")
-    if is_ar and not prompt:
-        prompt = "\n"  # an AR model needs context to start from; nanoGPT's sample.py starts from a newline
+    if kind == "block":
+        check_block_options(o, model.args.block_size)
+    if not prompt and (is_ar or (kind == "block" and model.args.logit_shift)):
+        prompt = "\n"  # a next-token head needs context to start from; nanoGPT's sample.py starts from a newline
     ids, editable = build_canvas(tokenizer, prompt, max_tokens, suffix, template)
-    if len(ids) > model.args.max_seq_len and not is_ar:  # AR models slide a window over longer text
+    if len(ids) > model.args.max_seq_len and kind == "dlm":  # AR models slide a window over longer text
         raise UserError(f"the canvas ({len(ids)} tokens: given text + --max-tokens) exceeds the model's context "
                         f"of {model.args.max_seq_len} tokens; shorten the text or lower --max-tokens")
     start = time.perf_counter()
@@ -299,6 +246,9 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
         keys = mx.random.split(mx.random.key(seed), max_tokens)
         steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in (
             _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples, n_valid)))
+    elif kind == "block":
+        steps_iter = decode_blocks(model, mask_id, ids, editable, mx.random.key(seed), o, n_valid,
+                                   getattr(tokenizer, "stop_ids", ()))
     else:
         steps_iter = ((x, c, r, n, 0.0) for x, c, r, n in _unmask(
             model, mask_id, ids, editable, mx.random.key(seed), o, n_valid, getattr(tokenizer, "stop_ids", ())))
@@ -312,13 +262,6 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
             generated_tokens=int((editable & (tokens != mask_id)).sum()), nfe=k + 1, forward_tokens=forwarded,
             elapsed=time.perf_counter() - start, prompt_seconds=prompt_seconds,
             prompt_pass_tokens=num_samples if is_ar else 0)
-
-
-def _all_stopped(x: mx.array, stop_ids, positions: np.ndarray) -> bool:
-    """Whether every row of the canvas holds a stop token at one of these positions."""
-    decided = x[:, mx.array(positions)]
-    return bool(mx.all(mx.any(mx.any(decided[..., None] == mx.array(list(stop_ids))[None, None], axis=-1),
-                              axis=-1)).item())
 
 
 def cut_at_stop(tokens: np.ndarray, editable: np.ndarray, stop_ids) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 In the order a step uses them, as in mlx-examples' transformer_lm loop:
 - `make_optimizer`: AdamW with warm-up and cosine decay, from plain values;
-- `training_loss`: the objective's loss function (diffusion ELBO or masked mean; next-token NLL for AR);
+- `training_loss`: the objective's loss function (diffusion ELBO or masked mean; block NELBO; next-token NLL for AR);
 - `make_train_step`: one compiled function (masks, loss, gradients, clipping, update, and the weights' moving
   average `ema_update`); on a multi-core CPU the batch is split over CPU streams (`default_cpu_streams`);
 - `make_evaluator`: validation over fixed windows and masks, comparable across steps.
@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import blas
-from .diffusion import ar_loss, diffusion_loss
+from .diffusion import ar_loss, block_loss, diffusion_loss
 from .model import Model
 
 DEFAULT_LR = 1e-3
@@ -150,10 +150,14 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
     return run
 
 
-def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified") -> Callable:
-    """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, or next-token NLL for AR."""
+def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified",
+                  t_per: str = "block") -> Callable:
+    """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, the block NELBO for block
+    models (mask ratios per block or per window: t_per), or next-token NLL for AR."""
     if model.args.model_type == "ar":
         return lambda model, batch, key=None, shard=(0, 1): ar_loss(model, batch)
+    if model.args.model_type == "block":
+        return partial(block_loss, mask_id=mask_id, t_per=t_per, t_sampling=t_sampling)
     return partial(diffusion_loss, mask_id=mask_id, loss=loss, t_sampling=t_sampling)
 
 

@@ -33,11 +33,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import blas, checkpoint, data
-from .diffusion import LOSSES, T_SAMPLING
+from .diffusion import LOSSES, T_PER, T_SAMPLING
 from .errors import UserError, given_flags, run_cli
 from .fileio import ensure_dir
 from .io import CONFIG_FILE, load
-from .model import INIT_SCHEMES, PRESETS, Model, ModelArgs, init_model, preset_args
+from .model import INIT_SCHEMES, MODEL_TYPES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
 # The training step lives in step.py, the stop watchdog in stop.py; their names stay importable from here.
 from .step import (DEFAULT_LR, DEFAULT_MIN_LR_RATIO, DEFAULT_WARMUP, DEFAULT_WEIGHT_DECAY, EMA_WARMUP,  # noqa: F401
@@ -54,11 +54,15 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_REPORT_EVERY = 10
 DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
+DEFAULT_BLOCK_SIZE = 4
+BOUNDS = {"dlm": "ELBO", "block": "block NELBO", "ar": "NLL"}  # what validation reports, per objective
+ADAPTABLE_FIELDS = {"dropout", "logit_shift"}  # --arch fields that --init-from may change (weights unchanged)
 
 # What defines a run: --resume takes these from the checkpoint, and refuses a flag that contradicts it.
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
-                "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed")
+                "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed", "block_size", "t_per",
+                "init_from")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -89,7 +93,12 @@ HELP = {
     "warmup": "linear warm-up steps",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the global gradient norm (0: off)",
-    "objective": "masked diffusion, or the matched autoregressive baseline (same Transformer, causal)",
+    "objective": "masked diffusion, the matched autoregressive baseline (same Transformer, causal), or block "
+        "diffusion (BD3-LM: blocks of --block-size left to right, denoised in parallel inside)",
+    "block_size": "block diffusion: positions per block (default 4)",
+    "t_per": "block diffusion: draw a mask ratio per block or per window",
+    "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
+        "--objective block or dlm); its architecture is kept (--arch may change dropout and logit_shift)",
     "loss": "diffusion loss",
     "t_sampling": "how mask ratios are drawn: one per bin across the batch, independently, or one for the "
         "whole batch (simple_dlm)",
@@ -135,7 +144,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=HELP["warmup"])
     p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY, help=HELP["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=1.0, help=HELP["grad_clip"])
-    p.add_argument("--objective", choices=("dlm", "ar"), default="dlm", help=HELP["objective"])
+    p.add_argument("--objective", choices=MODEL_TYPES, default="dlm", help=HELP["objective"])
+    p.add_argument("--block-size", type=int, default=None, help=HELP["block_size"])
+    p.add_argument("--t-per", choices=T_PER, default="block", help=HELP["t_per"])
+    p.add_argument("--init-from", metavar="DIR", help=HELP["init_from"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
     p.add_argument("--t-sampling", choices=T_SAMPLING, default="stratified", help=HELP["t_sampling"])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=HELP["dtype"])
@@ -157,7 +169,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def parse_arch(items: list[str]) -> dict:
     """--arch KEY=VALUE items as ModelArgs overrides (values read as JSON: numbers, true/false, or strings)."""
-    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size"}
+    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size", "block_size"}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -219,7 +231,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ema must be a decay in [0, 1) (0: off), got {args.ema}")
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-    parse_arch(args.arch)
+    if args.block_size is not None and (args.objective != "block" or not 1 <= args.block_size <= args.seq_len):
+        raise UserError(f"--block-size needs --objective block and must be in [1, --seq-len {args.seq_len}], "
+                        f"got {args.block_size}" + ("" if args.objective == "block" else f" with --objective {args.objective}"))
+    if args.objective == "block" and args.loss != "elbo":
+        raise UserError("--objective block trains the block NELBO: --loss masked-mean does not apply")
+    arch = parse_arch(args.arch)
+    if args.init_from and set(arch) - ADAPTABLE_FIELDS:
+        raise UserError(f"--init-from keeps {args.init_from}'s architecture: --arch may change only "
+                        f"{', '.join(sorted(ADAPTABLE_FIELDS))}, not {', '.join(sorted(set(arch) - ADAPTABLE_FIELDS))}")
 
 
 def _random_state() -> int:
@@ -289,8 +309,10 @@ class Run:
     def flops_per_step(self) -> float:
         """Forward + backward (~3x forward) FLOPs of one step over the global batch."""
         a = self.args
-        predicted = a.seq_len - (self.model.args.model_type == "ar")
-        return 3 * self.model.flops_per_token(a.seq_len) * a.batch_size * self.size * predicted
+        kind = self.model.args.model_type
+        forwarded = a.seq_len * (2 if kind == "block" else 1)  # block: the noisy and the clean copy
+        predicted = a.seq_len - (kind == "ar")
+        return 3 * self.model.flops_per_token(forwarded) * a.batch_size * self.size * forwarded * predicted / a.seq_len
 
 
 def _restore(out: Path, rank: int, size: int) -> dict:
@@ -301,12 +323,34 @@ def _restore(out: Path, rank: int, size: int) -> dict:
     return state if state is not None else checkpoint.restore(out)
 
 
+def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
+    """--init-from's weights and tokenizer as a model of --objective. A model started from an AR one keeps its
+    next-token head's meaning (logit_shift: a position is predicted from the output to its left) unless
+    --arch logit_shift=false (the SDAR choice)."""
+    source, tokenizer = load(args.init_from)
+    if any(name.endswith(".scales") for name, _ in tree_flatten(source.parameters())):
+        raise UserError(f"--init-from {args.init_from} is quantized; start from a float model")
+    config = source.args.to_dict()
+    config.update(model_type=args.objective, block_size=args.block_size if args.objective == "block" else 0)
+    if args.objective != "ar" and source.args.model_type == "ar":
+        config["logit_shift"] = True
+    config.update(parse_arch(args.arch))
+    if args.dropout:
+        config["dropout"] = args.dropout
+    model = Model(ModelArgs(**config))
+    model.update(tree_map(lambda p: p.astype(mx.float32), source.parameters()))
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
 def _new_model(args: argparse.Namespace, tokenizer) -> Model:
     overrides = parse_arch(args.arch)
     if args.dropout:
         overrides["dropout"] = args.dropout
     if args.subs:
         overrides["subs_mask_id"] = tokenizer.mask_id
+    if args.objective == "block":
+        overrides["block_size"] = args.block_size
     model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective, **overrides)
     return init_model(model_args, seed=args.seed, init=args.init)
 
@@ -315,6 +359,8 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     """Read the data, build or restore model, optimizer and random states, set up validation.
 
     On --resume the run's settings come from the checkpoint (see `resume_settings`)."""
+    if args.objective == "block" and args.block_size is None:
+        args = argparse.Namespace(**{**vars(args), "block_size": DEFAULT_BLOCK_SIZE})
     _check_args(args)
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
@@ -336,6 +382,9 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
             raise UserError(f"the data ({args.data or 'Tiny Shakespeare'}) differs from the corpus this checkpoint "
                             "was trained on (sha256 mismatch)")
         model, tokenizer = load(out)
+    elif args.init_from:
+        mx.random.seed(args.seed)  # dropout and the model's other draws
+        model, tokenizer = _adapted_model(args)
     else:
         tokenizer = _build_tokenizer(args, text)
         model = _new_model(args, tokenizer)
@@ -384,7 +433,10 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
 def _banner(run: Run) -> str:
     a, m = run.args, run.model
     arch = f", arch {a.arch}" if a.arch else ""
-    return (f"mlx_dlm.train: {m.args.model_type} model ({a.preset} preset{arch}, {a.init} init), "
+    origin = f"from {a.init_from}" if a.init_from else f"{a.preset} preset{arch}, {a.init} init"
+    block = f", blocks of {m.args.block_size}" + (", shifted" if m.args.logit_shift else "") \
+        if m.args.model_type == "block" else ""
+    return (f"mlx_dlm.train: {m.args.model_type} model ({origin}{block}), "
             f"{m.num_params() / 1e6:.2f}M parameters, vocab {run.tokenizer.vocab_size} ({run.tokenizer.kind}), "
             f"{len(run.train_tokens):,} train tokens, batch {a.batch_size} x {a.seq_len}"
             + (f" per process x {run.size} processes = effective batch {a.batch_size * run.size}"
@@ -446,7 +498,7 @@ def _validate(run: Run, log: _Logger) -> float:
     p = run.progress
     with _inference_weights(run):
         val = run.evaluate()
-        bound = ("ELBO" if run.model.args.model_type == "dlm" else "NLL") + (", EMA weights" if run.ema else "")
+        bound = BOUNDS[run.model.args.model_type] + (", EMA weights" if run.ema else "")
         row = {"step": p.step, "val_loss": val, "val_bpc": val / math.log(2) / run.chars_per_token,
                "train_seconds": p.train_seconds, "flops": p.flops}
         log.line(f"Iter {p.step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
@@ -482,7 +534,7 @@ def _stopping(run: Run, stop: StopRequest) -> bool:
 def _loop(run: Run, log: _Logger, stop: StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
-    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling)
+    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling, a.t_per)
     run.model.train()  # dropout on while training (`_inference_weights` switches it off)
     train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1,
                                  streams=run.cpu_streams, shard=(run.rank, run.size), ema=run.ema,

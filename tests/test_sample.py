@@ -99,7 +99,7 @@ def test_errors(tiny):
 
 def test_all_stopped_matches_numpy_row_by_row():
     """True only when every row holds one of the stop ids at one of the given positions."""
-    from mlx_dlm.sample import _all_stopped
+    from mlx_dlm.decoding import all_stopped
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -107,7 +107,7 @@ def test_all_stopped_matches_numpy_row_by_row():
         positions = np.sort(rng.choice(9, size=rng.integers(1, 5), replace=False))
         stop_ids = sorted(set(rng.integers(0, 6, size=rng.integers(1, 4)).tolist()))
         want = bool(np.isin(x[:, positions], stop_ids).any(axis=1).all())
-        assert _all_stopped(mx.array(x), stop_ids, positions) == want, (x, positions, stop_ids)
+        assert all_stopped(mx.array(x), stop_ids, positions) == want, (x, positions, stop_ids)
 
 
 def test_completion_reports_why_it_ended():

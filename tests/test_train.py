@@ -513,7 +513,7 @@ def test_training_flags_are_refused_at_their_bounds_and_accepted_next_to_them():
     fields = "attn_out_proj, bias, dim, dropout"  # the start of ModelArgs' sorted field names
     assert user_error(train._check_args, parse(["--arch", "n_layers"])).startswith(
         f"--arch 'n_layers': expected KEY=VALUE with KEY one of {fields}")
-    for field in ("model_type", "vocab_size"):  # set by --objective and by the tokenizer instead
+    for field in ("model_type", "vocab_size", "block_size"):  # set by --objective, the tokenizer, --block-size
         assert f", {field}" not in user_error(train.parse_arch, [f"{field}=2"])
 
 

@@ -1,0 +1,201 @@
+"""Block diffusion: the [noisy; clean] layout and its mask, the block NELBO, adaptation from an AR model
+(--init-from), and decoding with an exact KV cache against recomputing everything."""
+
+import json
+
+import mlx_dlm  # noqa: F401  (OpenBLAS under MLX)
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY_TRAIN, cli_error, untrained, user_error
+
+from mlx_dlm import train
+from mlx_dlm.block_decode import decode_blocks
+from mlx_dlm.decoding import build_canvas
+from mlx_dlm.diffusion import ar_loss, block_attention_mask, block_logits, block_loss
+from mlx_dlm.eval import block_nelbo
+from mlx_dlm.io import load
+from mlx_dlm.model import Model, ModelArgs
+from mlx_dlm.options import SamplerOptions
+from mlx_dlm.sample import generate
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
+
+
+def _as_block(model, block_size: int, shift: bool) -> Model:
+    """A block model with model's weights."""
+    config = model.args.to_dict() | {"model_type": "block", "block_size": block_size, "logit_shift": shift}
+    block = Model(ModelArgs(**config))
+    block.update(model.parameters())
+    return block
+
+
+def _block_model(block_size=4, shift=True, pos_emb="rope", seed=4):
+    ar, tok = untrained(TEXT, 64, model_type="ar", seed=seed)
+    if pos_emb == "learned":
+        return _as_block(ar, block_size, shift), tok
+    config = ar.args.to_dict() | {"pos_emb": "rope"}
+    rope = Model(ModelArgs(**config))
+    rope.update({k: v for k, v in ar.parameters().items() if k != "pos_emb"})
+    return _as_block(rope, block_size, shift), tok
+
+
+def test_block_mask_follows_its_definition():
+    L, B = 10, 3  # a last block shorter than B
+    block = np.arange(L) // B
+    want = np.zeros((2 * L, 2 * L), dtype=bool)
+    for i in range(L):
+        for j in range(L):
+            want[i, j] = block[i] == block[j]  # noisy sees its own noisy block
+            want[i, L + j] = block[j] < block[i]  # and earlier clean blocks
+            want[L + i, L + j] = block[j] <= block[i]  # clean sees clean up to its own block
+    np.testing.assert_array_equal(np.array(block_attention_mask(L, B)), want)
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_one_forward_over_noisy_and_clean_equals_a_forward_per_block(pos_emb, shift):
+    """The 2L layout (both copies at the same positions, one mask) gives each noisy block the logits of a
+    forward over just [clean blocks before it; the noisy block] under block-causal attention."""
+    model, tok = _block_model(4, shift, pos_emb)
+    B, L = 4, 18
+    rng = np.random.default_rng(0)
+    clean = mx.array(rng.integers(1, tok.vocab_size, (2, L)).astype(np.int32))
+    noisy = mx.where(mx.array(rng.random((2, L)) < 0.5), tok.mask_id, clean)
+    got = block_logits(model, noisy, clean)
+    for b in range(-(-L // B)):
+        end = min(L, (b + 1) * B)
+        seq = mx.concatenate([clean[:, :b * B], noisy[:, b * B:end]], axis=1)
+        blocks = mx.arange(end) // B
+        want = model(seq, attn_mask=blocks[None, :] <= blocks[:, None])
+        if shift:  # the first position of a block reads the clean output before it; the others their left neighbour
+            prev = model(clean[:, :end], attn_mask=blocks[None, :] <= blocks[:, None])
+            first = prev[:, b * B - 1:b * B] if b else prev[:, :1]  # position 0: given, never predicted
+            want = mx.concatenate([first, want[:, b * B:end - 1]], axis=1)
+        else:
+            want = want[:, b * B:end]
+        np.testing.assert_allclose(np.array(got[:, b * B:end]), np.array(want), atol=2e-5)
+
+
+def test_shifted_blocks_of_one_are_the_ar_model_exactly():
+    """With the shift and B = 1, every prediction is the AR model's next-token distribution, whatever is
+    masked; so the block NELBO of AR weights is their exact NLL in expectation (each hidden token weighted by
+    1/t, hidden with probability t). Checked to 5 standard errors of the mean of 200 draws (a false alarm
+    rate below 1e-6 for a normal mean)."""
+    ar, tok = untrained(TEXT, 64, model_type="ar")
+    model = _as_block(ar, 1, True)
+    tokens = mx.array(tok.encode_array(TEXT)[:2 * 32].reshape(2, 32))
+    masked = mx.full(tokens.shape, tok.mask_id, dtype=tokens.dtype)
+    np.testing.assert_allclose(np.array(block_logits(model, masked, tokens)[:, 1:]),
+                               np.array(ar(tokens)[:, :-1]), atol=2e-5)
+    nll = ar_loss(ar, tokens).item()
+    draws = np.array([block_loss(model, tokens, tok.mask_id, key=mx.random.key(i)).item() for i in range(200)])
+    assert abs(draws.mean() - nll) < 5 * draws.std() / np.sqrt(len(draws))
+
+
+@pytest.mark.parametrize("t_per", ["block", "sequence"])
+def test_block_loss_against_numpy(t_per):
+    """The loss equals a numpy computation from the same draws: cross-entropy of the hidden positions, each
+    weighted by 1/t of its block (or window), over the predicted positions, averaged over windows."""
+    model, tok = _block_model(4, shift=False)
+    tokens = mx.array(np.random.default_rng(1).integers(1, tok.vocab_size, (3, 16)).astype(np.int32))
+    key = mx.random.key(7)
+    got = block_loss(model, tokens, tok.mask_id, t_per=t_per, key=key).item()
+    from mlx_dlm.diffusion import block_t
+
+    t_key, mask_key = mx.random.split(key)
+    t = np.array(block_t(3, 16, 4, t_per, key=t_key))
+    if t_per == "block":
+        assert (t.reshape(3, 4, 4) == t.reshape(3, 4, 4)[:, :, :1]).all() and len(np.unique(t)) == 12
+    else:
+        assert (t == t[:, :1]).all()
+    hidden = np.array(mx.random.uniform(shape=(3, 16), key=mask_key)) < t
+    noisy = np.where(hidden, tok.mask_id, np.array(tokens))
+    logits = np.array(block_logits(model, mx.array(noisy), tokens), dtype=np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, np.array(tokens)[..., None], -1)[..., 0]
+    want = (np.where(hidden, ce / t, 0.0).sum(1) / 16).mean()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def _decode(model, tok, prompt, options, exact, length=23):
+    ids, editable = build_canvas(tok, prompt, length)
+    x = None
+    for x, *_ in decode_blocks(model, tok.mask_id, ids, editable, mx.random.key(3), options, None, (), exact):
+        pass
+    return np.array(x)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("prompt", ["F", "First Ci", "First Citizen:\n"])  # inside, at the end of, past a block
+@pytest.mark.parametrize("options", [
+    SamplerOptions(temp=0, steps=23), SamplerOptions(temp=1.0, steps=12, seed=1, num_samples=2),
+    SamplerOptions(temp=0.8, threshold=0.3, strategy="margin", num_samples=2),
+    SamplerOptions(temp=1.0, steps=23, remask=0.5, top_k=5)], ids=["greedy", "seeded", "threshold", "remask"])
+def test_cached_decoding_equals_recomputing_everything(shift, prompt, options):
+    """Token for token: the KV cache (prefill, the finished block folded into the next block's first pass, noisy
+    passes over the cache) against a full forward over the canvas in the training layout for every pass."""
+    model, tok = _block_model(4, shift)
+    cached = _decode(model, tok, prompt, options, True)
+    np.testing.assert_array_equal(cached, _decode(model, tok, prompt, options, False))
+    assert (cached != tok.mask_id).all()
+
+
+def test_block_generation_keeps_the_prompt_and_counts_its_passes():
+    model, tok = _block_model(4)
+    steps = list(mlx_dlm.stream_generate(model, tok, "First", max_tokens=11, steps=8, temp=0))
+    # Positions 0-15 in blocks of 4: block 0 is prompt (prefilled); block 1 holds the prompt's "t" and 3 masks;
+    # 8 steps over 3 blocks: 2 passes each. Rows run: block 1, 4 + 4; blocks 2 and 3 fold the finished block
+    # into their first pass, 8 + 4 each.
+    assert len(steps) == 6 and steps[-1].generated_tokens == 11
+    assert tok.decode(steps[-1].tokens[0]).startswith("First")
+    assert steps[-1].forward_tokens == 8 + 12 + 12
+
+
+def test_block_models_refuse_what_they_cannot_do():
+    model, tok = _block_model(4)
+    assert "left to right" in user_error(generate, model, tok, "A", suffix="end")
+    assert "--cfg-scale" in user_error(generate, model, tok, "A", cfg_scale=1.0)
+    assert "blocks of 4" in user_error(generate, model, tok, "A", block_length=8)
+    assert "context" in user_error(generate, model, tok, "A", max_tokens=64)
+    assert "block_size" in user_error(ModelArgs, model_type="block")
+    assert "block_size" in user_error(ModelArgs, model_type="dlm", block_size=4)
+
+
+@pytest.fixture(scope="module")
+def adapted_dir(tmp_path_factory, small_text_path, tiny_ar_dir):
+    out = tmp_path_factory.mktemp("models") / "block"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "6", "--eval-every", "3",
+                *TINY_TRAIN, "--objective", "block", "--block-size", "4", "--init-from", str(tiny_ar_dir)])
+    return out
+
+
+def test_init_from_an_ar_model_adapts_its_weights_and_records_the_block(adapted_dir, tiny_ar_dir):
+    config = json.loads((adapted_dir / "config.json").read_text())
+    assert config["model_type"] == "block" and config["block_size"] == 4 and config["logit_shift"] is True
+    model, tok = load(adapted_dir)
+    ar, _ = load(tiny_ar_dir)
+    change = float(mx.abs(model.lm_head.weight - ar.lm_head.weight).max())
+    assert 0 < change < 0.05  # trained from the AR weights: 6 steps move them, but not far
+    text = generate(model, tok, "ROMEO:", max_tokens=9, steps=9, seed=0)
+    assert text.startswith("ROMEO:") and len(text) == 15
+
+
+def test_adapted_run_resumes_and_eval_reports_the_block_nelbo(adapted_dir, small_text_path):
+    train.main(["--out", str(adapted_dir), "--resume", "--iters", "8", "--data", str(small_text_path)])
+    rows = [json.loads(line) for line in (adapted_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 8
+    model, tok = load(adapted_dir)
+    windows = tok.encode_array(TEXT * 4)[:4 * 32].reshape(4, 32)
+    est = block_nelbo(model, windows, tok.mask_id, draws=3, batch_size=2)
+    assert est.draws == 3 and 0.5 < est.mean < 6 and est.half_width > 0
+
+
+def test_train_flags_for_blocks_are_checked(capsys, tiny_ar_dir, tmp_path):
+    base = ["--out", str(tmp_path / "x"), "--iters", "1"]
+    assert "--objective block" in cli_error(capsys, train.main, [*base, "--block-size", "4"])
+    assert "--block-size" in cli_error(capsys, train.main, [*base, "--objective", "block", "--block-size", "0"])
+    assert "masked-mean" in cli_error(capsys, train.main, [*base, "--objective", "block", "--loss", "masked-mean"])
+    assert "architecture" in cli_error(capsys, train.main, [*base, "--objective", "block", "--init-from",
+                                                            str(tiny_ar_dir), "--arch", "dim=32"])
+    assert not (tmp_path / "x").exists()
