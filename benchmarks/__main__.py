@@ -1,6 +1,7 @@
-"""`mlx_dlm.benchmark [train|learn|profile|simple-dlm-sampler] ...`: decode throughput (DLM vs AR), training
-speed (`train`), learning speed of recipes (`learn`), an op-level profile of a training step (`profile`), or
-sampling speed against simple_dlm's own PyTorch sampler (`simple-dlm-sampler`)."""
+"""`mlx_dlm.benchmark [train|learn|profile|passes|simple-dlm-sampler] ...`: decode throughput (DLM vs AR),
+training speed (`train`), learning speed of recipes (`learn`), an op-level profile of a training step
+(`profile`), the cost of one block-diffusion pass against an AR step (`passes`), or sampling speed against
+simple_dlm's own PyTorch sampler (`simple-dlm-sampler`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 from mlx_dlm.errors import run_cli
 
-from . import learn, profile, sampler_speed, throughput, train_speed
+from . import learn, pass_cost, profile, sampler_speed, throughput, train_speed
 
 
 def _main(argv: list[str] | None) -> None:
@@ -19,6 +20,8 @@ def _main(argv: list[str] | None) -> None:
         learn.main(argv[1:])
     elif argv and argv[0] == "profile":
         profile.main(argv[1:])
+    elif argv and argv[0] == "passes":
+        pass_cost.main(argv[1:])
     elif argv and argv[0] == "simple-dlm-sampler":
         sampler_speed.main(argv[1:])
     else:

@@ -2,10 +2,12 @@
 
     mlx_dlm.benchmark --preset tiny --trials 3 --out results.json          # random weights: speed only
     mlx_dlm.benchmark --dlm shakespeare-dlm --ar shakespeare-ar --out results.json --plot results.png
+    mlx_dlm.benchmark --dlm shakespeare-dlm --ar shakespeare-ar --block shakespeare-block --block-steps 1,2,4
 
 - `_plan`: the rows. Each generates --max-tokens after the prompt, at every batch size: the DLM over
   steps x strategies, confidence thresholds, semi-autoregressive blocks without cache, with the prefix
-  cache and with the dual cache, and remasking; AR with its KV cache over temperatures x top-k.
+  cache and with the dual cache, and remasking; AR with its KV cache over temperatures x top-k; with --block, a
+  block-diffusion model over passes per block and thresholds; with --draft-lengths, speculative rows.
 - `_run`: a warm-up run (compilation), then --trials timed runs: median, min and max tokens/s.
 - `_add_quality` (trained models only): every row of one sampler setting gets the quality of all the
   samples that setting produced (every trial, every batch size): per-character perplexity (genPPL) under each
@@ -15,7 +17,8 @@
   infill accuracy.
 - `equal_quality`: the headline. A DLM setting matches the AR at a temperature when, under every judge, its
   genPPL is at most (1 + --tolerance) x the AR's and its diversity is the AR's (distinct-4 >= 0.95x, entropy
-  >= the AR's - 0.1 bits). Per batch size and AR setting: the fastest matching DLM setting. And the frontier
+  >= the AR's - 0.1 bits). Per batch size and AR setting: the fastest matching DLM setting, and the fastest
+  matching block-diffusion setting. And the frontier
   ratio: the DLM's Pareto frontier (of settings as diverse as the AR's default) against the AR's, interpolated in
   log space at the AR default's genPPL, per judge (`frontier.py`).
 - `plot`: tokens/s against genPPL (both frontiers, the real-text level as a line; one panel per judge and batch
@@ -31,7 +34,8 @@ import mlx.core as mx
 
 from mlx_dlm import data
 from mlx_dlm.errors import UserError
-from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, char_entropy, check_independent,
+from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, block_nelbo, char_entropy,
+                          check_independent,
                           distinct_ngrams, dlm_elbo, generative_perplexity, infill_accuracy, load_judges, ngram_count,
                           reference_texts, val_windows)
 from mlx_dlm.io import load
@@ -110,6 +114,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="also speculative rows (batch 1, each --ar-temps value): the DLM drafts this many tokens a "
                         "round, the AR verifies; the output is the AR's own distribution")
     p.add_argument("--draft", help="drafter of the speculative rows (default: --dlm)")
+    p.add_argument("--block", help="also a block-diffusion model (model_type block) as a contestant")
+    p.add_argument("--block-steps", type=_int_list, default=[1, 2, 4],
+                   help="block rows: denoising passes per block (each --temp value)")
+    p.add_argument("--block-thresholds", type=_float_list, default=[],
+                   help="also block rows that commit every proposal at least this confident, e.g. 0.9,0.7")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
                    help="batch sizes (samples decoded together)")
     p.add_argument("--temp", type=_float_list, default=[1.0],
@@ -152,6 +161,24 @@ def _models(args: argparse.Namespace):
     return dlm, ar, True
 
 
+def _block_contestant(args: argparse.Namespace, trained: bool):
+    """(model, tokenizer) of --block, or None."""
+    if not args.block:
+        return None
+    if not trained:
+        raise UserError("--block is a trained contestant: pass it with --dlm and --ar, not --preset")
+    block = load(args.block)
+    if block[0].args.model_type != "block":
+        raise UserError(f"--block {args.block} is not a block-diffusion model (model_type block)")
+    return block
+
+
+def _blocks_to_decode(model, tokenizer, prompt: str, max_tokens: int) -> int:
+    """Blocks a block model decodes for max_tokens after prompt (the one holding the prompt's end included)."""
+    B, P = model.args.block_size, len(tokenizer.encode(prompt))
+    return -(-(P + max_tokens) // B) - P // B
+
+
 def _run(model, tokenizer, prompt, trials, draft=None, extra_samples=0, **options) -> tuple[dict, list[str]]:
     """Warm-up, then `trials` timed generations; timing stats and the texts of every trial (with a drafter: also
     tokens per round and the share of rounds that kept each draft position), and of extra_samples untimed
@@ -188,15 +215,20 @@ def _draft_stats(kept: list[int], draft_length: int) -> dict:
             "acceptance_by_position": acceptance_by_position(kept, draft_length)}
 
 
-def _model_quality(text: str, dlm, dlm_tok, ar, ar_tok) -> dict:
-    """Validation loss of both models (nats/token) and the DLM's infill accuracy on held-out windows."""
+def _model_quality(text: str, dlm, dlm_tok, ar, ar_tok, block=None) -> dict:
+    """Validation loss of the models (nats/token) and the DLM's infill accuracy on held-out windows."""
     windows = [val_windows(tok.encode_array(text), min(128, m.args.max_seq_len), max_windows=VAL_WINDOWS)
                for m, tok in ((dlm, dlm_tok), (ar, ar_tok))]
     quality = {"dlm_val_elbo": dlm_elbo(dlm, windows[0], dlm_tok.mask_id, draws=VAL_DRAWS).mean,
                "ar_val_nll": ar_nll(ar, windows[1]).mean,
                "dlm_infill_accuracy": infill_accuracy(dlm, dlm_tok.mask_id, windows[0])}
-    print(f"Validation (nats/token): DLM ELBO {quality['dlm_val_elbo']:.3f}, AR NLL {quality['ar_val_nll']:.3f}; "
-          f"DLM infill accuracy {quality['dlm_infill_accuracy']:.3f}")
+    line = f"DLM ELBO {quality['dlm_val_elbo']:.3f}, AR NLL {quality['ar_val_nll']:.3f}"
+    if block is not None:
+        model, tok = block
+        block_windows = val_windows(tok.encode_array(text), min(128, model.args.max_seq_len), max_windows=VAL_WINDOWS)
+        quality["block_val_nelbo"] = block_nelbo(model, block_windows, tok.mask_id, draws=VAL_DRAWS).mean
+        line += f", block NELBO {quality['block_val_nelbo']:.3f}"
+    print(f"Validation (nats/token): {line}; DLM infill accuracy {quality['dlm_infill_accuracy']:.3f}")
     return quality
 
 
@@ -205,25 +237,30 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_tokens < 1 or args.trials < 1:
         raise UserError("--max-tokens and --trials must be at least 1")
     (dlm, dlm_tok), (ar, ar_tok), trained = _models(args)
+    block = _block_contestant(args, trained)
     info = machine_info()
     info["matmul_gflops"] = matmul_gflops()
     print(f"Machine: {describe(info)}; fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")
     print(f"DLM {dlm.num_params() / 1e6:.2f}M params, AR {ar.num_params() / 1e6:.2f}M params, "
           f"{'trained' if trained else 'random weights'}; {args.max_tokens} tokens after {args.prompt!r}")
     corpus = data.read_corpus(args.data) if trained else None  # read once: validation, judges, reference
-    judges = _judges(args, corpus, dlm, ar) if trained else []
-    quality = _model_quality(corpus, dlm, dlm_tok, ar, ar_tok) if trained else {}
+    judges = _judges(args, corpus, dlm, ar, block) if trained else []
+    quality = _model_quality(corpus, dlm, dlm_tok, ar, ar_tok, block) if trained else {}
     peak_ok = backend() != "cpu"
     rows, texts = [], []
     drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
     for kind, batch, options, variant in _plan(args):
-        model, tok = (dlm, dlm_tok) if kind == "dlm" else (ar, ar_tok)
+        model, tok = {"dlm": (dlm, dlm_tok), "block": block}.get(kind, (ar, ar_tok))
+        per_block = options.pop("steps_per_block", None)
+        if per_block:  # passes per block, as the sampler's total over the blocks
+            options["steps"] = per_block * _blocks_to_decode(model, tok, args.prompt, args.max_tokens)
         if peak_ok:
             mx.reset_peak_memory()
         extra = args.trials * (sum(args.batch_size) - 1) if kind == "spec" else 0  # batch 1 only: as many samples
         stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None, extra,
                                 max_tokens=args.max_tokens, num_samples=batch, **options)
-        strategy = {"dlm": options.get("strategy"), "ar": "kv-cache", "spec": "speculative"}[kind]
+        strategy = {"dlm": options.get("strategy"), "ar": "kv-cache", "spec": "speculative",
+                    "block": "confidence"}[kind]
         row = {"model": kind, "strategy": strategy, "variant": variant,
                "steps": stats["nfe"] if kind != "ar" else None, "batch_size": batch, "max_tokens": args.max_tokens,
                **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
@@ -234,6 +271,9 @@ def run(args: argparse.Namespace) -> dict:
             row["roofline_fraction"] = row["gflops_per_sec"] / info["matmul_gflops"]
         elif kind == "ar":
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
+        elif kind == "block":
+            row["block_size"] = model.args.block_size
+            row["steps_per_block"] = stats["nfe"] / _blocks_to_decode(model, tok, args.prompt, args.max_tokens)
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
         row["sample"] = row_texts[0][:80]
@@ -261,10 +301,13 @@ def _drafter(args: argparse.Namespace, dlm, ar, ar_tok):
     return draft
 
 
-def _judges(args: argparse.Namespace, corpus: str, dlm, ar) -> list:
+def _judges(args: argparse.Namespace, corpus: str, dlm, ar, block=None) -> list:
     """The judges that score every setting's samples, refused if one has a contestant's weights (unless allowed)."""
     judges = load_judges(args.judge or list(DEFAULT_JUDGES), corpus)
-    check_independent(judges, {f"--dlm {args.dlm}": dlm, f"--ar {args.ar}": ar}, args.allow_self_judge)
+    contestants = {f"--dlm {args.dlm}": dlm, f"--ar {args.ar}": ar}
+    if block is not None:
+        contestants[f"--block {args.block}"] = block[0]
+    check_independent(judges, contestants, args.allow_self_judge)
     for j in judges:
         print(f"Judge {j.name}" + (f" (self-judged: it has the weights of {', '.join(j.self_judged)})"
                                    if j.self_judged else ""))
@@ -314,40 +357,50 @@ def _diverse(dlm: dict, ar: dict) -> bool:
 
 
 def equal_quality(rows: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> list[dict]:
-    """Per batch size: for each AR setting (the first is its default), the fastest DLM setting that matches it
-    (`matches`; None if none does) and its speed over the AR's; and per judge the frontier ratio: the DLM's
-    frontier (settings as diverse as the AR's default) over the AR's, at the AR default's genPPL."""
+    """Per batch size: for each AR setting (the first is its default), the fastest DLM setting and the fastest
+    block-diffusion setting that match it (`matches`; None if none does) and their speed over the AR's; and per
+    judge the frontier ratio: the DLM's frontier (settings as diverse as the AR's default) over the AR's, at the AR
+    default's genPPL (the block model's beside it, under "block")."""
     summary = []
     for batch in sorted({r["batch_size"] for r in rows}):
         ars = [r for r in rows if r["model"] == "ar" and r["batch_size"] == batch]
         dlm = [r for r in rows if r["model"] == "dlm" and r["batch_size"] == batch]
-        if not ars or not dlm:
+        blocks = [r for r in rows if r["model"] == "block" and r["batch_size"] == batch]
+        if not ars or not (dlm or blocks):
             continue
         default = ars[0]
         spec = [r for r in rows if r["model"] == "spec" and r["batch_size"] == batch]
         per_ar = []
         for ar in ars:
-            fastest = max((r for r in dlm if matches(r, ar, tolerance)), key=lambda r: r["tokens_per_sec"],
-                          default=None)
             same = [r for r in spec if r["temp"] == ar["temp"] and not ar.get("top_k")]  # the AR's distribution
             fastest_spec = max(same, key=lambda r: r["tokens_per_sec"], default=None)
-            per_ar.append({"ar": _brief(ar, ar), "fastest_match": _brief(fastest, ar),
+            per_ar.append({"ar": _brief(ar, ar), "fastest_match": _brief(_fastest_match(dlm, ar, tolerance), ar),
+                           "block_match": _brief(_fastest_match(blocks, ar, tolerance), ar),
                            "speculative": _brief(fastest_spec, ar)})
         frontier = {}
         for judge, ppl in default["gen_ppl"].items():
             ar_front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in ars if r["gen_ppl"].get(judge)])
-            dlm_front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in dlm
-                                if r["gen_ppl"].get(judge) and _diverse(r, default)])
-            speed = speed_at(dlm_front, ppl) if ppl else None
-            frontier[judge] = {"ar_frontier": ar_front, "dlm_frontier": dlm_front, "at_gen_ppl": ppl,
-                               "dlm_tokens_per_sec": speed,
-                               "speed_ratio": speed / default["tokens_per_sec"] if speed else None,
-                               "dlm_best_gen_ppl": dlm_front[0][0] if dlm_front else None}
+            frontier[judge] = {"ar_frontier": ar_front, "at_gen_ppl": ppl, **_frontier(dlm, default, judge, ppl),
+                               "block": _frontier(blocks, default, judge, ppl) if blocks else None}
         ratios = [f["speed_ratio"] for f in frontier.values()]
         summary.append({"batch_size": batch, "ar_default": _brief(default, default), "per_ar_setting": per_ar,
                         "frontier": frontier,
                         "frontier_ratio": None if None in ratios or not ratios else min(ratios)})
     return summary
+
+
+def _fastest_match(rows: list[dict], ar: dict, tolerance: float) -> dict | None:
+    return max((r for r in rows if matches(r, ar, tolerance)), key=lambda r: r["tokens_per_sec"], default=None)
+
+
+def _frontier(rows: list[dict], default: dict, judge: str, ppl: float | None) -> dict:
+    """The Pareto frontier of rows as diverse as the AR's default, and its speed at the AR default's genPPL."""
+    front = pareto([(r["gen_ppl"][judge], r["tokens_per_sec"]) for r in rows
+                    if r["gen_ppl"].get(judge) and _diverse(r, default)])
+    speed = speed_at(front, ppl) if ppl else None
+    return {"dlm_frontier": front, "dlm_tokens_per_sec": speed,
+            "speed_ratio": speed / default["tokens_per_sec"] if speed else None,
+            "dlm_best_gen_ppl": front[0][0] if front else None}
 
 
 def _brief(r: dict | None, ar: dict) -> dict | None:
@@ -363,6 +416,9 @@ def _label(r: dict) -> str:
         return f"spec K{r['draft_length']} T{r['temp']:g}"
     if r["model"] == "ar":
         return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
+    if r["model"] == "block":
+        how = f"thr{r['threshold']:g}" if r.get("threshold") else f"{r['steps_per_block']:g}/block"
+        return f"BD{r['block_size']} {how} T{r['temp']:g}"
     head = r["variant"] if r["variant"] != "-" else f"{r['strategy']} {r['steps']}"
     return f"DLM {head} T{r['temp']:g}"
 
@@ -391,6 +447,9 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
             ar, m = item["ar"], item["fastest_match"]
             found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x"
                      if m else "no DLM setting matches")
+            blk = item["block_match"]
+            if blk:
+                found += f"; fastest block match {_label(blk)}: {blk['tokens_per_sec']:.1f} tok/s = {blk['speedup']:.2f}x"
             spec = item["speculative"]
             if spec:
                 found += (f"; speculative {_label(spec)} (the AR's own distribution): "
@@ -405,6 +464,11 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
                 ratio = "no DLM setting is as diverse as the AR's default"
             print(f"  batch {s['batch_size']}, frontier under {judge} at the AR default's genPPL "
                   f"{f['at_gen_ppl']:.2f}: {ratio}")
+            b = f.get("block")
+            if b:
+                best = f"{b['dlm_best_gen_ppl']:.2f}" if b["dlm_best_gen_ppl"] else "none as diverse as the AR"
+                print("    block diffusion: " + (f"{b['speed_ratio']:.2f}x the AR's speed" if b["speed_ratio"] else
+                                                 f"the frontiers do not overlap (its best genPPL: {best})"))
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
@@ -419,6 +483,11 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
             for j, k in enumerate(args.ar_top_k):
                 label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
                 plan.append(("ar", b, dict(temp=temp, top_k=k), label))
+        if args.block:
+            plan += [("block", b, dict(steps_per_block=k, temp=temp), f"bd{k}") for temp in args.temp
+                     for k in args.block_steps]
+            plan += [("block", b, dict(threshold=p, temp=temp), f"bd-thr{p:g}") for temp in args.temp
+                     for p in args.block_thresholds]
         if b == 1:  # speculative decoding runs one sample at a time
             plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
                      for k in args.draft_lengths]
@@ -460,6 +529,8 @@ def _family(row: dict) -> str:
         return "AR, KV cache (temperature, top-k)"
     if row["model"] == "spec":
         return "speculative: DLM drafts K, AR verifies"
+    if row["model"] == "block":
+        return f"block diffusion B={row['block_size']} (passes per block, threshold)"
     v = row["variant"]
     if v == "-":
         return f"DLM {row['strategy']}, steps 8-128"

@@ -44,7 +44,7 @@ def check_block_options(o: SamplerOptions, block_size: int) -> None:
                         f"{o.block_length}")
 
 
-def _cached_pass(model, cache: KVCache, block_size: int, fold: bool):
+def cached_pass(model, cache: KVCache, block_size: int, fold: bool):
     """Logits (noisy block, first-position logits) of one cached pass; fold: the finished block before it too.
 
     Called with the cache's offset at the first row's position; the offset moves on past the clean block."""
@@ -67,7 +67,7 @@ def _make_block_step(model, mask_id: int, o: SamplerOptions, n_valid: int | None
     first) for the block at `start` (an array: one compiled step serves every block)."""
     B = model.args.block_size
     commit = commit_rule(mask_id, o.strategy, o.temp, o.top_k, o.top_p, o.threshold, n_valid, o.alg_temp)
-    cached = _cached_pass(model, cache, B, fold) if cache is not None else None
+    cached = cached_pass(model, cache, B, fold) if cache is not None else None
 
     def logits_of(x, start, first):
         if cached is None:  # the reference: the whole canvas in the training layout

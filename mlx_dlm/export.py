@@ -62,8 +62,10 @@ def build(model, tokenizer):
         raise UserError("ONNX export needs the onnx package: pip install 'mlx-dlm[onnx]'") from None
     a = model.args
     if a.model_type != "dlm":
-        raise UserError("ONNX export covers diffusion models (simple_dlm's contract: tokens and mask ratio in); "
-                        "this model is autoregressive")
+        kind = {"ar": "autoregressive", "block": "a block-diffusion model (its decoding needs a KV cache and a "
+                "block mask, which this graph does not take)"}.get(a.model_type, a.model_type)
+        raise UserError("ONNX export covers full-sequence diffusion models (simple_dlm's contract: tokens and mask "
+                        f"ratio in); this model is {kind}")
     W = _weights(model)
     if any(k.endswith(".scales") for k in W):
         raise UserError("ONNX export of quantized weights is not supported: export the float model (convert "

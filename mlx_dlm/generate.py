@@ -94,6 +94,10 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
             warn(f"{flags(ignored)} only apply to diffusion models; {args.model} is autoregressive and decodes "
                  "one token per forward pass")
         return
+    if model_type == "block" and {"cache", "cache_refresh"} & given:
+        warn(f"{flags(sorted({'cache', 'cache_refresh'} & given))} ignored: a block model always decodes with its "
+             "exact KV cache")
+        return
     if "cache_refresh" in given and not args.cache:
         warn("--cache-refresh has no effect without --cache")
     if args.threshold is not None and {"steps", "schedule"} & given:

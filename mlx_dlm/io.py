@@ -136,9 +136,10 @@ def write_model_card(directory: str | os.PathLike, args: ModelArgs, n_params: in
     name: what the model is called (default: the directory's name)."""
     a = args
     name = name or Path(directory).name
-    kind = "a masked diffusion LM" if a.model_type == "dlm" else "an autoregressive LM"
+    kind = {"dlm": "a masked diffusion LM", "ar": "an autoregressive LM",
+            "block": f"a block-diffusion LM (blocks of {a.block_size}, an exact KV cache)"}[a.model_type]
     lines = [
-        "---", "library_name: mlx", "tags: [mlx, mlx-dlm" + (", diffusion-language-model" if a.model_type == "dlm"
+        "---", "library_name: mlx", "tags: [mlx, mlx-dlm" + (", diffusion-language-model" if a.model_type != "ar"
                                                                else "") + "]", "---", "",
         f"# {name}", "",
         f"{kind[0].upper()}{kind[1:]} for mlx-dlm ([MLX](https://github.com/ml-explore/mlx)): {a.n_layers} layers, width {a.dim}, "

@@ -1,6 +1,7 @@
 """Block diffusion: the [noisy; clean] layout and its mask, the block NELBO, adaptation from an AR model
 (--init-from), and decoding with an exact KV cache against recomputing everything."""
 
+import importlib
 import json
 
 import mlx_dlm  # noqa: F401  (OpenBLAS under MLX)
@@ -199,3 +200,38 @@ def test_train_flags_for_blocks_are_checked(capsys, tiny_ar_dir, tmp_path):
     assert "architecture" in cli_error(capsys, train.main, [*base, "--objective", "block", "--init-from",
                                                             str(tiny_ar_dir), "--arch", "dim=32"])
     assert not (tmp_path / "x").exists()
+
+
+def test_generate_command_on_a_block_model(adapted_dir, capsys):
+    generate_command = importlib.import_module("mlx_dlm.generate")  # the package's `generate` is the function
+    generate_command.main(["--model", str(adapted_dir), "--prompt", "AB", "--max-tokens", "10", "--threshold", "0.5",
+                           "--verbose", "false", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("AB") and len(out) == len("AB") + 10 + 1
+    assert "left to right" in cli_error(capsys, generate_command.main, ["--model", str(adapted_dir), "--suffix", "x"])
+
+
+def test_the_server_serves_a_block_model(adapted_dir):
+    import http.client
+    import threading
+
+    from mlx_dlm.server import make_server
+
+    server = make_server(str(adapted_dir), port=0, max_queue=2, max_body=4096, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def post(body):
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+            conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+
+        status, reply = post({"prompt": "AB", "max_tokens": 9, "temperature": 0, "seed": 0})
+        assert status == 200 and len(reply["choices"][0]["text"]) == 9
+        model, tok = load(adapted_dir)
+        assert "AB" + reply["choices"][0]["text"] == generate(model, tok, "AB", max_tokens=9, temp=0)
+        status, reply = post({"prompt": "AB", "suffix": "Z", "max_tokens": 9})
+        assert status == 400 and "left to right" in reply["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -49,6 +49,13 @@ def test_export_refuses_what_it_cannot_write(tmp_path, tiny_ar_dir, capsys):
         export.main(["onnx", "--model", str(tiny_ar_dir), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and len(err.splitlines()) == 1 and "autoregressive" in err
+    block = init_model(preset_args("tiny", vocab_size=TOK.vocab_size, model_type="block", block_size=4), seed=0)
+    mlx_dlm.save_model(tmp_path / "b", block, TOK)
+    with pytest.raises(SystemExit) as exc:
+        export.main(["onnx", "--model", str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "block-diffusion" in err
+    assert not (tmp_path / "o").exists()
     model = init_model(preset_args("tiny", vocab_size=TOK.vocab_size), seed=0)
     mlx_dlm.model.quantize(model, group_size=32, bits=4)
     mlx_dlm.save_model(tmp_path / "q", model, TOK, extra={"quantization": {"group_size": 32, "bits": 4}})

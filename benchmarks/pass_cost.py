@@ -1,0 +1,107 @@
+"""The cost of one pass at batch 1: a block model's pass over B (or 2B, folded) positions against an AR model's
+decode step, with a KV cache already holding `context` positions.
+
+    mlx_dlm.benchmark passes --ar shakespeare-ar --block shakespeare-block --contexts 64,256,512,960
+
+Each pass is the model's forward alone, compiled, as the samplers run it (`block_decode`'s cached pass, the AR's
+one-token step); --trials timed passes after a warm-up, the median reported. A block model beats the AR at equal
+tokens per pass only when its pass costs less than (tokens committed per pass) x the AR's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from mlx_dlm.block_decode import cached_pass
+from mlx_dlm.errors import UserError
+from mlx_dlm.io import load
+from mlx_dlm.model import KVCache
+
+from .machine import describe, machine_info, write_results
+from .throughput import _int_list
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx_dlm.benchmark passes", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ar", required=True, help="autoregressive model (directory or shipped name)")
+    p.add_argument("--block", required=True, help="block-diffusion model")
+    p.add_argument("--contexts", type=_int_list, default=_int_list("64,256,512,960"),
+                   help="positions already in the cache")
+    p.add_argument("--trials", type=int, default=200, help="timed passes per row")
+    p.add_argument("--out", help="write the rows and machine info as JSON")
+    return p
+
+
+def _median_ms(call, reset, trials: int) -> float:
+    times = []
+    for i in range(trials + 5):  # 5 warm-up passes (compilation)
+        reset()
+        tic = time.perf_counter()
+        mx.eval(call())
+        if i >= 5:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e3
+
+
+def ar_step_ms(model, context: int, trials: int) -> float:
+    cache = KVCache(model.args, 1, context + 1)
+    step = mx.compile(lambda token: model(token, cache=cache, advance=0), inputs=[model.state, cache.state],
+                      outputs=[cache.state])
+    token = mx.zeros((1, 1), dtype=mx.int32)
+
+    def reset():
+        cache.state["offset"] = mx.array(context, dtype=mx.int32)
+
+    return _median_ms(lambda: step(token), reset, trials)
+
+
+def block_pass_ms(model, context: int, trials: int, fold: bool) -> float:
+    B = model.args.block_size
+    cache = KVCache(model.args, 1, context + 2 * B)
+    run = mx.compile(cached_pass(model, cache, B, fold), inputs=[model.state, cache.state], outputs=[cache.state])
+    window = mx.zeros((1, 2 * B if fold else B), dtype=mx.int32)
+    first = mx.zeros((1, model.args.vocab_size))
+
+    def reset():
+        cache.state["offset"] = mx.array(context - (B if fold else 0), dtype=mx.int32)
+
+    return _median_ms(lambda: run(window, first), reset, trials)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    ar, _ = load(args.ar)
+    block, _ = load(args.block)
+    if ar.args.model_type != "ar" or block.args.model_type != "block":
+        raise UserError("--ar takes an autoregressive model and --block a block-diffusion model")
+    too_long = [c for c in args.contexts if c + 2 * block.args.block_size > min(ar.args.max_seq_len,
+                                                                                block.args.max_seq_len)]
+    if too_long:
+        raise UserError(f"--contexts {too_long} do not fit the models' context")
+    info = machine_info()
+    B = block.args.block_size
+    print(f"Machine: {describe(info)}; batch 1; block size {B}")
+    print(f"{'context':>8} {'AR ms/token':>12} {'block ms/pass':>14} {'folded ms/pass':>15} {'pass / AR step':>15}")
+    rows = []
+    for context in args.contexts:
+        row = {"context": context, "ar_ms_per_token": ar_step_ms(ar, context, args.trials),
+               "block_ms_per_pass": block_pass_ms(block, context, args.trials, fold=False),
+               "folded_ms_per_pass": block_pass_ms(block, context, args.trials, fold=True), "block_size": B}
+        row["pass_over_ar_step"] = row["block_ms_per_pass"] / row["ar_ms_per_token"]
+        rows.append(row)
+        print(f"{context:>8} {row['ar_ms_per_token']:>12.3f} {row['block_ms_per_pass']:>14.3f} "
+              f"{row['folded_ms_per_pass']:>15.3f} {row['pass_over_ar_step']:>15.2f}", flush=True)
+    return {"machine": info, "args": vars(args), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    results = run(args)
+    if args.out:
+        write_results(args.out, results)
