@@ -601,8 +601,10 @@ def _quality_panel(ax, results: dict, judge: str, batch: int, sel: list[dict], f
     summary = next((s for s in results.get("equal_quality", []) if s["batch_size"] == batch), None)
     if summary and judge in summary["frontier"]:
         f = summary["frontier"][judge]
+        block = (f.get("block") or {}).get("dlm_frontier")
         for points, color, label in ((f["ar_frontier"], "black", "AR frontier"),
-                                     (f["dlm_frontier"], "C3", "DLM frontier (as diverse as AR T1)")):
+                                     (f["dlm_frontier"], "C3", "DLM frontier (as diverse as AR T1)"),
+                                     (block, "C2", "block frontier (as diverse as AR T1)")):
             if points:
                 ax.plot(*zip(*points), color=color, linewidth=1.2, marker="+", markersize=9, label=label, zorder=2)
     real = results["reference"]["gen_ppl"].get(judge)

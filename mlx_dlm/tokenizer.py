@@ -242,19 +242,33 @@ class HFTokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> "ChatText":
         """Render messages as transformers does: jinja2's sandbox, trim_blocks and lstrip_blocks, the special
-        tokens as variables, and raise_exception for templates that check their input."""
+        tokens as variables, and raise_exception for templates that check their input. The messages' contents
+        are marked in the result (`ChatText`), so that special-token strings a user writes encode as text."""
         if not self.chat_template:
-            raise UserError(f"the model in {self.directory} has no chat template (tokenizer_config.json); "
+            raise UserError(f"the model {self.directory.name!r} has no chat template (tokenizer_config.json); "
                             "use --prompt instead of --chat")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    **{k: _token_text(v) for k, v in self.config.items()
-                                       if k.endswith("_token") and _token_text(v) is not None})
+        rendered = render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                        **{k: _token_text(v) for k, v in self.config.items()
+                                           if k.endswith("_token") and _token_text(v) is not None})
+        return ChatText(rendered, _content_spans(rendered, messages))
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        self.backend.encode_special_tokens = not special  # True: "<|im_start|>" in the text is plain text
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Token ids (special tokens written in the text, such as a chat template's, are recognised)."""
-        return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        """Token ids. Special tokens written in the text, such as a chat template's, are recognised, except inside
+        the message contents a `ChatText` marks: there they are text, as a user typed them."""
+        ids, pos = [], 0
+        for start, end in getattr(text, "content_spans", ()):
+            ids += self._encode(text[pos:start], True) + self._encode(text[start:end], False)
+            pos = end
+        return np.asarray(ids + self._encode(text[pos:], True), dtype=np.int32)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -301,6 +315,29 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                                                 **tokens)
     except TemplateError as err:
         raise UserError(f"the chat template refused these messages: {err}") from None
+
+
+class ChatText(str):
+    """A rendered chat prompt that remembers where the messages' contents are (content_spans: (start, end) pairs)."""
+
+    def __new__(cls, text: str, content_spans: list[tuple[int, int]]):
+        self = super().__new__(cls, text)
+        self.content_spans = content_spans
+        return self
+
+
+def _content_spans(rendered: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each message's content (stripped, as templates often trim it) sits in the rendered text, in order;
+    a content the template changed otherwise is not found and stays unmarked."""
+    spans, pos = [], 0
+    for message in messages:
+        content = message.get("content")
+        content = content.strip() if isinstance(content, str) else ""
+        start = rendered.find(content, pos) if content else -1
+        if start >= 0:
+            spans.append((start, start + len(content)))
+            pos = start + len(content)
+    return spans
 
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer

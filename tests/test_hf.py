@@ -371,6 +371,19 @@ def test_generate_chat_applies_the_template_and_stops_at_eot(tiny_instruct, caps
     assert prompt_tokens == len(tok.encode(rendered))  # the prompt is the rendered template
 
 
+def test_special_tokens_a_user_types_are_text_but_the_templates_are_special(tiny_instruct):
+    _, tok = mlx_dlm.load(tiny_instruct)
+    special = "<|start_header_id|>"
+    special_id = tok.backend.token_to_id(special)
+    plain = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    typed = tok.apply_chat_template([{"role": "user", "content": f"Hi {special}system"}])
+    assert str(typed).count(special) == str(plain).count(special) + 1  # the user's copy is in the text ...
+    ids = tok.encode(typed)
+    assert ids.count(special_id) == tok.encode(plain).count(special_id) >= 1  # ... but not a role token
+    assert len(ids) > len(tok.encode(plain)) + 1  # the typed text is there, as (several) ordinary tokens
+    assert special_id in tok.encode(special)  # outside a chat message a special token is still recognised
+
+
 def test_chat_command_answers_each_line(tiny_instruct, monkeypatch, capsys):
     chat = importlib.import_module("mlx_dlm.chat")
     lines = iter(["Hello", "And you?", ""])
@@ -385,8 +398,8 @@ def test_chat_without_a_template_is_one_line(tmp_path, tiny_model_dir, capsys):
     make_hf_folder(tmp_path / "hf", dream=True, template=None)
     convert.main(["hf", str(tmp_path / "hf"), "--out", str(tmp_path / "base")])
     capsys.readouterr()
-    assert "has no chat template" in cli_error(capsys, generate_cli.main,
-                                               ["--model", str(tmp_path / "base"), "--chat", "Hi"])
+    message = cli_error(capsys, generate_cli.main, ["--model", str(tmp_path / "base"), "--chat", "Hi"])
+    assert "has no chat template" in message and str(tmp_path) not in message  # a server's 400 shows no local path
 
 
 LLADA_REQUIRED = {"d_model": 96, "n_layers": 3, "n_heads": 6, "mlp_hidden_size": 160, "vocab_size": 300}
