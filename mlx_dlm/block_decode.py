@@ -25,7 +25,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from .decoding import all_stopped, commit_rule, commit_targets
+from .decoding import all_stopped, commit_rule, commit_targets, numbers
 from .diffusion import block_logits, shifted_block_logits
 from .errors import UserError
 from .model import KVCache, memoize_on_model
@@ -61,12 +61,12 @@ def cached_pass(model, cache: KVCache, block_size: int, fold: bool):
     return run
 
 
-def _make_block_step(model, mask_id: int, o: SamplerOptions, n_valid: int | None, cache: KVCache | None,
+def _make_block_step(model, mask_id: int, strategy: str, top_k: int, n_valid: int | None, cache: KVCache | None,
                      fold: bool):
-    """Compiled: (x, active, conf, target, remask_frac, key, start, first) -> (x, conf, committed, remasked,
-    first) for the block at `start` (an array: one compiled step serves every block)."""
+    """Compiled: (x, active, conf, target, remask_frac, key, start, first, nums) -> (x, conf, committed, remasked,
+    first) for the block at `start` (an array: one compiled step serves every block); nums: `decoding.numbers`."""
     B = model.args.block_size
-    commit = commit_rule(mask_id, o.strategy, o.temp, o.top_k, o.top_p, o.threshold, n_valid, o.alg_temp)
+    commit = commit_rule(mask_id, strategy, top_k, n_valid)
     cached = cached_pass(model, cache, B, fold) if cache is not None else None
 
     def logits_of(x, start, first):
@@ -79,10 +79,10 @@ def _make_block_step(model, mask_id: int, o: SamplerOptions, n_valid: int | None
             logits = shifted_block_logits(logits, mx.broadcast_to(first[:, None], logits.shape), B)
         return logits, first
 
-    def step(x, active, conf, target, remask_frac, key, start, first):
+    def step(x, active, conf, target, remask_frac, key, start, first, nums):
         logits, first = logits_of(x, start, first)
         xs, act, cs = (mx.slice(a, start[None], (1,), (x.shape[0], B)) for a in (x, active, conf))
-        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key)
+        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key, nums)
         zeros = mx.zeros(x.shape, dtype=mx.bool_)
         return (mx.slice_update(x, xs, start[None], (1,)), mx.slice_update(conf, cs, start[None], (1,)),
                 mx.slice_update(zeros, committed, start[None], (1,)),
@@ -121,10 +121,13 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
     cache = memoize_on_model(model, ("block-cache", num_samples, padded),
                              lambda: KVCache(model.args, num_samples, padded)) if exact_cache else None
 
+    nums = numbers(o)
+
     def step_fn(fold: bool):
-        options = (mask_id, o.strategy, o.temp, o.top_k, o.top_p, o.threshold, n_valid, o.alg_temp)
-        return memoize_on_model(model, ("block", *options, fold, (num_samples, padded) if exact_cache else None),
-                                lambda: _make_block_step(model, mask_id, o, n_valid, cache, fold))
+        options = (mask_id, o.strategy, o.top_k, n_valid)
+        return memoize_on_model(model, ("block", *options, tuple(sorted(nums)), fold,
+                                        (num_samples, padded) if exact_cache else None),
+                                lambda: _make_block_step(model, *options, cache, fold))
 
     first_block, n_blocks = P // B, padded // B
     first = mx.zeros((num_samples, model.args.vocab_size))
@@ -146,7 +149,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
             frac = o.remask if j < len(targets) - 1 else 0.0
             x, conf, committed, remasked, first = step_fn(fold)(
                 x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key,
-                mx.array(b * B, dtype=mx.int32), first)
+                mx.array(b * B, dtype=mx.int32), first, nums)
             rows = (2 if fold else 1) * B if exact_cache else 2 * padded
             yield x[:, :L], committed[:, :L], remasked[:, :L], num_samples * rows, prompt_seconds
             if o.threshold is not None and not mx.any((x == mask_id) & active).item():

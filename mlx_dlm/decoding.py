@@ -50,12 +50,29 @@ class GenerationStep:
         return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
 
 
-def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0) -> mx.array:
+NUMBERS = ("temp", "top_p", "threshold", "alg_temp", "cfg_scale")  # options that reach compiled steps as arrays
+OFF = {"temp": 0.0, "top_p": 1.0, "threshold": None, "alg_temp": 0.0, "cfg_scale": 0.0}  # each one's "off" value
+
+
+def numbers(o: SamplerOptions) -> dict[str, mx.array]:
+    """The plain-number options that are on, as arrays: compiled steps take them as inputs, so a new temperature
+    or threshold reuses the compiled step. Which of them are on (`sorted(numbers(o))`) is part of a step's memo key:
+    an option that is off (temperature 0: greedy; top_p 1; no threshold) changes what is computed."""
+    return {name: mx.array(getattr(o, name), dtype=mx.float32) for name in NUMBERS
+            if getattr(o, name) is not None and getattr(o, name) != OFF[name]}
+
+
+def option_on(value, off) -> bool:
+    """Whether an option (a Python number, or an array: on by construction of `numbers`) is on."""
+    return isinstance(value, mx.array) or (value is not None and value != off)
+
+
+def filter_logits(logits: mx.array, top_k: int = 0, top_p: float | mx.array = 1.0) -> mx.array:
     """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = mx.sort(logits, axis=-1)[..., -top_k, None]
         logits = mx.where(logits < kth, -mx.inf, logits)
-    if top_p < 1.0:
+    if option_on(top_p, 1.0):
         order = mx.argsort(-logits, axis=-1)
         ranked = mx.take_along_axis(logits, order, axis=-1)
         probs = mx.softmax(ranked, axis=-1)
@@ -65,9 +82,11 @@ def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0) -> mx.ar
     return logits
 
 
-def sample_tokens(logits: mx.array, key: mx.array, temp: float, top_k: int = 0, top_p: float = 1.0) -> mx.array:
-    """Draw one token per row of logits (..., V): greedy at temp 0, else categorical over filtered logits."""
-    if temp == 0:
+def sample_tokens(logits: mx.array, key: mx.array, temp: float | mx.array, top_k: int = 0,
+                  top_p: float | mx.array = 1.0) -> mx.array:
+    """Draw one token per row of logits (..., V): greedy at temp 0, else categorical over filtered logits.
+    temp and top_p: numbers, or arrays (`numbers`)."""
+    if not option_on(temp, 0.0):
         return mx.argmax(logits, axis=-1)
     return mx.random.categorical(filter_logits(logits / temp, top_k, top_p), key=key)
 
@@ -139,21 +158,22 @@ def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) 
     return mx.random.uniform(shape=proposal.shape, key=key), prob
 
 
-def commit_rule(mask_id: int, strategy: str, temp: float, top_k: int, top_p: float, threshold: float | None,
-                 n_valid: int | None, alg_temp: float):
+def commit_rule(mask_id: int, strategy: str, top_k: int, n_valid: int | None):
     """The part of a step every diffusion decoder shares: from the logits over a window, propose, score and commit.
 
-    commit(logits, xs, act, cs, target, remask_frac, key) -> (xs, cs, committed, remasked) over the window.
-    act marks the positions this step may fill; cs holds each committed token's confidence (for revision).
-    alg_temp > 0: positions to commit are drawn from softmax(score / alg_temp) without replacement (Dream)
-    instead of taken in score order."""
+    commit(logits, xs, act, cs, target, remask_frac, key, nums) -> (xs, cs, committed, remasked) over the window.
+    act marks the positions this step may fill; cs holds each committed token's confidence (for revision); nums:
+    `numbers` (temperature, top_p, threshold, alg_temp; those absent are off). alg_temp: positions to commit are
+    drawn from softmax(score / alg_temp) without replacement (Dream) instead of taken in score order."""
 
-    def commit(logits, xs, act, cs, target, remask_frac, key):
+    def commit(logits, xs, act, cs, target, remask_frac, key, nums):
+        threshold, alg_temp = nums.get("threshold"), nums.get("alg_temp")
         logits = without_mask(logits, mask_id, n_valid)
         sample_key, score_key, order_key = mx.random.split(key, 3)
-        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p).astype(xs.dtype)
+        proposal = sample_tokens(logits, sample_key, nums.get("temp", 0.0), top_k, nums.get("top_p", 1.0))
+        proposal = proposal.astype(xs.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
-        if alg_temp > 0:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise are a draw without replacement
+        if alg_temp is not None:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise: a draw without replacement
             score = score / alg_temp + mx.random.gumbel(shape=score.shape, key=order_key)
         hidden = (xs == mask_id) & act
         rank = _rank(mx.where(hidden, score, -mx.inf))

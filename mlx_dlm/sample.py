@@ -38,39 +38,39 @@ import numpy as np
 
 from .block_decode import check_block_options, decode_blocks
 from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule, commit_targets,  # noqa: F401
-                       filter_logits, sample_tokens, without_mask)
+                       filter_logits, numbers, sample_tokens, without_mask)
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401
 from .speculative import check_drafter, speculative_generate
 
 
-def _make_unmask_step(model, mask_id: int, strategy: str, temp: float, top_k: int, top_p: float,
-                      threshold: float | None, n_valid: int | None, alg_temp: float, cfg_scale: float, start: int,
+def _make_unmask_step(model, mask_id: int, strategy: str, top_k: int, n_valid: int | None, start: int,
                       cache: KVCache | None, end: int | None = None):
     """Compiled step over the window x[:, start:end] (a strict part of the canvas only with a cache: the
     prefix cache forwards from the block's start to the end, the dual cache the block alone).
 
-    (x, given, active, conf, target, remask_frac, key) -> (x, conf, committed, remasked). given marks the
+    (x, given, active, conf, target, remask_frac, key, nums) -> (x, conf, committed, remasked). given marks the
     text the sampler never changes; active the positions this step may fill; conf holds each committed
-    token's confidence (for revision); the commit itself: `commit_rule`. cfg_scale > 0: classifier-free
-    guidance against a pass with the given text masked (LLaDA), uncond + (cfg_scale + 1)(cond - uncond).
+    token's confidence (for revision); nums: `decoding.numbers`; the commit itself: `commit_rule`. cfg_scale
+    (in nums): classifier-free guidance against a pass with the given text masked (LLaDA),
+    uncond + (cfg_scale + 1)(cond - uncond).
     """
-    commit = commit_rule(mask_id, strategy, temp, top_k, top_p, threshold, n_valid, alg_temp)
+    commit = commit_rule(mask_id, strategy, top_k, n_valid)
 
     def forward(x, xs):
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
         return model(xs, t, cache=cache) if cache is not None else model(x, t)
 
-    def step(x, given, active, conf, target, remask_frac, key):
+    def step(x, given, active, conf, target, remask_frac, key, nums):
         stop = x.shape[1] if end is None else end
         xs, act, cs = x[:, start:stop], active[:, start:stop], conf[:, start:stop]
         logits = forward(x, xs)
-        if cfg_scale > 0:  # never with a cache (checked): both passes see the whole canvas
+        if "cfg_scale" in nums:  # never with a cache (checked): both passes see the whole canvas
             uncond = mx.where(given, mx.array(mask_id, dtype=x.dtype), x)
             logits_u = forward(uncond, uncond)
-            logits = logits_u + (cfg_scale + 1) * (logits - logits_u)
-        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key)
+            logits = logits_u + (nums["cfg_scale"] + 1) * (logits - logits_u)
+        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key, nums)
         before = mx.zeros((x.shape[0], start), dtype=mx.bool_)
         after = mx.zeros((x.shape[0], x.shape[1] - stop), dtype=mx.bool_)
         return (mx.concatenate([x[:, :start], xs, x[:, stop:]], axis=1),
@@ -97,9 +97,12 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
     kv_cache = memoize_on_model(model, ("dlm-cache", num_samples, L), lambda: KVCache(model.args, num_samples, L)) \
         if use_cache else None
 
+    nums = numbers(o)
+
     def step_fn(start, end):
-        options = (mask_id, o.strategy, o.temp, o.top_k, o.top_p, threshold, n_valid, o.alg_temp, o.cfg_scale)
-        return memoize_on_model(model, ("unmask", *options, start, end, (num_samples, L) if use_cache else None),
+        options = (mask_id, o.strategy, o.top_k, n_valid)
+        return memoize_on_model(model, ("unmask", *options, tuple(sorted(nums)), start, end,
+                                        (num_samples, L) if use_cache else None),
                                 lambda: _make_unmask_step(model, *options, start, kv_cache, end))
 
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
@@ -120,7 +123,8 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
             key, step_key = mx.random.split(key)
             frac = remask if j < len(targets) - 1 else 0.0
             x, conf, committed, remasked = step_fn(start, end)(
-                x, given, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key)
+                x, given, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key,
+                nums)
             yield x, committed, remasked, num_samples * ((end or L) - start) * (2 if o.cfg_scale else 1)
             if threshold is not None and not mx.any(x[:, mx.array(block)] == mask_id).item():
                 break
@@ -128,32 +132,33 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
             return
 
 
-def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: int, temp: float, top_k: int,
-                     top_p: float, n_valid: int | None = None):
+def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: int, top_k: int,
+                     n_valid: int | None = None):
     """A KV cache for `cache_size` positions, the decode function (prefill, eager) and its compiled form (per
-    token), writing into a canvas of `length` positions."""
+    token), writing into a canvas of `length` positions. decode(tokens, x, key, nums): nums, `decoding.numbers`."""
     cache = KVCache(model.args, batch, cache_size)
     positions = mx.arange(length)
 
-    def decode(tokens: mx.array, x: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def decode(tokens: mx.array, x: mx.array, key: mx.array, nums: dict) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
-        token = sample_tokens(without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key, temp, top_k,
-                              top_p)
+        token = sample_tokens(without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key,
+                              nums.get("temp", 0.0), top_k, nums.get("top_p", 1.0))
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
 
     return cache, decode, mx.compile(decode, inputs=[model.state, cache.state], outputs=[cache.state])
 
 
-def _make_window_step(model, mask_id: int, temp: float, top_k: int, top_p: float, n_valid: int | None = None):
+def _make_window_step(model, mask_id: int, top_k: int, n_valid: int | None = None):
     """Compiled: the next token from a full forward over a window (B, max_seq_len) of the latest tokens."""
-    def step(window: mx.array, key: mx.array) -> mx.array:
-        return sample_tokens(without_mask(model(window)[:, -1], mask_id, n_valid), key, temp, top_k, top_p)
+    def step(window: mx.array, key: mx.array, nums: dict) -> mx.array:
+        return sample_tokens(without_mask(model(window)[:, -1], mask_id, n_valid), key, nums.get("temp", 0.0), top_k,
+                             nums.get("top_p", 1.0))
 
     return mx.compile(step, inputs=[model.state])
 
 
-def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_samples, n_valid=None):
+def _autoregress(model, mask_id, ids, max_tokens, nums, top_k, keys, num_samples, n_valid=None):
     """Left-to-right decoding; yields (canvas, committed, prompt seconds, positions forwarded per sample) per token.
 
     While the sequence fits the model's context, a KV cache; past it, as nanoGPT's sample.py does, each token
@@ -164,22 +169,22 @@ def _autoregress(model, mask_id, ids, max_tokens, temp, top_k, top_p, keys, num_
     tic, prompt_seconds, n = time.perf_counter(), None, P  # n: tokens known so far
     if P <= context:
         cached = min(total, context)  # cache positions 0..cached-1 feed the tokens of positions P..cached
-        cache, decode, step = memoize_on_model(model, ("ar", mask_id, num_samples, cached, total, temp, top_k, top_p, n_valid),
-                                    lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, temp, top_k,
-                                                             top_p, n_valid))
+        cache, decode, step = memoize_on_model(
+            model, ("ar", mask_id, num_samples, cached, total, tuple(sorted(nums)), top_k, n_valid),
+            lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, top_k, n_valid))
         cache.reset()
-        x, token, committed = decode(x[:, :P], x, keys[0])  # prefill: the whole prompt in one pass
+        x, token, committed = decode(x[:, :P], x, keys[0], nums)  # prefill: the whole prompt in one pass
         mx.eval(x)
         prompt_seconds = time.perf_counter() - tic
         yield x, committed, prompt_seconds, P
         for n in range(P + 1, min(cached + 1, total)):
-            x, token, committed = step(token, x, keys[n - P])
+            x, token, committed = step(token, x, keys[n - P], nums)
             yield x, committed, prompt_seconds, 1
         n += 1
-    window_step = memoize_on_model(model, ("ar-window", mask_id, temp, top_k, top_p, n_valid),
-                        lambda: _make_window_step(model, mask_id, temp, top_k, top_p, n_valid))
+    window_step = memoize_on_model(model, ("ar-window", mask_id, tuple(sorted(nums)), top_k, n_valid),
+                                   lambda: _make_window_step(model, mask_id, top_k, n_valid))
     for n in range(n, total):
-        token = window_step(x[:, n - context:n], keys[n - P])
+        token = window_step(x[:, n - context:n], keys[n - P], nums)
         committed = mx.broadcast_to(positions == n, x.shape)
         x = mx.where(committed, token[:, None].astype(x.dtype), x)
         if prompt_seconds is None:  # a prompt longer than the context: its first window is the prompt pass
@@ -224,7 +229,7 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
         check_drafter(model, draft_model, tokenizer)
         yield from speculative_generate(model, draft_model, tokenizer, prompt, o)
         return
-    max_tokens, num_samples, temp, top_k, top_p = o.max_tokens, o.num_samples, o.temp, o.top_k, o.top_p
+    max_tokens, num_samples, top_k = o.max_tokens, o.num_samples, o.top_k
     seed, suffix, template = o.seed, o.suffix, o.template
     mask_id = tokenizer.mask_id
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)  # never propose ids the tokenizer does not have
@@ -245,7 +250,7 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
         P = int((~editable).sum())
         keys = mx.random.split(mx.random.key(seed), max_tokens)
         steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in (
-            _autoregress(model, mask_id, ids[:P], max_tokens, temp, top_k, top_p, keys, num_samples, n_valid)))
+            _autoregress(model, mask_id, ids[:P], max_tokens, numbers(o), top_k, keys, num_samples, n_valid)))
     elif kind == "block":
         steps_iter = decode_blocks(model, mask_id, ids, editable, mx.random.key(seed), o, n_valid,
                                    getattr(tokenizer, "stop_ids", ()))

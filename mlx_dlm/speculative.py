@@ -25,7 +25,7 @@ import numpy as np
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import SamplerOptions
-from .decoding import GenerationStep, build_canvas, filter_logits, without_mask
+from .decoding import GenerationStep, build_canvas, filter_logits, numbers, option_on, without_mask
 
 
 def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
@@ -46,9 +46,10 @@ def _vocabulary(tokenizer) -> list[str]:
     return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size) if i != tokenizer.mask_id]
 
 
-def probabilities(logits: mx.array, temp: float, top_k: int, top_p: float) -> mx.array:
-    """The distribution a token is drawn from: softmax of the filtered logits / temp, one-hot at the argmax at 0."""
-    if temp == 0:
+def probabilities(logits: mx.array, temp, top_k: int, top_p) -> mx.array:
+    """The distribution a token is drawn from: softmax of the filtered logits / temp, one-hot at the argmax at 0.
+    temp and top_p: numbers, or arrays (`decoding.numbers`: on)."""
+    if not option_on(temp, 0.0):
         return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
     return mx.softmax(filter_logits(logits / temp, top_k, top_p), axis=-1)
 
@@ -72,22 +73,24 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array) -> tuple[m
     return kept, token
 
 
-def _make_round(model, draft_model, mask_id: int, n_valid: int | None, o: SamplerOptions, K: int, cache: KVCache):
-    """Compiled: (x (1, L), n (), key) -> (x, n, kept, token). x holds the known tokens before n and masks after."""
+def _make_round(model, draft_model, mask_id: int, n_valid: int | None, top_k: int, K: int, cache: KVCache):
+    """Compiled: (x (1, L), n (), key, nums) -> (x, n, kept, token). x holds the known tokens before n and masks
+    after; nums: `decoding.numbers` (temperature, top_p)."""
     positions = mx.arange(K)
 
-    def round_(x, n, key):
+    def round_(x, n, key, nums):
+        temp, top_p = nums.get("temp", 0.0), nums.get("top_p", 1.0)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / L
         q_logits = without_mask(mx.take(draft_model(x, t), n + positions, axis=1), mask_id, n_valid)
-        q = probabilities(q_logits, o.temp, o.top_k, o.top_p)
-        drafts = mx.random.categorical(mx.log(q), key=draft_key) if o.temp else mx.argmax(q, axis=-1)
+        q = probabilities(q_logits, temp, top_k, top_p)
+        drafts = mx.random.categorical(mx.log(q), key=draft_key) if "temp" in nums else mx.argmax(q, axis=-1)
         drafts = drafts.astype(x.dtype)
         cache.state["offset"] = n - 1  # roll back to the known text; the last known token goes in first
         last = mx.take(x, (n - 1)[None], axis=1)
         p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
-        p = probabilities(p_logits, o.temp, o.top_k, o.top_p)
+        p = probabilities(p_logits, temp, top_k, top_p)
         kept, token = accept(p, q, drafts, accept_key)
         written = mx.arange(L)[None] - n  # each canvas position's index in the round
         x = mx.where((written >= 0) & (written < kept[:, None]),
@@ -118,9 +121,10 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
         raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
                         f"({length} in all) within both models' context of {context}")
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
-    cache, round_ = memoize_on_model(model, ("speculative", id(draft_model), mask_id, n_valid, o.temp, o.top_k,
-                                            o.top_p, K, length), lambda: _build(model, draft_model, mask_id, n_valid,
-                                                                                o, K, length))
+    nums = numbers(o)
+    cache, round_ = memoize_on_model(model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)),
+                                            o.top_k, K, length),
+                                     lambda: _build(model, draft_model, mask_id, n_valid, o.top_k, K, length))
     x = mx.array(np.concatenate([ids, np.full(K, mask_id, dtype=np.int32)])[None])
     tic = time.perf_counter()
     cache.reset()
@@ -132,7 +136,7 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     done = P
     while done < total:
         key, round_key = mx.random.split(key)
-        x, n, kept, _ = round_(x, n, round_key)
+        x, n, kept, _ = round_(x, n, round_key, nums)
         tokens = np.array(x)
         kept, before, done = int(kept.item()), done, int(n.item())
         k += 1
@@ -162,6 +166,6 @@ def draft_report(kept: list[int], draft_length: int) -> str:
            f"P(draft 1..{draft_length} kept): {by_position}"
 
 
-def _build(model, draft_model, mask_id, n_valid, o, K, length):
+def _build(model, draft_model, mask_id, n_valid, top_k, K, length):
     cache = KVCache(model.args, 1, length + 1)
-    return cache, _make_round(model, draft_model, mask_id, n_valid, o, K, cache)
+    return cache, _make_round(model, draft_model, mask_id, n_valid, top_k, K, cache)

@@ -213,3 +213,22 @@ def test_random_strategy_commits_in_an_order_drawn_per_seed(tiny):
                                                       temp=0.0, seed=seed)).committed[0])[0]) for seed in range(8)]
     assert len(set(firsts)) >= 3 and firsts[0] == int(np.flatnonzero(next(stream_generate(
         model, tok, "A", max_tokens=16, steps=16, strategy="random", temp=0.0, seed=0)).committed[0])[0])
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("dlm", dict(temp=0.6, top_p=0.9)), ("dlm", dict(temp=0.8, threshold=0.5)), ("dlm", dict(temp=1.0, alg_temp=0.3)),
+    ("ar", dict(temp=0.6, top_p=0.9))], ids=["dlm-top-p", "dlm-threshold", "dlm-alg-temp", "ar-top-p"])
+def test_plain_number_options_are_inputs_not_compile_keys(kind, options, tiny_model_dir, tiny_ar_dir):
+    """A new temperature, top_p, threshold or alg_temp reuses the compiled step (no new memo entry), and gives
+    exactly what a model that compiled for that value alone gives (the value is an input, not a baked constant)."""
+    from mlx_dlm.io import load
+    from mlx_dlm.model import MEMO_ATTRIBUTE
+
+    model, tok = load(tiny_ar_dir if kind == "ar" else tiny_model_dir)
+    first = {k: v / 2 for k, v in options.items()}
+    mlx_dlm.generate(model, tok, "AB", max_tokens=12, steps=6, seed=3, **first)
+    entries = len(getattr(model, MEMO_ATTRIBUTE))
+    reused = mlx_dlm.generate(model, tok, "AB", max_tokens=12, steps=6, seed=3, **options)
+    assert len(getattr(model, MEMO_ATTRIBUTE)) == entries
+    fresh_model, _ = load(tiny_ar_dir if kind == "ar" else tiny_model_dir)
+    assert reused == mlx_dlm.generate(fresh_model, tok, "AB", max_tokens=12, steps=6, seed=3, **options)
