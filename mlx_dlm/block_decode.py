@@ -92,7 +92,7 @@ def _make_block_step(model, mask_id: int, strategy: str, top_k: int, n_valid: in
     return mx.compile(step, inputs=state, outputs=[cache.state] if cache is not None else [])
 
 
-def _prefill(model, cache: KVCache, x: mx.array, length: int) -> mx.array:
+def prefill_blocks(model, cache: KVCache, x: mx.array, length: int) -> mx.array:
     """Write the clean blocks of x[:, :length] into the cache; the logits at its last position."""
     B = model.args.block_size
     block = mx.arange(cache.size) // B
@@ -134,7 +134,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
     if cache is not None:
         cache.reset()
         if first_block:
-            first = _prefill(model, cache, x, first_block * B)
+            first = prefill_blocks(model, cache, x, first_block * B)
         mx.eval(first)
     prompt_seconds = time.perf_counter() - tic
     per_block = max(1, o.steps // (n_blocks - first_block))

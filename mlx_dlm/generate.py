@@ -64,8 +64,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance against a pass with the prompt masked (LLaDA; 0: off)")
     p.add_argument("--draft", metavar="DLM_DIR",
-                   help="speculative decoding: this diffusion model drafts, --model (autoregressive) verifies; the "
-                        "text follows --model's own distribution")
+                   help="speculative decoding: this diffusion model (full-sequence or block) drafts, --model "
+                        "(autoregressive) verifies; the text follows --model's own distribution")
     p.add_argument("--draft-length", type=int, default=DEFAULT_DRAFT_LENGTH, help="tokens drafted per round")
     p.add_argument("--num-samples", type=int, default=1, help="decode this many canvases in one batch")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")

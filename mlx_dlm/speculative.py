@@ -11,7 +11,12 @@ Each round, with n tokens known:
 Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both are one-hot at
 their argmax, and the output is the AR model's greedy text. One compiled function does a round on the device.
 
-The drafter has no exact cache: a full-sequence diffusion model attends both ways, so its pass covers the canvas.
+Drafters:
+- a full-sequence diffusion model has no exact cache (it attends both ways), so its pass covers the canvas;
+- a block-diffusion model (model_type "block") drafts the rest of its current block (at most K tokens) in one pass
+  of B positions over its own exact KV cache (`block_decode.cached_pass`); when the verified text has finished a
+  block, that pass also writes the block to the drafter's cache as clean text (2B positions). Draft positions past
+  the block are not drafted: the rule treats them as rejected, and the AR's token there comes from p itself.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import numpy as np
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import SamplerOptions
+from .block_decode import cached_pass, prefill_blocks
 from .decoding import GenerationStep, build_canvas, filter_logits, numbers, option_on, without_mask
+from .diffusion import shifted_block_logits
 
 
 def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
@@ -34,7 +41,7 @@ def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
     if model.args.model_type != "ar":
         raise UserError("speculative decoding verifies with an autoregressive model: --model must be one "
                         f"(this one is {model.args.model_type})")
-    if draft_model.args.model_type != "dlm":
+    if draft_model.args.model_type not in ("dlm", "block"):
         raise UserError(f"the drafter must be a diffusion model (this one is {draft_model.args.model_type})")
     if draft_model.args.vocab_size != model.args.vocab_size or (
             draft_tokenizer is not None and _vocabulary(draft_tokenizer) != _vocabulary(tokenizer)):
@@ -54,16 +61,22 @@ def probabilities(logits: mx.array, temp, top_k: int, top_p) -> mx.array:
     return mx.softmax(filter_logits(logits / temp, top_k, top_p), axis=-1)
 
 
-def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: mx.array | None = None
+           ) -> tuple[mx.array, mx.array]:
     """The speculative-sampling rule for rows of drafts (B, K) drawn from q (B, K, V), verified by p (B, K+1, V).
 
     Returns (kept, token): how many leading drafts each row keeps (B,), and the token that follows them (B,):
-    from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept."""
+    from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept. drafted (K,): which
+    positions hold a draft at all; the first that does not ends the round, its token drawn from p (its q is 0)."""
     B, K = drafts.shape
     accept_key, draw_key = mx.random.split(key)
+    if drafted is not None:
+        q = mx.where(drafted[None, :, None], q, 0.0)
     p_d = mx.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]
     q_d = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
     ok = mx.random.uniform(shape=(B, K), key=accept_key) * q_d < p_d  # u < p / q, with q(d) > 0
+    if drafted is not None:
+        ok = ok & drafted[None, :]
     kept = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
     residual = mx.maximum(p - mx.concatenate([q, mx.zeros((B, 1, q.shape[-1]))], axis=1), 0.0)
     mass = residual.sum(axis=-1, keepdims=True)
@@ -73,33 +86,66 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array) -> tuple[m
     return kept, token
 
 
-def _make_round(model, draft_model, mask_id: int, n_valid: int | None, top_k: int, K: int, cache: KVCache):
-    """Compiled: (x (1, L), n (), key, nums) -> (x, n, kept, token). x holds the known tokens before n and masks
-    after; nums: `decoding.numbers` (temperature, top_p)."""
+def _dlm_drafter(draft_model, mask_id: int, K: int):
+    """draft(x, n, first) -> (logits of the K positions after n, which of them are drafted, first) for a
+    full-sequence diffusion drafter: one pass over the whole canvas (first is unused)."""
     positions = mx.arange(K)
 
-    def round_(x, n, key, nums):
+    def draft(x, n, first):
+        t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
+        return mx.take(draft_model(x, t), n + positions, axis=1), mx.ones((K,), dtype=mx.bool_), first
+
+    return draft
+
+
+def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
+    """draft(x, n, first) for a block drafter: one pass over the block holding position n (with fold, the block
+    before it too, now finished, written to its cache as clean text); the positions after n in that block are
+    drafted, at most K. first: the clean output before the block (a shifted model's first prediction)."""
+    B = draft_model.args.block_size
+    run = cached_pass(draft_model, cache, B, fold)
+    shift = draft_model.args.logit_shift
+
+    def draft(x, n, first):
+        start = (n // B) * B
+        cache.state["offset"] = start - B if fold else start
+        window = mx.slice(x, cache.state["offset"][None], (1,), (x.shape[0], 2 * B if fold else B))
+        logits, first = run(window, first)
+        if shift:
+            logits = shifted_block_logits(logits, mx.broadcast_to(first[:, None], logits.shape), B)
+        index = n - start + mx.arange(K)
+        return mx.take(logits, mx.minimum(index, B - 1), axis=1), index < B, first
+
+    return draft
+
+
+def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, top_k: int, K: int, cache: KVCache,
+                draft_cache: KVCache | None):
+    """Compiled: (x (1, L), n (), key, nums, first) -> (x, n, kept, token, first). x holds the known tokens before n
+    and masks after; nums: `decoding.numbers` (temperature, top_p); first: the block drafter's carried state."""
+
+    def round_(x, n, key, nums, first):
         temp, top_p = nums.get("temp", 0.0), nums.get("top_p", 1.0)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
-        t = (x == mask_id).sum(axis=1).astype(mx.float32) / L
-        q_logits = without_mask(mx.take(draft_model(x, t), n + positions, axis=1), mask_id, n_valid)
-        q = probabilities(q_logits, temp, top_k, top_p)
+        q_logits, drafted, first = draft(x, n, first)
+        q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
         drafts = mx.random.categorical(mx.log(q), key=draft_key) if "temp" in nums else mx.argmax(q, axis=-1)
         drafts = drafts.astype(x.dtype)
         cache.state["offset"] = n - 1  # roll back to the known text; the last known token goes in first
         last = mx.take(x, (n - 1)[None], axis=1)
         p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
         p = probabilities(p_logits, temp, top_k, top_p)
-        kept, token = accept(p, q, drafts, accept_key)
+        kept, token = accept(p, q, drafts, accept_key, drafted)
         written = mx.arange(L)[None] - n  # each canvas position's index in the round
         x = mx.where((written >= 0) & (written < kept[:, None]),
                       mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
         x = mx.where(written == kept[:, None], token[:, None].astype(x.dtype), x)
         cache.state["offset"] = n + kept[0]  # what is cached now: every token before the new one
-        return x, n + kept[0] + 1, kept[0], token[0]
+        return x, n + kept[0] + 1, kept[0], token[0], first
 
-    return mx.compile(round_, inputs=[model.state, draft_model.state, cache.state], outputs=[cache.state])
+    states = [cache.state] + ([draft_cache.state] if draft_cache is not None else [])
+    return mx.compile(round_, inputs=[model.state, draft_model.state, *states], outputs=states)
 
 
 def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerOptions
@@ -116,31 +162,45 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     ids, editable = build_canvas(tokenizer, prompt or "\n", o.max_tokens)
     P, total = int((~editable).sum()), len(ids)
     length = total + K  # drafts may run past the end: the canvas and the cache have room, the text is cut
+    block = draft_model.args.block_size if draft_model.args.model_type == "block" else 0
     context = min(model.args.max_seq_len, draft_model.args.max_seq_len)
-    if length > context:
+    if total + max(K, block) > context:
         raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
-                        f"({length} in all) within both models' context of {context}")
+                        f"({total + max(K, block)} in all) within both models' context of {context}")
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
     nums = numbers(o)
-    cache, round_ = memoize_on_model(model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)),
-                                            o.top_k, K, length),
-                                     lambda: _build(model, draft_model, mask_id, n_valid, o.top_k, K, length))
-    x = mx.array(np.concatenate([ids, np.full(K, mask_id, dtype=np.int32)])[None])
+    cache, draft_cache, rounds = memoize_on_model(
+        model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)), o.top_k, K, length),
+        lambda: (KVCache(model.args, 1, length + 1),
+                 KVCache(draft_model.args, 1, -(-length // block) * block + block) if block else None, {}))
+
+    def round_fn(fold: bool):  # compiled once per model, options and pass kind
+        if fold not in rounds:
+            draft = _block_drafter(draft_model, draft_cache, K, fold) if block else _dlm_drafter(draft_model, mask_id, K)
+            rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, cache, draft_cache)
+        return rounds[fold]
+
+    x = mx.array(np.concatenate([ids, np.full(K + block, mask_id, dtype=np.int32)])[None])
     tic = time.perf_counter()
     cache.reset()
     if P > 1:
         model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
-    mx.eval(cache.state)
+    first, cached = mx.zeros((1, draft_model.args.vocab_size)), (P // block) * block if block else 0
+    if cached:
+        first = prefill_blocks(draft_model, draft_cache, x, cached)  # the drafter's clean blocks of the prompt
+    mx.eval(cache.state, first)
     prompt_seconds = time.perf_counter() - tic
-    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(o.seed), 0, P - 1
+    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(o.seed), 0, P - 1 + cached
     done = P
     while done < total:
         key, round_key = mx.random.split(key)
-        x, n, kept, _ = round_(x, n, round_key, nums)
+        fold = bool(block) and (done // block) * block > cached  # the verified text finished a block
+        x, n, kept, _, first = round_fn(fold)(x, n, round_key, nums, first)
         tokens = np.array(x)
         kept, before, done = int(kept.item()), done, int(n.item())
+        cached = (before // block) * block if block else 0
         k += 1
-        forwarded += length + K + 1  # the drafter's canvas and the verifier's K + 1 positions
+        forwarded += (block * (2 if fold else 1) if block else length) + K + 1  # the drafter's pass, the verifier's
         committed = np.zeros_like(tokens, dtype=bool)
         committed[:, before:min(done, total)] = True
         row = tokens[:, :total]
@@ -164,8 +224,3 @@ def draft_report(kept: list[int], draft_length: int) -> str:
     by_position = ", ".join(f"{p:.2f}" for p in acceptance_by_position(kept, draft_length))
     return f"Drafts: {per_round:.2f} tokens per round ({sum(kept)} drafts kept of {rounds * draft_length}); " \
            f"P(draft 1..{draft_length} kept): {by_position}"
-
-
-def _build(model, draft_model, mask_id, n_valid, top_k, K, length):
-    cache = KVCache(model.args, 1, length + 1)
-    return cache, _make_round(model, draft_model, mask_id, n_valid, top_k, K, cache)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import mlx_dlm
-from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE
+from mlx_dlm.block_decode import prefill_blocks
+from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE, Model, ModelArgs
 from mlx_dlm.speculative import accept
 
 from conftest import untrained, user_error
@@ -26,12 +27,22 @@ def pair(tiny_model_dir, tiny_ar_dir):
     return ar, dlm, tok
 
 
+def as_block(model, block_size=4):
+    """A shifted block model with model's weights (an AR adapted with no training: a poor but valid drafter)."""
+    config = model.args.to_dict() | {"model_type": "block", "block_size": block_size, "logit_shift": True}
+    block = Model(ModelArgs(**config))
+    block.update({k: v for k, v in model.parameters().items() if k != "t_proj"})  # a block model is not told t
+    return block
+
+
+@pytest.mark.parametrize("drafter", ["dlm", "block"])
 @pytest.mark.parametrize("prompt", ["ROMEO:", "\n", "First Citizen:\nWe are"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_output_is_the_ar_models_own(pair, prompt, k):
+def test_greedy_output_is_the_ar_models_own(pair, prompt, k, drafter):
     ar, dlm, tok = pair
+    draft = dlm if drafter == "dlm" else as_block(dlm)  # the block drafter: the DLM's weights in blocks of 4
     alone = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0)
-    assert mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=dlm, draft_length=k) == alone
+    assert mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=draft, draft_length=k) == alone
 
 
 def test_the_acceptance_rule_yields_p_whatever_q():
@@ -53,12 +64,16 @@ def test_the_acceptance_rule_yields_p_whatever_q():
     assert 0 < (kept == 0).mean() < 1 and (kept == K).any()  # both branches of the rule were taken
 
 
-def test_sampled_output_follows_the_ar_models_exact_distribution():
-    """The first two tokens after a prompt, over 1,200 seeds, against the AR model's exact p(a) p(b | a)."""
+@pytest.mark.parametrize("drafter", ["dlm", "block"])
+def test_sampled_output_follows_the_ar_models_exact_distribution(drafter):
+    """The first two tokens after a prompt, over 1,200 seeds, against the AR model's exact p(a) p(b | a). The block
+    drafter (blocks of 4, prompt of 3) drafts one position and leaves the second to the verifier's rule."""
     text = "abcd" * 8
     ar, tok = untrained(text, 16, model_type="ar", seed=5)
     dlm, _ = untrained(text, 16, seed=6)
-    prompt = "ab"
+    if drafter == "block":
+        dlm = as_block(untrained(text, 16, model_type="ar", seed=6)[0])
+    prompt = "abc" if drafter == "block" else "ab"
 
     def next_token(context: str) -> np.ndarray:  # the AR's distribution; the mask token is never drawn
         logits = np.array(ar(mx.array([tok.encode(context)]))[0, -1], dtype=np.float64)
@@ -74,7 +89,7 @@ def test_sampled_output_follows_the_ar_models_exact_distribution():
     counts = np.zeros_like(joint)
     for seed in range(1200):
         out = mlx_dlm.generate(ar, tok, prompt, max_tokens=2, temp=1.0, seed=seed, draft_model=dlm, draft_length=2)
-        counts[chars.index(out[2]), chars.index(out[3])] += 1
+        counts[chars.index(out[len(prompt)]), chars.index(out[len(prompt) + 1])] += 1
     assert joint.sum() == pytest.approx(1.0)
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[15]
 
@@ -97,6 +112,30 @@ def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair):
                 for got, want in zip(cache.state[name], fresh.state[name]):
                     np.testing.assert_allclose(np.array(got[:, :, :known]), np.array(want[:, :, :known]), atol=2e-5)
     assert seen == set(range(K + 1))
+
+
+def test_the_block_drafters_cache_holds_the_finished_blocks_as_a_fresh_prefill(pair):
+    """After each round the block drafter's cache holds, for the verified text's finished blocks, exactly what a
+    fresh prefill of those blocks gives; kept drafts past a block's end, rounds that fold a block and rounds that
+    do not all occur."""
+    ar, dlm, tok = pair
+    drafter = as_block(dlm)
+    ar.__dict__.pop(MEMO_ATTRIBUTE, None)
+    seen = set()
+    for seed in range(3):
+        for state in mlx_dlm.stream_generate(ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=seed,
+                                             draft_model=drafter, draft_length=4):
+            seen.add(state.draft_kept)
+            _, cache, _ = next(v for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
+            known = int(state.generated_tokens + state.prompt_tokens - state.draft_kept - 1)  # before this round
+            finished = known // 4 * 4
+            fresh = KVCache(drafter.args, 1, cache.size)
+            prefill_blocks(drafter, fresh, mx.array(state.tokens), finished) if finished else None
+            for name in ("keys", "values"):
+                for got, want in zip(cache.state[name], fresh.state[name]):
+                    np.testing.assert_allclose(np.array(got[:, :, :finished]), np.array(want[:, :, :finished]),
+                                               atol=2e-5)
+    assert {0, 1} <= seen
 
 
 def test_refusals_are_one_line(pair, tmp_path):
