@@ -19,6 +19,10 @@ block or per sequence (`T_PER`). With `logit_shift` (a model adapted from an AR 
 predicts the next token) a position is predicted from the output one position to its left; a
 block's first position from the clean copy's last position of the block before
 (`shifted_block_logits`), and the window's first token is always given context.
+
+Distillation (a drafter for speculative decoding; `teacher=`): the targets at hidden positions are an AR
+teacher's next-token distributions given the true text (`teacher_targets`) instead of the text itself, so the
+drafter learns what its verifier would say.
 """
 
 from __future__ import annotations
@@ -61,41 +65,62 @@ def corrupt(tokens: mx.array, t: mx.array, mask_id: int, key: mx.array | None = 
     return mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens), hidden
 
 
-def _hidden_ce(logits: mx.array, targets: mx.array, hidden: mx.array) -> mx.array:
-    """Cross-entropy (B, L) in float32 at hidden positions, 0 elsewhere."""
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+def _hidden_ce(logits: mx.array, targets: mx.array, hidden: mx.array, soft: mx.array | None = None) -> mx.array:
+    """Cross-entropy (B, L) in float32 at hidden positions, 0 elsewhere; against the distributions soft (B, L, V)
+    instead of the target ids where given (distillation)."""
+    if soft is None:
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    else:
+        logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+        ce = -(soft * mx.where(soft > 0, logp, 0.0)).sum(axis=-1)
     return mx.where(hidden, ce, 0.0)  # not a product: a visible target may have probability 0 (SUBS), ce inf
 
 
-def elbo_per_sequence(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array) -> mx.array:
+def teacher_targets(teacher, tokens: mx.array) -> mx.array:
+    """What a drafter distilled from an AR teacher learns at each position (B, L, V): the teacher's next-token
+    distribution given the true text before it (no gradient); at position 0, which it cannot predict, the token
+    itself (one-hot)."""
+    probs = mx.softmax(mx.stop_gradient(teacher(tokens[:, :-1])).astype(mx.float32), axis=-1)
+    first = (mx.arange(probs.shape[-1]) == tokens[:, :1, None]).astype(mx.float32)
+    return mx.concatenate([first, probs], axis=1)
+
+
+def elbo_per_sequence(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array,
+                      soft: mx.array | None = None) -> mx.array:
     """The MDLM bound of each sequence in nats/token (B,): hidden cross-entropy weighted by 1/t, over L."""
-    return (_hidden_ce(logits, targets, hidden) / t[:, None]).sum(axis=1) / targets.shape[1]
+    return (_hidden_ce(logits, targets, hidden, soft) / t[:, None]).sum(axis=1) / targets.shape[1]
 
 
-def masked_loss(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array, loss: str = "elbo") -> mx.array:
-    """Cross-entropy over hidden positions, reduced as the chosen loss (see module docstring)."""
+def masked_loss(logits: mx.array, targets: mx.array, hidden: mx.array, t: mx.array, loss: str = "elbo",
+                soft: mx.array | None = None) -> mx.array:
+    """Cross-entropy over hidden positions (against soft targets where given), reduced as the chosen loss (see
+    module docstring)."""
     if loss == "masked-mean":
-        return _hidden_ce(logits, targets, hidden).sum() / mx.maximum(hidden.sum().astype(mx.float32), 1.0)
+        return _hidden_ce(logits, targets, hidden, soft).sum() / mx.maximum(hidden.sum().astype(mx.float32), 1.0)
     if loss == "elbo":
-        return elbo_per_sequence(logits, targets, hidden, t).mean()
+        return elbo_per_sequence(logits, targets, hidden, t, soft).mean()
     raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
 
 
 def diffusion_loss(model, tokens: mx.array, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified",
-                   key: mx.array | None = None, shard: tuple[int, int] = (0, 1)) -> mx.array:
+                   key: mx.array | None = None, shard: tuple[int, int] = (0, 1), teacher=None) -> mx.array:
     """Draw t and masks, run the model on the corrupted tokens and return the loss.
 
     With key=None the global random state is used (the training step lists it as
     compiled state, so every call draws fresh masks); a fixed key gives a fixed draw.
     shard=(rank, size): tokens are rows rank*B..(rank+1)*B of a global batch of size*B; t and
     masks are drawn for the global batch and sliced, so N processes see exactly the draws of one.
+    teacher: an AR model whose predictions replace the data as targets (`teacher_targets`: a drafter for it).
     """
     rank, size = shard
     B = tokens.shape[0]
     t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
     t = sample_t(B * size, t_sampling, key=t_key)[rank * B:(rank + 1) * B]
     noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
-    return masked_loss(model(noisy, t), tokens, hidden, t, loss)
+    if teacher is not None:
+        hidden = hidden & (mx.arange(tokens.shape[1]) > 0)  # position 0 has no teacher prediction
+    soft = teacher_targets(teacher, tokens) if teacher is not None else None
+    return masked_loss(model(noisy, t), tokens, hidden, t, loss, soft)
 
 
 def ar_loss(model, tokens: mx.array) -> mx.array:
@@ -148,10 +173,11 @@ def block_t(batch_size: int, length: int, block_size: int, per: str = "block", m
 
 
 def block_loss(model, tokens: mx.array, mask_id: int, t_per: str = "block", t_sampling: str = "stratified",
-               key: mx.array | None = None, shard: tuple[int, int] = (0, 1)) -> mx.array:
+               key: mx.array | None = None, shard: tuple[int, int] = (0, 1), teacher=None) -> mx.array:
     """The block NELBO in nats/token (see module docstring): mask ratios per block (or window), masks, one
     forward over [noisy; clean], hidden cross-entropy weighted by 1/t over the predicted positions
-    (all L, or L - 1 with logit_shift: the first token is given). shard: as for `diffusion_loss`."""
+    (all L, or L - 1 with logit_shift: the first token is given). shard: as for `diffusion_loss`.
+    teacher: an AR model whose predictions replace the data as targets (`teacher_targets`: a drafter for it)."""
     rank, size = shard
     B, L = tokens.shape
     t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
@@ -160,5 +186,6 @@ def block_loss(model, tokens: mx.array, mask_id: int, t_per: str = "block", t_sa
     if shift:  # the first token is never hidden
         t = mx.where(mx.arange(L)[None, :] > 0, t, 0.0)
     noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
-    weighted = _hidden_ce(block_logits(model, noisy, tokens), tokens, hidden) / mx.maximum(t, T_MIN)
+    soft = teacher_targets(teacher, tokens) if teacher is not None else None
+    weighted = _hidden_ce(block_logits(model, noisy, tokens), tokens, hidden, soft) / mx.maximum(t, T_MIN)
     return (weighted.sum(axis=1) / (L - int(shift))).mean()

@@ -42,6 +42,7 @@ from .sample import generate
 # The training step lives in step.py, the stop watchdog in stop.py; their names stay importable from here.
 from .step import (DEFAULT_LR, DEFAULT_MIN_LR_RATIO, DEFAULT_WARMUP, DEFAULT_WEIGHT_DECAY, EMA_WARMUP,  # noqa: F401
                    default_cpu_streams, ema_update, make_evaluator, make_optimizer, make_train_step, training_loss)
+from .speculative import check_drafter
 from .stop import StopRequest
 from .tokenizer import CharTokenizer, SentencePieceTokenizer
 
@@ -62,7 +63,7 @@ ADAPTABLE_FIELDS = {"dropout", "logit_shift"}  # --arch fields that --init-from 
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
                 "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed", "block_size", "t_per",
-                "init_from")
+                "init_from", "draft_for")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -97,6 +98,8 @@ HELP = {
         "diffusion (BD3-LM: blocks of --block-size left to right, denoised in parallel inside)",
     "block_size": "block diffusion: positions per block (default 4)",
     "t_per": "block diffusion: draw a mask ratio per block or per window",
+    "draft_for": "train a drafter for this AR model (speculative decoding): the targets at masked positions are "
+        "its next-token distributions, not the text (distillation); with --objective dlm or block",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
         "--objective block or dlm); its architecture is kept (--arch may change dropout and logit_shift)",
     "loss": "diffusion loss",
@@ -148,6 +151,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help=HELP["block_size"])
     p.add_argument("--t-per", choices=T_PER, default="block", help=HELP["t_per"])
     p.add_argument("--init-from", metavar="DIR", help=HELP["init_from"])
+    p.add_argument("--draft-for", metavar="AR_DIR", help=HELP["draft_for"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
     p.add_argument("--t-sampling", choices=T_SAMPLING, default="stratified", help=HELP["t_sampling"])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=HELP["dtype"])
@@ -234,6 +238,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.block_size is not None and (args.objective != "block" or not 1 <= args.block_size <= args.seq_len):
         raise UserError(f"--block-size needs --objective block and must be in [1, --seq-len {args.seq_len}], "
                         f"got {args.block_size}" + ("" if args.objective == "block" else f" with --objective {args.objective}"))
+    if args.draft_for and args.objective == "ar":
+        raise UserError("--draft-for trains a diffusion drafter: use --objective dlm or block")
     if args.objective == "block" and args.loss != "elbo":
         raise UserError("--objective block trains the block NELBO: --loss masked-mean does not apply")
     arch = parse_arch(args.arch)
@@ -295,6 +301,7 @@ class Run:
     rank: int = 0
     size: int = 1
     ema: dict | None = None  # float32 moving average of the trainable parameters (--ema)
+    teacher: Model | None = None  # --draft-for: the AR model whose predictions are the targets
 
     @property
     def main_rank(self) -> bool:
@@ -341,6 +348,17 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     model.update(tree_map(lambda p: p.astype(mx.float32), source.parameters()))
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _teacher(args: argparse.Namespace, model: Model, tokenizer) -> Model:
+    """--draft-for's AR model, frozen, checked to share the drafter's vocabulary."""
+    teacher, teacher_tokenizer = load(args.draft_for)
+    if teacher.args.model_type != "ar":
+        raise UserError(f"--draft-for {args.draft_for} is a {teacher.args.model_type} model: a drafter is trained "
+                        "for an autoregressive one")
+    check_drafter(teacher, model, teacher_tokenizer, tokenizer)
+    teacher.freeze()
+    return teacher
 
 
 def _new_model(args: argparse.Namespace, tokenizer) -> Model:
@@ -404,6 +422,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     elif rank == 0:
         print(f"note: validation split has fewer than {args.seq_len} tokens; skipping validation", file=sys.stderr)
 
+    teacher = _teacher(args, model, tokenizer) if args.draft_for else None
     optimizer = optimizer_of(args)
     rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
     progress = Progress()
@@ -427,7 +446,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
         if rank == 0:
             (out / checkpoint.METRICS_FILE).unlink(missing_ok=True)  # rows of an earlier run that saved no model
     return Run(args, out, model, tokenizer, optimizer, train_tokens, evaluate, chars_per_token, data_sha, rng,
-               progress, rank, size, ema)
+               progress, rank, size, ema, teacher)
 
 
 def _banner(run: Run) -> str:
@@ -436,6 +455,7 @@ def _banner(run: Run) -> str:
     origin = f"from {a.init_from}" if a.init_from else f"{a.preset} preset{arch}, {a.init} init"
     block = f", blocks of {m.args.block_size}" + (", shifted" if m.args.logit_shift else "") \
         if m.args.model_type == "block" else ""
+    block += f", a drafter for {a.draft_for}" if a.draft_for else ""
     return (f"mlx_dlm.train: {m.args.model_type} model ({origin}{block}), "
             f"{m.num_params() / 1e6:.2f}M parameters, vocab {run.tokenizer.vocab_size} ({run.tokenizer.kind}), "
             f"{len(run.train_tokens):,} train tokens, batch {a.batch_size} x {a.seq_len}"
@@ -534,7 +554,7 @@ def _stopping(run: Run, stop: StopRequest) -> bool:
 def _loop(run: Run, log: _Logger, stop: StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
-    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling, a.t_per)
+    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling, a.t_per, run.teacher)
     run.model.train()  # dropout on while training (`_inference_weights` switches it off)
     train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1,
                                  streams=run.cpu_streams, shard=(run.rank, run.size), ema=run.ema,

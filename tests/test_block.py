@@ -235,3 +235,57 @@ def test_the_server_serves_a_block_model(adapted_dir):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["block", "dlm"])
+def test_the_drafter_loss_against_numpy(kind):
+    """--draft-for's loss: at each hidden position the cross-entropy against the AR teacher's next-token
+    distribution given the true text (not the text's token), weighted by 1/t, over the window; position 0, which
+    the teacher cannot predict, is never a target."""
+    from mlx_dlm.diffusion import block_t, diffusion_loss, sample_t
+
+    teacher, tok = untrained(TEXT, 64, model_type="ar", seed=8)
+    if kind == "block":
+        model, _ = _block_model(4, shift=True)
+    else:
+        model, _ = untrained(TEXT, 64, seed=9)
+    tokens = mx.array(np.random.default_rng(2).integers(1, tok.vocab_size, (3, 16)).astype(np.int32))
+    key = mx.random.key(11)
+    if kind == "block":
+        got = block_loss(model, tokens, tok.mask_id, key=key, teacher=teacher).item()
+    else:
+        got = diffusion_loss(model, tokens, tok.mask_id, key=key, teacher=teacher).item()
+    t_key, mask_key = mx.random.split(key)
+    if kind == "block":
+        t = np.array(block_t(3, 16, 4, key=t_key))
+        t[:, 0] = 0.0  # a shifted model's first token is given
+    else:
+        t = np.repeat(np.array(sample_t(3, key=t_key))[:, None], 16, axis=1)
+    drawn = np.array(mx.random.uniform(shape=(3, 16), key=mask_key)) < t
+    noisy = mx.array(np.where(drawn, tok.mask_id, np.array(tokens)))  # position 0 may be hidden, never scored
+    hidden = drawn & (np.arange(16) > 0)
+    logits = block_logits(model, noisy, tokens) if kind == "block" else model(noisy, mx.array(t[:, 0]))
+    logits = np.array(logits, dtype=np.float64)
+    logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    teach = np.array(teacher(tokens), dtype=np.float64)[:, :-1]
+    p = np.exp(teach - teach.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ce = np.zeros((3, 16))
+    ce[:, 1:] = -(p * logq[:, 1:]).sum(-1)
+    want = (np.where(hidden, ce / np.maximum(t, 1e-3), 0.0).sum(1) / (16 - (kind == "block"))).mean()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_draft_for_trains_a_drafter_of_the_ar_model(tmp_path, small_text_path, tiny_ar_dir, capsys):
+    out = tmp_path / "drafter"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "3", "--eval-every", "3", *TINY_TRAIN,
+                "--objective", "block", "--init-from", str(tiny_ar_dir), "--draft-for", str(tiny_ar_dir)])
+    assert "a drafter for" in capsys.readouterr().out
+    drafter, tok = load(out)
+    ar, _ = load(tiny_ar_dir)
+    assert generate(ar, tok, "AB", max_tokens=8, temp=0, draft_model=drafter) == generate(ar, tok, "AB", max_tokens=8,
+                                                                                          temp=0)
+    base = ["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--iters", "1", *TINY_TRAIN]
+    assert "--objective dlm or block" in cli_error(capsys, train.main, [*base, "--objective", "ar", "--draft-for",
+                                                                        str(tiny_ar_dir)])
+    assert "autoregressive" in cli_error(capsys, train.main, [*base, "--draft-for", str(out)])

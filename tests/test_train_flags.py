@@ -83,9 +83,9 @@ def test_loss_and_t_sampling_flags_reach_the_loss(tmp_path, small_text_path, mon
     seen = []
     real = train.training_loss
 
-    def spy(model, mask_id, loss="elbo", t_sampling="stratified", t_per="block"):
+    def spy(model, mask_id, loss="elbo", t_sampling="stratified", t_per="block", teacher=None):
         seen.append((loss, t_sampling, t_per))
-        return real(model, mask_id, loss, t_sampling, t_per)
+        return real(model, mask_id, loss, t_sampling, t_per, teacher)
 
     monkeypatch.setattr(train, "training_loss", spy)
     _train(tmp_path, small_text_path, "--iters", "1", "--loss", "masked-mean", "--t-sampling", "batch")
