@@ -152,7 +152,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
                 mx.array(b * B, dtype=mx.int32), first, nums)
             rows = (2 if fold else 1) * B if exact_cache else 2 * padded
             yield x[:, :L], committed[:, :L], remasked[:, :L], num_samples * rows, prompt_seconds
-            if o.threshold is not None and not mx.any((x == mask_id) & active).item():
+            if o.threshold is not None and not mx.any(((x == mask_id) & active)[:, b * B:(b + 1) * B]).item():
                 break
         if len(stop_ids) and all_stopped(x, stop_ids, positions[positions < (b + 1) * B]):
             return

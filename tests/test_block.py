@@ -151,6 +151,9 @@ def test_block_generation_keeps_the_prompt_and_counts_its_passes():
     assert len(steps) == 6 and steps[-1].generated_tokens == 11
     assert tok.decode(steps[-1].tokens[0]).startswith("First")
     assert steps[-1].forward_tokens == 8 + 12 + 12
+    # A threshold every proposal passes fills each block in one pass: 3 passes, none wasted on a full block.
+    steps = list(mlx_dlm.stream_generate(model, tok, "First", max_tokens=11, threshold=1e-6, temp=1.0, seed=0))
+    assert len(steps) == 3 and steps[-1].generated_tokens == 11
 
 
 def test_block_models_refuse_what_they_cannot_do():
