@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
         elif kind == "block":
             row["block_size"] = model.args.block_size
-            row["steps_per_block"] = stats["nfe"] / _blocks_to_decode(model, tok, args.prompt, args.max_tokens)
+            row["steps_per_block"] = stats["nfe"] / _blocks_to_decode(model, tok, args.prompt, args.max_tokens)  # run
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
         row["sample"] = row_texts[0][:80]
@@ -417,7 +417,7 @@ def _label(r: dict) -> str:
     if r["model"] == "ar":
         return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
     if r["model"] == "block":
-        how = f"thr{r['threshold']:g}" if r.get("threshold") else f"{r['steps_per_block']:g}/block"
+        how = f"thr{r['threshold']:g}" if r.get("threshold") else f"{r['steps_per_block']:.3g}/block"
         return f"BD{r['block_size']} {how} T{r['temp']:g}"
     head = r["variant"] if r["variant"] != "-" else f"{r['strategy']} {r['steps']}"
     return f"DLM {head} T{r['temp']:g}"

@@ -102,7 +102,8 @@ def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: 
         warn("--cache-refresh has no effect without --cache")
     if args.threshold is not None and {"steps", "schedule"} & given:
         warn(f"{flags(sorted({'steps', 'schedule'} & given))} ignored: --threshold decides how many to commit per step")
-    elif "steps" in given and args.steps > args.max_tokens and not args.suffix:
+    elif "steps" in given and args.steps > args.max_tokens and not args.suffix and model_type != "block":
+        # (a block model's steps are spread over its blocks, the prompt's partial block among them: more is right)
         warn(f"--steps {args.steps} is more than the {args.max_tokens} positions to fill: using {args.max_tokens} "
              "(at most one step per position)")
 
