@@ -17,7 +17,7 @@ PARSERS = {"train": "mlx_dlm.train", "generate": "mlx_dlm.generate", "eval": "ml
            "server": "mlx_dlm.server", "export": "mlx_dlm.export", "upload": "mlx_dlm.upload",
            "convert": "mlx_dlm.convert.__main__", "benchmark": "mlx_dlm.benchmark.throughput",
            "benchmark train": "mlx_dlm.benchmark.train_speed", "benchmark learn": "mlx_dlm.benchmark.learn",
-           "benchmark profile": "mlx_dlm.benchmark.profile",
+           "benchmark profile": "mlx_dlm.benchmark.profile", "benchmark passes": "mlx_dlm.benchmark.pass_cost",
            "benchmark simple-dlm-sampler": "mlx_dlm.benchmark.sampler_speed"}
 COMMAND = re.compile(r"^(?:python -m )?mlx_dlm[. ](\w+)")
 
