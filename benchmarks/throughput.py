@@ -449,7 +449,8 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
                      if m else "no DLM setting matches")
             blk = item["block_match"]
             if blk:
-                found += f"; fastest block match {_label(blk)}: {blk['tokens_per_sec']:.1f} tok/s = {blk['speedup']:.2f}x"
+                found += (f"; fastest block match {_label(blk)}: {blk['tokens_per_sec']:.1f} tok/s = "
+                          f"{blk['speedup']:.2f}x")
             spec = item["speculative"]
             if spec:
                 found += (f"; speculative {_label(spec)} (the AR's own distribution): "

@@ -173,7 +173,7 @@ def commit_rule(mask_id: int, strategy: str, top_k: int, n_valid: int | None):
         proposal = sample_tokens(logits, sample_key, nums.get("temp", 0.0), top_k, nums.get("top_p", 1.0))
         proposal = proposal.astype(xs.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
-        if alg_temp is not None:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise: a draw without replacement
+        if alg_temp is not None:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise, a draw without repeats
             score = score / alg_temp + mx.random.gumbel(shape=score.shape, key=order_key)
         hidden = (xs == mask_id) & act
         rank = _rank(mx.where(hidden, score, -mx.inf))

@@ -23,8 +23,9 @@ AR: prefill the prompt into a preallocated KV cache, then one compiled decode st
 model's context, a compiled forward over the last max_seq_len tokens per token (nanoGPT's sliding window).
 
 Block diffusion (model_type "block": blocks of B left to right, an exact KV cache): `block_decode.py`, with
-the same commit rule. Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder shares (the canvas,
-the step state, drawing tokens): `decoding.py`; the options and their checks: `options.py`.
+the same commit rule. Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder
+shares (the canvas, the step state, drawing tokens, the commit rule): `decoding.py`; the options and their
+checks: `options.py`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import mlx.core as mx
 import numpy as np
 
 from .block_decode import check_block_options, decode_blocks
-from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule, commit_targets,  # noqa: F401
-                       filter_logits, numbers, sample_tokens, without_mask)
+from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule,  # noqa: F401
+                       commit_targets, filter_logits, numbers, sample_tokens, without_mask)
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401

@@ -27,12 +27,12 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
-from .model import KVCache, memoize_on_model
-from .options import SamplerOptions
 from .block_decode import cached_pass, prefill_blocks
 from .decoding import GenerationStep, build_canvas, filter_logits, numbers, option_on, without_mask
 from .diffusion import shifted_block_logits
+from .errors import UserError
+from .model import KVCache, memoize_on_model
+from .options import SamplerOptions
 
 
 def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
@@ -176,7 +176,8 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
 
     def round_fn(fold: bool):  # compiled once per model, options and pass kind
         if fold not in rounds:
-            draft = _block_drafter(draft_model, draft_cache, K, fold) if block else _dlm_drafter(draft_model, mask_id, K)
+            draft = (_block_drafter(draft_model, draft_cache, K, fold) if block
+                     else _dlm_drafter(draft_model, mask_id, K))
             rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, cache, draft_cache)
         return rounds[fold]
 

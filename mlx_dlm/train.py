@@ -236,8 +236,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
     if args.block_size is not None and (args.objective != "block" or not 1 <= args.block_size <= args.seq_len):
+        objective = "" if args.objective == "block" else f" with --objective {args.objective}"
         raise UserError(f"--block-size needs --objective block and must be in [1, --seq-len {args.seq_len}], "
-                        f"got {args.block_size}" + ("" if args.objective == "block" else f" with --objective {args.objective}"))
+                        f"got {args.block_size}{objective}")
     if args.draft_for and args.objective == "ar":
         raise UserError("--draft-for trains a diffusion drafter: use --objective dlm or block")
     if args.objective == "block" and args.loss != "elbo":
