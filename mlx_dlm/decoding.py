@@ -155,6 +155,8 @@ def _scores(logits: mx.array, proposal: mx.array, strategy: str, key: mx.array) 
     if strategy == "entropy":
         p = mx.exp(logp)
         return (p * mx.where(p > 0, logp, 0.0)).sum(axis=-1), prob  # -H: low entropy scores high
+    if strategy == "left":  # the leftmost masked position first (with a shift, a block model's is the AR's step)
+        return mx.broadcast_to(-mx.arange(proposal.shape[-1], dtype=mx.float32), proposal.shape), prob
     return mx.random.uniform(shape=proposal.shape, key=key), prob
 
 

@@ -18,7 +18,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     import argparse
 
-STRATEGIES = ("confidence", "margin", "entropy", "random")
+STRATEGIES = ("confidence", "margin", "entropy", "random", "left")
 SCHEDULES = ("linear", "cosine")
 CACHE_MODES = ("prefix", "dual")
 DEFAULT_MAX_TOKENS = 128

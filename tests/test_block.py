@@ -292,3 +292,18 @@ def test_draft_for_trains_a_drafter_of_the_ar_model(tmp_path, small_text_path, t
     assert "--objective dlm or block" in cli_error(capsys, train.main, [*base, "--objective", "ar", "--draft-for",
                                                                         str(tiny_ar_dir)])
     assert "autoregressive" in cli_error(capsys, train.main, [*base, "--draft-for", str(out)])
+
+
+@pytest.mark.parametrize("kind", ["block", "dlm"])
+def test_left_strategy_commits_the_leftmost_masked_position_first(kind):
+    """--strategy left: one position a pass, always the leftmost still masked (with a threshold, that one and any
+    other proposal at least that confident)."""
+    model, tok = _block_model(4) if kind == "block" else untrained(TEXT, 64, seed=3)
+    prompt = "First"
+    for state in mlx_dlm.stream_generate(model, tok, prompt, max_tokens=11, steps=11 if kind == "dlm" else 12,
+                                         strategy="left", temp=1.0, seed=0):
+        committed = np.flatnonzero(state.committed[0])
+        assert len(committed) == 1 and committed[0] == len(prompt) + state.step - 1
+    steps = list(mlx_dlm.stream_generate(model, tok, prompt, max_tokens=11, threshold=1.0, strategy="left",
+                                         temp=1.0, seed=0))
+    assert [int(np.flatnonzero(s.committed[0])[0]) for s in steps] == list(range(len(prompt), len(prompt) + 11))
