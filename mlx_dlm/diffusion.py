@@ -173,19 +173,29 @@ def block_t(batch_size: int, length: int, block_size: int, per: str = "block", m
 
 
 def block_loss(model, tokens: mx.array, mask_id: int, t_per: str = "block", t_sampling: str = "stratified",
-               key: mx.array | None = None, shard: tuple[int, int] = (0, 1), teacher=None) -> mx.array:
+               key: mx.array | None = None, shard: tuple[int, int] = (0, 1), teacher=None,
+               t_range: tuple[float, float] = (0.0, 1.0), complementary: bool = False) -> mx.array:
     """The block NELBO in nats/token (see module docstring): mask ratios per block (or window), masks, one
     forward over [noisy; clean], hidden cross-entropy weighted by 1/t over the predicted positions
     (all L, or L - 1 with logit_shift: the first token is given). shard: as for `diffusion_loss`.
-    teacher: an AR model whose predictions replace the data as targets (`teacher_targets`: a drafter for it)."""
+    teacher: an AR model whose predictions replace the data as targets (`teacher_targets`: a drafter for it).
+    t_range (lo, hi): mask ratios drawn in [lo, hi] only (BD3-LM's clipped schedule; (0, 1): the NELBO).
+    complementary: each window is also trained with the complement of its mask at ratio 1 - t (Fast-dLLM v2),
+    the two losses averaged: every token is a target once per window."""
     rank, size = shard
     B, L = tokens.shape
     t_key, mask_key = mx.random.split(key) if key is not None else (None, None)
     t = block_t(B * size, L, model.args.block_size, t_per, t_sampling, key=t_key)[rank * B:(rank + 1) * B]
+    t = t_range[0] + (t_range[1] - t_range[0]) * t
     shift = model.args.logit_shift
-    if shift:  # the first token is never hidden
-        t = mx.where(mx.arange(L)[None, :] > 0, t, 0.0)
+    given = mx.arange(L)[None, :] == 0 if shift else mx.zeros((1, L), dtype=mx.bool_)  # never hidden
+    t = mx.where(given, 0.0, t)
     noisy, hidden = corrupt(tokens, t, mask_id, key=mask_key, shard=shard)
+    if complementary:
+        hidden = mx.concatenate([hidden, ~hidden & ~given], axis=0)
+        t = mx.concatenate([t, mx.where(given, 0.0, 1.0 - t)], axis=0)
+        tokens = mx.concatenate([tokens, tokens], axis=0)
+        noisy = mx.where(hidden, mx.array(mask_id, dtype=tokens.dtype), tokens)
     soft = teacher_targets(teacher, tokens) if teacher is not None else None
     weighted = _hidden_ce(block_logits(model, noisy, tokens), tokens, hidden, soft) / mx.maximum(t, T_MIN)
     return (weighted.sum(axis=1) / (L - int(shift))).mean()

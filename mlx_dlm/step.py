@@ -151,14 +151,17 @@ def make_train_step(model: Model, optimizer: optim.Optimizer, loss_fn: Callable,
 
 
 def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: str = "stratified",
-                  t_per: str = "block", teacher: Model | None = None) -> Callable:
+                  t_per: str = "block", teacher: Model | None = None, t_range: tuple[float, float] = (0.0, 1.0),
+                  complementary: bool = False) -> Callable:
     """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, the block NELBO for block
-    models (mask ratios per block or per window: t_per), or next-token NLL for AR. teacher: a diffusion or block
-    model learns that AR model's predictions instead of the data (a drafter for it)."""
+    models (mask ratios per block or per window: t_per; clipped to t_range; complementary masks), or next-token
+    NLL for AR. teacher: a diffusion or block model learns that AR model's predictions instead of the data (a
+    drafter for it)."""
     if model.args.model_type == "ar":
         return lambda model, batch, key=None, shard=(0, 1): ar_loss(model, batch)
     if model.args.model_type == "block":
-        return partial(block_loss, mask_id=mask_id, t_per=t_per, t_sampling=t_sampling, teacher=teacher)
+        return partial(block_loss, mask_id=mask_id, t_per=t_per, t_sampling=t_sampling, teacher=teacher,
+                       t_range=tuple(t_range), complementary=complementary)
     return partial(diffusion_loss, mask_id=mask_id, loss=loss, t_sampling=t_sampling, teacher=teacher)
 
 

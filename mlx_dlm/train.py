@@ -63,7 +63,7 @@ ADAPTABLE_FIELDS = {"dropout", "logit_shift"}  # --arch fields that --init-from 
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
                 "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed", "block_size", "t_per",
-                "init_from", "draft_for")
+                "init_from", "draft_for", "t_range", "complementary")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -98,6 +98,10 @@ HELP = {
         "diffusion (BD3-LM: blocks of --block-size left to right, denoised in parallel inside)",
     "block_size": "block diffusion: positions per block (default 4)",
     "t_per": "block diffusion: draw a mask ratio per block or per window",
+    "t_range": "block diffusion: draw mask ratios in [LO, HI] only (BD3-LM's clipped schedule; validation still "
+        "reports the block NELBO over [0, 1])",
+    "complementary": "block diffusion: also train each window on the complement of its mask (Fast-dLLM v2), so "
+        "every token is a target once per window",
     "draft_for": "train a drafter for this AR model (speculative decoding): the targets at masked positions are "
         "its next-token distributions, not the text (distillation); with --objective dlm or block",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
@@ -150,6 +154,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=MODEL_TYPES, default="dlm", help=HELP["objective"])
     p.add_argument("--block-size", type=int, default=None, help=HELP["block_size"])
     p.add_argument("--t-per", choices=T_PER, default="block", help=HELP["t_per"])
+    p.add_argument("--t-range", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"), help=HELP["t_range"])
+    p.add_argument("--complementary", action="store_true", help=HELP["complementary"])
     p.add_argument("--init-from", metavar="DIR", help=HELP["init_from"])
     p.add_argument("--draft-for", metavar="AR_DIR", help=HELP["draft_for"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
@@ -241,6 +247,10 @@ def _check_args(args: argparse.Namespace) -> None:
                         f"got {args.block_size}{objective}")
     if args.draft_for and args.objective == "ar":
         raise UserError("--draft-for trains a diffusion drafter: use --objective dlm or block")
+    if (args.t_range != [0.0, 1.0] or args.complementary) and args.objective != "block":
+        raise UserError("--t-range and --complementary apply to --objective block")
+    if not 0.0 <= args.t_range[0] < args.t_range[1] <= 1.0:
+        raise UserError(f"--t-range must satisfy 0 <= LO < HI <= 1, got {args.t_range[0]} {args.t_range[1]}")
     if args.objective == "block" and args.loss != "elbo":
         raise UserError("--objective block trains the block NELBO: --loss masked-mean does not apply")
     arch = parse_arch(args.arch)
@@ -555,7 +565,8 @@ def _stopping(run: Run, stop: StopRequest) -> bool:
 def _loop(run: Run, log: _Logger, stop: StopRequest, on_checkpoint) -> bool:
     """Train until --iters or a stop signal; returns True when stopped by a signal."""
     a, p = run.args, run.progress
-    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling, a.t_per, run.teacher)
+    loss_fn = training_loss(run.model, run.tokenizer.mask_id, a.loss, a.t_sampling, a.t_per, run.teacher,
+                            a.t_range, a.complementary)
     run.model.train()  # dropout on while training (`_inference_weights` switches it off)
     train_step = make_train_step(run.model, run.optimizer, loss_fn, a.grad_clip, a.skip_nonfinite, run.size > 1,
                                  streams=run.cpu_streams, shard=(run.rank, run.size), ema=run.ema,

@@ -94,14 +94,18 @@ def test_shifted_blocks_of_one_are_the_ar_model_exactly():
     assert abs(draws.mean() - nll) < 5 * draws.std() / np.sqrt(len(draws))
 
 
-@pytest.mark.parametrize("t_per", ["block", "sequence"])
-def test_block_loss_against_numpy(t_per):
+@pytest.mark.parametrize("t_per, t_range, complementary", [
+    ("block", (0.0, 1.0), False), ("sequence", (0.0, 1.0), False), ("block", (0.3, 0.8), False),
+    ("block", (0.0, 1.0), True)], ids=["per-block", "per-window", "clipped", "complementary"])
+def test_block_loss_against_numpy(t_per, t_range, complementary):
     """The loss equals a numpy computation from the same draws: cross-entropy of the hidden positions, each
-    weighted by 1/t of its block (or window), over the predicted positions, averaged over windows."""
+    weighted by 1/t of its block (or window), over the predicted positions, averaged over windows. Clipped: the
+    ratios mapped into [lo, hi]. Complementary: the mean of that and the same with the mask flipped at 1 - t."""
     model, tok = _block_model(4, shift=False)
     tokens = mx.array(np.random.default_rng(1).integers(1, tok.vocab_size, (3, 16)).astype(np.int32))
     key = mx.random.key(7)
-    got = block_loss(model, tokens, tok.mask_id, t_per=t_per, key=key).item()
+    got = block_loss(model, tokens, tok.mask_id, t_per=t_per, key=key, t_range=t_range,
+                     complementary=complementary).item()
     from mlx_dlm.diffusion import block_t
 
     t_key, mask_key = mx.random.split(key)
@@ -110,12 +114,18 @@ def test_block_loss_against_numpy(t_per):
         assert (t.reshape(3, 4, 4) == t.reshape(3, 4, 4)[:, :, :1]).all() and len(np.unique(t)) == 12
     else:
         assert (t == t[:, :1]).all()
+    t = t_range[0] + (t_range[1] - t_range[0]) * t
+    assert t_range[0] <= t.min() and t.max() <= t_range[1]
     hidden = np.array(mx.random.uniform(shape=(3, 16), key=mask_key)) < t
-    noisy = np.where(hidden, tok.mask_id, np.array(tokens))
-    logits = np.array(block_logits(model, mx.array(noisy), tokens), dtype=np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ce = -np.take_along_axis(logp, np.array(tokens)[..., None], -1)[..., 0]
-    want = (np.where(hidden, ce / t, 0.0).sum(1) / 16).mean()
+
+    def loss(hidden, t):
+        noisy = np.where(hidden, tok.mask_id, np.array(tokens))
+        logits = np.array(block_logits(model, mx.array(noisy), tokens), dtype=np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ce = -np.take_along_axis(logp, np.array(tokens)[..., None], -1)[..., 0]
+        return (np.where(hidden, ce / np.maximum(t, 1e-3), 0.0).sum(1) / 16).mean()
+
+    want = (loss(hidden, t) + loss(~hidden, 1 - t)) / 2 if complementary else loss(hidden, t)
     assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -307,3 +317,11 @@ def test_left_strategy_commits_the_leftmost_masked_position_first(kind):
     steps = list(mlx_dlm.stream_generate(model, tok, prompt, max_tokens=11, threshold=1.0, strategy="left",
                                          temp=1.0, seed=0))
     assert [int(np.flatnonzero(s.committed[0])[0]) for s in steps] == list(range(len(prompt), len(prompt) + 11))
+
+
+def test_clipped_and_complementary_flags_are_checked(capsys, tmp_path):
+    base = ["--out", str(tmp_path / "x"), "--iters", "1"]
+    assert "apply to --objective block" in cli_error(capsys, train.main, [*base, "--complementary"])
+    assert "0 <= LO < HI <= 1" in cli_error(capsys, train.main, [*base, "--objective", "block", "--t-range", "0.8",
+                                                                 "0.3"])
+    assert not (tmp_path / "x").exists()

@@ -83,15 +83,19 @@ def test_loss_and_t_sampling_flags_reach_the_loss(tmp_path, small_text_path, mon
     seen = []
     real = train.training_loss
 
-    def spy(model, mask_id, loss="elbo", t_sampling="stratified", t_per="block", teacher=None):
-        seen.append((loss, t_sampling, t_per))
-        return real(model, mask_id, loss, t_sampling, t_per, teacher)
+    def spy(model, mask_id, loss="elbo", t_sampling="stratified", t_per="block", teacher=None, t_range=(0.0, 1.0),
+            complementary=False):
+        seen.append((loss, t_sampling, t_per) + ((tuple(t_range), complementary) if complementary else ()))
+        return real(model, mask_id, loss, t_sampling, t_per, teacher, t_range, complementary)
 
     monkeypatch.setattr(train, "training_loss", spy)
     _train(tmp_path, small_text_path, "--iters", "1", "--loss", "masked-mean", "--t-sampling", "batch")
     assert ("masked-mean", "batch", "block") in seen
     _train(tmp_path, small_text_path, "--iters", "1", "--objective", "block", "--t-per", "sequence", name="block")
     assert ("elbo", "stratified", "sequence") in seen
+    _train(tmp_path, small_text_path, "--iters", "1", "--objective", "block", "--t-range", "0.3", "0.8",
+           "--complementary", name="block2")
+    assert ("elbo", "stratified", "block", (0.3, 0.8), True) in seen
     # ... and the loss it builds is that diffusion loss, not the default one.
     model = init_model(preset_args("tiny", vocab_size=12, dim=32, n_layers=1), seed=0)
     batch = mx.array(np.random.default_rng(0).integers(1, 12, size=(8, 32)).astype(np.int32))
