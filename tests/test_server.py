@@ -449,6 +449,11 @@ def test_load_with_a_stalled_and_a_slow_client(tiny_model_dir, monkeypatch):
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 1
         assert slow_status.result() in (b"200", b"503")
         assert len(server.app.model.__dict__[model_module.MEMO_ATTRIBUTE]) <= 8
+        # The other requests may all be answered (many with 503) before the stalled write times out (2 s): the
+        # lock must be freed by then, not at once.
+        deadline = time.monotonic() + 10
+        while server.app.lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _json(server, "GET", "/health") == (200, {"status": "ok"}) and not server.app.lock.locked()
         assert one(0) == 200
         held.close()
