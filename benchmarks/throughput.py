@@ -251,16 +251,16 @@ def run(args: argparse.Namespace) -> dict:
     drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
     for kind, batch, options, variant in _plan(args):
         model, tok = {"dlm": (dlm, dlm_tok), "block": block}.get(kind, (ar, ar_tok))
+        blocks = _blocks_to_decode(model, tok, args.prompt, args.max_tokens) if kind == "block" else None
         per_block = options.pop("steps_per_block", None)
         if per_block:  # passes per block, as the sampler's total over the blocks
-            options["steps"] = per_block * _blocks_to_decode(model, tok, args.prompt, args.max_tokens)
+            options["steps"] = per_block * blocks
         if peak_ok:
             mx.reset_peak_memory()
         extra = args.trials * (sum(args.batch_size) - 1) if kind == "spec" else 0  # batch 1 only: as many samples
         stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None, extra,
                                 max_tokens=args.max_tokens, num_samples=batch, **options)
-        strategy = {"dlm": options.get("strategy"), "ar": "kv-cache", "spec": "speculative",
-                    "block": "confidence"}[kind]
+        strategy = {"ar": "kv-cache", "spec": "speculative"}.get(kind, options.get("strategy", "confidence"))
         row = {"model": kind, "strategy": strategy, "variant": variant,
                "steps": stats["nfe"] if kind != "ar" else None, "batch_size": batch, "max_tokens": args.max_tokens,
                **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
         elif kind == "block":
             row["block_size"] = model.args.block_size
-            row["steps_per_block"] = stats["nfe"] / _blocks_to_decode(model, tok, args.prompt, args.max_tokens)  # run
+            row["steps_per_block"] = stats["nfe"] / blocks  # as run
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
         row["sample"] = row_texts[0][:80]

@@ -131,11 +131,9 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
 
     first_block, n_blocks = P // B, padded // B
     first = mx.zeros((num_samples, model.args.vocab_size))
-    if cache is not None:
-        cache.reset()
-        if first_block:
-            first = prefill_blocks(model, cache, x, first_block * B)
-        mx.eval(first)
+    if cache is not None and first_block:  # (every pass sets the cache's offset itself)
+        first = prefill_blocks(model, cache, x, first_block * B)
+    mx.eval(first)
     prompt_seconds = time.perf_counter() - tic
     per_block = max(1, o.steps // (n_blocks - first_block))
     for b in range(first_block, n_blocks):

@@ -104,6 +104,7 @@ class ModelServer:
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(max_queue + 1)  # the running request and max_queue waiting
         self.max_body = max_body
+        self.max_tokens = self.model.args.max_seq_len  # what one request may ask for (make_server may lower it)
 
     def options(self, body: dict) -> SamplerOptions:
         """The request's decoding options, checked (types and ranges) before it may queue."""
@@ -115,7 +116,7 @@ class ModelServer:
             options = SamplerOptions(**fields).check()
         except UserError as err:
             raise _as_request_error(str(err)) from None
-        limit = getattr(self, "max_tokens", self.model.args.max_seq_len)
+        limit = self.max_tokens
         if options.max_tokens > limit:
             raise RequestError(f"'max_tokens' must be between 1 and {limit} (the model's context, or the server's "
                                f"--max-tokens)", param="max_tokens")

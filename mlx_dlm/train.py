@@ -329,7 +329,7 @@ class Run:
         a = self.args
         kind = self.model.args.model_type
         forwarded = a.seq_len * (2 if kind == "block" else 1)  # block: the noisy and the clean copy
-        forwarded *= 2 if getattr(a, "complementary", False) else 1  # and each window twice, complementary
+        forwarded *= 2 if a.complementary else 1  # and each window twice, complementary
         predicted = a.seq_len - (kind == "ar")
         return 3 * self.model.flops_per_token(forwarded) * a.batch_size * self.size * forwarded * predicted / a.seq_len
 
