@@ -111,8 +111,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--remask", type=_float_list, default=[], help="also revision rows per fraction, e.g. 0.1")
     p.add_argument("--variant-steps", type=int, default=32, help="steps of the block and remask rows")
     p.add_argument("--draft-lengths", type=_int_list, default=[],
-                   help="also speculative rows (batch 1, each --ar-temps value): the DLM drafts this many tokens a "
-                        "round, the AR verifies; the output is the AR's own distribution")
+                   help="also speculative rows (each batch size and --ar-temps value): the DLM drafts this many "
+                        "tokens a round, the AR verifies; the output is the AR's own distribution")
     p.add_argument("--draft", help="drafter of the speculative rows (default: --dlm)")
     p.add_argument("--block", help="also a block-diffusion model (model_type block) as a contestant")
     p.add_argument("--block-steps", type=_int_list, default=[1, 2, 4],
@@ -179,16 +179,15 @@ def _blocks_to_decode(model, tokenizer, prompt: str, max_tokens: int) -> int:
     return -(-(P + max_tokens) // B) - P // B
 
 
-def _run(model, tokenizer, prompt, trials, draft=None, extra_samples=0, **options) -> tuple[dict, list[str]]:
+def _run(model, tokenizer, prompt, trials, draft=None, **options) -> tuple[dict, list[str]]:
     """Warm-up, then `trials` timed generations; timing stats and the texts of every trial (with a drafter: also
-    tokens per round and the share of rounds that kept each draft position), and of extra_samples untimed
-    generations after them (so a setting run at batch 1 only is judged on as many samples as the others)."""
+    tokens per round and the share of rounds that kept each draft position)."""
     kept = []
 
     def once(seed):
         last = None
         for last in stream_generate(model, tokenizer, prompt, seed=seed, draft_model=draft, **options):
-            kept.append(last.draft_kept)
+            kept.extend(last.draft_kept)
         return last
 
     once(0)  # warm-up: compilation
@@ -206,7 +205,6 @@ def _run(model, tokenizer, prompt, trials, draft=None, extra_samples=0, **option
              "decode_ms": statistics.median(decode) * 1e3}
     if draft is not None:
         stats |= _draft_stats(kept, options["draft_length"])
-    runs += [once(1 + trials + i) for i in range(extra_samples)]
     return stats, [tokenizer.decode(row) for r in runs for row in r.tokens]
 
 
@@ -257,8 +255,7 @@ def run(args: argparse.Namespace) -> dict:
             options["steps"] = per_block * blocks
         if peak_ok:
             mx.reset_peak_memory()
-        extra = args.trials * (sum(args.batch_size) - 1) if kind == "spec" else 0  # batch 1 only: as many samples
-        stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None, extra,
+        stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None,
                                 max_tokens=args.max_tokens, num_samples=batch, **options)
         strategy = {"ar": "kv-cache", "spec": "speculative"}.get(kind, options.get("strategy", "confidence"))
         row = {"model": kind, "strategy": strategy, "variant": variant,
@@ -489,9 +486,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
                      for k in args.block_steps]
             plan += [("block", b, dict(threshold=p, temp=temp), f"bd-thr{p:g}") for temp in args.temp
                      for p in args.block_thresholds]
-        if b == 1:  # speculative decoding runs one sample at a time
-            plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
-                     for k in args.draft_lengths]
+        plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
+                 for k in args.draft_lengths]
         for i, temp in enumerate(args.temp):
             strategies = args.strategies if i == 0 else [s for s in args.strategies if s == "confidence"]
             dlm = [(dict(strategy=s, steps=k), "-") for s in strategies for k in args.steps]

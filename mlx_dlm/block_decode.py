@@ -47,15 +47,22 @@ def check_block_options(o: SamplerOptions, block_size: int) -> None:
 def cached_pass(model, cache: KVCache, block_size: int, fold: bool):
     """Logits (noisy block, first-position logits) of one cached pass; fold: the finished block before it too.
 
-    Called with the cache's offset at the first row's position; the offset moves on past the clean block."""
+    Called with the cache's offset at the first row's position; the offset moves on past the clean block.
+    folded (B,) bool, fold passes of a per-row cache only: which rows fold; the others' window starts with their
+    noisy block (what follows it is run and ignored), and their offset and first logits stay."""
     B = block_size
     reach = mx.array([B] * B + ([2 * B] * B if fold else []))  # each row sees the buffer up to offset + reach
 
-    def run(window: mx.array, first: mx.array) -> tuple[mx.array, mx.array]:
-        mask = mx.arange(cache.size)[None, :] < (cache.offset + reach)[:, None]
-        logits = model(window, cache=cache, attn_mask=mask, advance=B if fold else 0)
-        if fold:
+    def run(window: mx.array, first: mx.array, folded: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        mask = cache.visible(cache.row_offset + reach)
+        advance = (B if folded is None else folded.astype(mx.int32) * B) if fold else 0
+        logits = model(window, cache=cache, attn_mask=mask, advance=advance)
+        if fold and folded is None:
             first, logits = logits[:, B - 1], logits[:, B:]
+        elif fold:
+            first = mx.where(folded[:, None], logits[:, B - 1], first)
+            rows = folded.astype(mx.int32)[:, None] * B + mx.arange(B)
+            logits = mx.take_along_axis(logits, rows[..., None], axis=1)
         return logits, first
 
     return run

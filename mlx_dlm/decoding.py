@@ -31,7 +31,8 @@ class GenerationStep:
     elapsed: float  # seconds since generation started (prefill included)
     prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
     prompt_pass_tokens: int  # tokens produced by the prompt pass (AR: the first token per sample; 0 for diffusion)
-    draft_kept: int | None = None  # speculative decoding: drafts the verifier kept this round (it adds one more)
+    draft_kept: tuple[int, ...] = ()  # speculative decoding: per sample still decoding, drafts kept this round
+    # (the verifier adds one more token)
 
     @property
     def prompt_tokens(self) -> int:

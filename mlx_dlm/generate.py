@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, 
     """Generate, drawing and collecting frames as asked; returns the last step and every step's draft_kept."""
     kept = []
     for last in stream_generate(model, tokenizer, prompt, SamplerOptions.from_namespace(args), draft):
-        kept.append(last.draft_kept)
+        kept.extend(last.draft_kept)
         if view is not None:
             view.draw(last)
         if args.save_frames:

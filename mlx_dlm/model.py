@@ -157,7 +157,7 @@ class Attention(nn.Module):
         q, k, v = mx.split(self.qkv(x), self.split, axis=-1)
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k, v = (a.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (k, v))
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # per row (B,): RoPE takes one offset per row
         if self.rope is not None:
             q, k = self._rope(q, offset, copies), self._rope(k, offset, copies)
         mask = attn_mask  # the caller's (block diffusion), over the cache's buffer when there is one
@@ -166,7 +166,7 @@ class Attention(nn.Module):
         else:  # attend over the preallocated buffer: causal models mask what is not yet written,
             k, v = cache.update(layer, k, v)  # a diffusion model's buffer holds exactly its sequence
             if self.causal and mask is None:
-                mask = mx.arange(k.shape[2])[None, :] <= (offset + mx.arange(L))[:, None]
+                mask = cache.visible(cache.positions(L) + 1)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, D)
         return self.out_proj(out) if self.out_proj is not None else out
@@ -206,37 +206,59 @@ class TransformerBlock(nn.Module):
 class KVCache:
     """Preallocated keys and values of every layer for `size` positions (fixed shapes: decode compiles once).
 
-    `state` (offset and buffers) is what a compiled decode step lists as inputs and outputs.
+    `state` (offset and buffers) is what a compiled decode step lists as inputs and outputs. The offset is one
+    number for the whole batch, or with per_row one per row (B,): rows then hold texts of different lengths
+    (batched speculative decoding), each written, positioned and masked at its own offset.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, size: int):
+    def __init__(self, args: ModelArgs, batch_size: int, size: int, per_row: bool = False):
         shape = (batch_size, args.kv_heads, size, args.head_dim)  # float32 whatever the weights' dtype
-        self.state = {"offset": mx.array(0, dtype=mx.int32),
+        self.state = {"offset": mx.zeros((batch_size,) if per_row else (), dtype=mx.int32),
                       "keys": [mx.zeros(shape) for _ in range(args.n_layers)],
                       "values": [mx.zeros(shape) for _ in range(args.n_layers)]}
 
     @property
     def offset(self) -> mx.array:
-        """Number of positions already written."""
+        """Number of positions already written: () or, per row, (B,)."""
         return self.state["offset"]
 
     @property
     def size(self) -> int:
         return self.state["keys"][0].shape[2]
 
+    @property
+    def row_offset(self) -> mx.array:
+        """The offset shaped to add to a row of positions: () or, per row, (B, 1)."""
+        return self.offset[:, None] if self.offset.ndim else self.offset
+
+    def positions(self, length: int) -> mx.array:
+        """Positions of `length` new rows written at the offset: (length,), or per row (B, length)."""
+        return self.row_offset + mx.arange(length)
+
+    def visible(self, ends: mx.array) -> mx.array:
+        """Attention mask over the buffer: each row sees the slots before its end. ends: (L,) -> (L, size), or per
+        row (B, L) -> (B, 1, L, size)."""
+        mask = mx.arange(self.size) < ends[..., None]
+        return mask[:, None] if mask.ndim == 3 else mask
+
     def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write new keys/values at the offset; return the layer's full buffers."""
-        start = self.offset[None]
+        per_row = self.offset.ndim > 0
+        if per_row:
+            slots = mx.broadcast_to(self.positions(k.shape[2])[:, None, :, None], k.shape)
         for name, new in (("keys", k), ("values", v)):
-            self.state[name][layer] = mx.slice_update(self.state[name][layer], new.astype(self.state[name][layer].dtype),
-                                                      start, axes=(2,))
+            buffer = self.state[name][layer]
+            new = new.astype(buffer.dtype)
+            self.state[name][layer] = (mx.put_along_axis(buffer, slots, new, axis=2) if per_row
+                                       else mx.slice_update(buffer, new, self.offset[None], axes=(2,)))
         return self.state["keys"][layer], self.state["values"][layer]
 
     def reset(self) -> None:
         """Start over (stale buffer contents are masked out by the offset)."""
-        self.state["offset"] = mx.array(0, dtype=mx.int32)
+        self.state["offset"] = mx.zeros_like(self.state["offset"])
 
-    def advance(self, n: int) -> None:
+    def advance(self, n) -> None:
+        """Move the offset on by n (a number, or per row (B,))."""
         self.state["offset"] = self.state["offset"] + n
 
 
@@ -272,8 +294,8 @@ class Model(nn.Module):
         L = tokens.shape[1]
         x = self.tok_emb(tokens)
         if args.pos_emb == "learned":
-            span = mx.arange(L // copies) + (cache.offset if cache is not None else 0)
-            x = x + mx.tile(mx.take(self.pos_emb, span, axis=0), (copies, 1))
+            span = cache.positions(L // copies) if cache is not None else mx.arange(L // copies)
+            x = x + mx.tile(mx.take(self.pos_emb, span, axis=0), (copies, 1) if span.ndim == 1 else (1, copies, 1))
         if "t_proj" in self:
             if t is None:
                 raise ValueError("this diffusion model needs the mask ratio t (B,)")

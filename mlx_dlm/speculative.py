@@ -8,14 +8,17 @@ Each round, with n tokens known:
 - `accept`: draft i is kept while u_i < p_i(d_i) / q_i(d_i); at the first rejection one token is drawn from
   normalise(max(0, p_i - q_i)) and the round ends; if all K are kept the AR adds one from p_{K+1};
 - the AR cache rolls back to the kept length (its offset; later writes overwrite what was rejected).
-Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both are one-hot at
+Several samples (num_samples) run as rows of one batch, each at its own length: the caches keep one offset per row
+(`KVCache(per_row=True)`), so a row that kept more drafts is not held back, and a finished row idles until the
+last is done. Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both are one-hot at
 their argmax, and the output is the AR model's greedy text. One compiled function does a round on the device.
 
 Drafters:
 - a full-sequence diffusion model has no exact cache (it attends both ways), so its pass covers the canvas;
 - a block-diffusion model (model_type "block") drafts the rest of its current block (at most K tokens) in one pass
   of B positions over its own exact KV cache (`block_decode.cached_pass`); when the verified text has finished a
-  block, that pass also writes the block to the drafter's cache as clean text (2B positions). Draft positions past
+  block, that pass also writes the block to the drafter's cache as clean text (2B positions; in a batch, rows
+  that finished no block run their noisy block first and ignore the rest). Draft positions past
   the block are not drafted: the rule treats them as rejected, and the AR's token there comes from p itself.
 """
 
@@ -66,17 +69,17 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: m
     """The speculative-sampling rule for rows of drafts (B, K) drawn from q (B, K, V), verified by p (B, K+1, V).
 
     Returns (kept, token): how many leading drafts each row keeps (B,), and the token that follows them (B,):
-    from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept. drafted (K,): which
+    from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept. drafted (B, K): which
     positions hold a draft at all; the first that does not ends the round, its token drawn from p (its q is 0)."""
     B, K = drafts.shape
     accept_key, draw_key = mx.random.split(key)
     if drafted is not None:
-        q = mx.where(drafted[None, :, None], q, 0.0)
+        q = mx.where(drafted[..., None], q, 0.0)
     p_d = mx.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]
     q_d = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
     ok = mx.random.uniform(shape=(B, K), key=accept_key) * q_d < p_d  # u < p / q, with q(d) > 0
     if drafted is not None:
-        ok = ok & drafted[None, :]
+        ok = ok & drafted
     kept = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
     residual = mx.maximum(p - mx.concatenate([q, mx.zeros((B, 1, q.shape[-1]))], axis=1), 0.0)
     mass = residual.sum(axis=-1, keepdims=True)
@@ -87,62 +90,68 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: m
 
 
 def _dlm_drafter(draft_model, mask_id: int, K: int):
-    """draft(x, n, first) -> (logits of the K positions after n, which of them are drafted, first) for a
-    full-sequence diffusion drafter: one pass over the whole canvas (first is unused)."""
+    """draft(x, n, first, folded) -> (logits of the K positions after each row's n (B, K, V), which of them are
+    drafted (B, K), first) for a full-sequence diffusion drafter: one pass over the whole canvas (first and folded
+    are unused)."""
     positions = mx.arange(K)
 
-    def draft(x, n, first):
+    def draft(x, n, first, folded):
         t = (x == mask_id).sum(axis=1).astype(mx.float32) / x.shape[1]
-        return mx.take(draft_model(x, t), n + positions, axis=1), mx.ones((K,), dtype=mx.bool_), first
+        index = n[:, None] + positions
+        return (mx.take_along_axis(draft_model(x, t), index[..., None], axis=1), mx.ones(index.shape, dtype=mx.bool_),
+                first)
 
     return draft
 
 
 def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
-    """draft(x, n, first) for a block drafter: one pass over the block holding position n (with fold, the block
-    before it too, now finished, written to its cache as clean text); the positions after n in that block are
-    drafted, at most K. first: the clean output before the block (a shifted model's first prediction)."""
+    """draft(x, n, first, folded) for a block drafter: one pass over the block holding each row's position n (with
+    fold, the block before it too for the rows in `folded`, whose verified text finished it: written to the cache as
+    clean text); the positions after n in that block are drafted, at most K. first: the clean output before each
+    row's block (a shifted model's first prediction)."""
     B = draft_model.args.block_size
     run = cached_pass(draft_model, cache, B, fold)
     shift = draft_model.args.logit_shift
 
-    def draft(x, n, first):
+    def draft(x, n, first, folded):
         start = (n // B) * B
-        cache.state["offset"] = start - B if fold else start
-        window = mx.slice(x, cache.state["offset"][None], (1,), (x.shape[0], 2 * B if fold else B))
-        logits, first = run(window, first)
+        cache.state["offset"] = start - B * folded.astype(mx.int32) if fold else start
+        window = mx.take_along_axis(x, cache.positions(2 * B if fold else B), axis=1)
+        logits, first = run(window, first, folded if fold else None)
         if shift:
             logits = shifted_block_logits(logits, mx.broadcast_to(first[:, None], logits.shape), B)
-        index = n - start + mx.arange(K)
-        return mx.take(logits, mx.minimum(index, B - 1), axis=1), index < B, first
+        index = (n - start)[:, None] + mx.arange(K)
+        return mx.take_along_axis(logits, mx.minimum(index, B - 1)[..., None], axis=1), index < B, first
 
     return draft
 
 
-def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, top_k: int, K: int, cache: KVCache,
-                draft_cache: KVCache | None):
-    """Compiled: (x (1, L), n (), key, nums, first) -> (x, n, kept, token, first). x holds the known tokens before n
-    and masks after; nums: `decoding.numbers` (temperature, top_p); first: the block drafter's carried state."""
+def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, top_k: int, K: int, total: int,
+                cache: KVCache, draft_cache: KVCache | None):
+    """Compiled: (x (S, L), n (S,), key, nums, first, folded (S,)) -> (x, n, kept (S,), first). Row i holds its known
+    tokens before n[i] and masks after; rows that reached `total` stay as they are; nums: `decoding.numbers`
+    (temperature, top_p); first, folded: the block drafter's carried state and which rows fold a block."""
 
-    def round_(x, n, key, nums, first):
+    def round_(x, n, key, nums, first, folded):
         temp, top_p = nums.get("temp", 0.0), nums.get("top_p", 1.0)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
-        q_logits, drafted, first = draft(x, n, first)
+        q_logits, drafted, first = draft(x, n, first, folded)
         q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
         drafts = mx.random.categorical(mx.log(q), key=draft_key) if "temp" in nums else mx.argmax(q, axis=-1)
         drafts = drafts.astype(x.dtype)
         cache.state["offset"] = n - 1  # roll back to the known text; the last known token goes in first
-        last = mx.take(x, (n - 1)[None], axis=1)
+        last = mx.take_along_axis(x, (n - 1)[:, None], axis=1)
         p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
         p = probabilities(p_logits, temp, top_k, top_p)
         kept, token = accept(p, q, drafts, accept_key, drafted)
-        written = mx.arange(L)[None] - n  # each canvas position's index in the round
-        x = mx.where((written >= 0) & (written < kept[:, None]),
-                      mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
-        x = mx.where(written == kept[:, None], token[:, None].astype(x.dtype), x)
-        cache.state["offset"] = n + kept[0]  # what is cached now: every token before the new one
-        return x, n + kept[0] + 1, kept[0], token[0], first
+        live = (n < total)[:, None]
+        written = mx.arange(L)[None] - n[:, None]  # each canvas position's index in the round
+        x = mx.where(live & (written >= 0) & (written < kept[:, None]),
+                     mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
+        x = mx.where(live & (written == kept[:, None]), token[:, None].astype(x.dtype), x)
+        cache.state["offset"] = n + kept  # what is cached now: every token before the new one
+        return x, mx.where(live[:, 0], n + kept + 1, n), kept, first
 
     states = [cache.state] + ([draft_cache.state] if draft_cache is not None else [])
     return mx.compile(round_, inputs=[model.state, draft_model.state, *states], outputs=states)
@@ -151,75 +160,77 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
 def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerOptions
                          ) -> Iterator[GenerationStep]:
     """Draft with draft_model, verify with model (AR), `o.draft_length` tokens a round; yields a state per round.
-    o: checked options with a seed (`sample.stream_generate` picks one when none is given).
+    o: checked options with a seed (`sample.stream_generate` picks one when none is given). With o.num_samples
+    rows, each row keeps its own length (its own cache offsets); a round runs every row until the last is done.
 
-    The state's `draft_kept` is how many of this round's drafts were kept (the round adds one more token)."""
-    if o.num_samples != 1:
-        raise UserError("speculative decoding decodes one sample at a time: use --num-samples 1")
+    The state's `draft_kept` holds, for each row still decoding, how many of this round's drafts it kept (the round
+    adds one more)."""
     if o.suffix or o.template is not None:
         raise UserError("a suffix or template needs diffusion decoding, not speculative decoding")
-    K, mask_id = o.draft_length, tokenizer.mask_id
+    K, mask_id, S = o.draft_length, tokenizer.mask_id, o.num_samples
     ids, editable = build_canvas(tokenizer, prompt or "\n", o.max_tokens)
     P, total = int((~editable).sum()), len(ids)
-    length = total + K  # drafts may run past the end: the canvas and the cache have room, the text is cut
     block = draft_model.args.block_size if draft_model.args.model_type == "block" else 0
     context = min(model.args.max_seq_len, draft_model.args.max_seq_len)
     if total + max(K, block) > context:
         raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
                         f"({total + max(K, block)} in all) within both models' context of {context}")
+    # a finished row stays at most K + 1 past the end and drafts K more (a block drafter: up to 2 blocks further)
+    length = -(-(total + 2 * K + 2 * block + 1) // max(block, 1)) * max(block, 1)
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
     nums = numbers(o)
     cache, draft_cache, rounds = memoize_on_model(
-        model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)), o.top_k, K, length),
-        lambda: (KVCache(model.args, 1, length + 1),
-                 KVCache(draft_model.args, 1, -(-length // block) * block + block) if block else None, {}))
+        model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)), o.top_k, K, total, S),
+        lambda: (KVCache(model.args, S, length, per_row=True),
+                 KVCache(draft_model.args, S, length, per_row=True) if block else None, {}))
 
     def round_fn(fold: bool):  # compiled once per model, options and pass kind
         if fold not in rounds:
             draft = (_block_drafter(draft_model, draft_cache, K, fold) if block
                      else _dlm_drafter(draft_model, mask_id, K))
-            rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, cache, draft_cache)
+            rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, total, cache,
+                                       draft_cache)
         return rounds[fold]
 
-    x = mx.array(np.concatenate([ids, np.full(K + block, mask_id, dtype=np.int32)])[None])
+    x = mx.array(np.tile(np.concatenate([ids, np.full(length - total, mask_id, dtype=np.int32)]), (S, 1)))
     tic = time.perf_counter()
     cache.reset()
     if P > 1:
         model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
-    first, cached = mx.zeros((1, draft_model.args.vocab_size)), (P // block) * block if block else 0
-    if cached:
-        first = prefill_blocks(draft_model, draft_cache, x, cached)  # the drafter's clean blocks of the prompt
+    first, prefilled = mx.zeros((S, draft_model.args.vocab_size)), (P // block) * block if block else 0
+    if prefilled:
+        first = prefill_blocks(draft_model, draft_cache, x, prefilled)  # the drafter's clean blocks of the prompt
     mx.eval(cache.state, first)
     prompt_seconds = time.perf_counter() - tic
-    n, key, k, forwarded = mx.array(P, dtype=mx.int32), mx.random.key(o.seed), 0, P - 1 + cached
-    done = P
-    while done < total:
+    n, key, k, forwarded = mx.full((S,), P, dtype=mx.int32), mx.random.key(o.seed), 0, S * (P - 1 + prefilled)
+    done, cached = np.full(S, P), np.full(S, prefilled)
+    while (done < total).any():
         key, round_key = mx.random.split(key)
-        fold = bool(block) and (done // block) * block > cached  # the verified text finished a block
-        x, n, kept, _, first = round_fn(fold)(x, n, round_key, nums, first)
-        tokens = np.array(x)
-        kept, before, done = int(kept.item()), done, int(n.item())
-        cached = (before // block) * block if block else 0
+        folded = (done // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
+        fold = bool(folded.any())
+        x, n, kept, first = round_fn(fold)(x, n, round_key, nums, first, mx.array(folded))
+        tokens, before, done, live = np.array(x), done, np.array(n), done < total
+        cached = (before // block) * block if block else cached
         k += 1
-        forwarded += (block * (2 if fold else 1) if block else length) + K + 1  # the drafter's pass, the verifier's
-        committed = np.zeros_like(tokens, dtype=bool)
-        committed[:, before:min(done, total)] = True
+        forwarded += S * ((block * (2 if fold else 1) if block else length) + K + 1)  # drafter's pass, verifier's
+        position = np.arange(total)[None]
+        committed = (position >= before[:, None]) & (position < np.minimum(done, total)[:, None])
         row = tokens[:, :total]
         yield GenerationStep(
-            step=k, tokens=row, editable=editable, committed=committed[:, :total],
-            remasked=np.zeros_like(row, dtype=bool), generated_tokens=int(min(done, total) - P), nfe=k,
-            forward_tokens=forwarded, elapsed=time.perf_counter() - tic, prompt_seconds=prompt_seconds,
-            prompt_pass_tokens=0, draft_kept=kept)
+            step=k, tokens=row, editable=editable, committed=committed,
+            remasked=np.zeros_like(row, dtype=bool), generated_tokens=int((np.minimum(done, total) - P).sum()),
+            nfe=k, forward_tokens=forwarded, elapsed=time.perf_counter() - tic, prompt_seconds=prompt_seconds,
+            prompt_pass_tokens=0, draft_kept=tuple(int(a) for a in np.array(kept)[live]))
 
 
 def acceptance_by_position(kept: list[int], draft_length: int) -> list[float]:
-    """P(draft i kept) for i = 1..K over rounds: the share of rounds that kept at least i drafts."""
+    """P(draft i kept) for i = 1..K over rounds (of every row): the share of rounds that kept at least i drafts."""
     kept_arr = np.array(kept)
     return [float((kept_arr >= i).mean()) if len(kept_arr) else 0.0 for i in range(1, draft_length + 1)]
 
 
 def draft_report(kept: list[int], draft_length: int) -> str:
-    """One line: tokens per round and acceptance by draft position."""
+    """One line: tokens per round (per row) and acceptance by draft position; kept: one entry per row and round."""
     rounds = len(kept)
     per_round = (sum(kept) + rounds) / max(rounds, 1)
     by_position = ", ".join(f"{p:.2f}" for p in acceptance_by_position(kept, draft_length))

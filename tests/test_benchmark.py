@@ -68,14 +68,17 @@ def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small
         assert r["quality_samples"] == 2 * (1 + 2) and r["distinct4_count"] == count  # pooled over batch sizes
     for v in ("-", "T0.5,k5"):  # one setting, one quality, whatever the batch size
         assert ar[(1, v)]["gen_ppl"] == ar[(2, v)]["gen_ppl"]
-    spec = {r["temp"]: r for r in rows if r["model"] == "spec"}
-    assert sorted(spec) == [0.5, 1.0] and all(r["batch_size"] == 1 and r["draft_length"] == 3 for r in spec.values())
-    for r in spec.values():  # each round adds its kept drafts and one token
-        assert r["tokens_per_round"] == pytest.approx(24 / r["steps"], rel=0.2) and 1 <= r["tokens_per_round"] <= 4
+    spec = {(r["batch_size"], r["temp"]): r for r in rows if r["model"] == "spec"}
+    assert sorted(spec) == [(b, t) for b in (1, 2) for t in (0.5, 1.0)]
+    assert all(r["draft_length"] == 3 for r in spec.values())
+    for r in spec.values():  # each round adds its kept drafts and one token, per row; a batch waits for its slowest
+        assert 1 <= r["tokens_per_round"] <= 4 and r["steps"] >= 24 / r["tokens_per_round"] * 0.8
+        assert r["batch_size"] > 1 or r["tokens_per_round"] == pytest.approx(24 / r["steps"], rel=0.2)
         assert len(r["acceptance_by_position"]) == 3 and r["acceptance_by_position"] == sorted(
             r["acceptance_by_position"], reverse=True)
     first = results["equal_quality"][0]["per_ar_setting"][0]
-    assert first["speculative"]["temp"] == 1.0 and first["speculative"]["tokens_per_sec"] == spec[1.0]["tokens_per_sec"]
+    assert first["speculative"]["temp"] == 1.0
+    assert first["speculative"]["tokens_per_sec"] == spec[(1, 1.0)]["tokens_per_sec"]
     dlm = {(r["batch_size"], r["temp"]): r for r in rows if r["model"] == "dlm"}
     assert sorted(dlm) == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
     assert dlm[(1, 0.5)]["gen_ppl"] == dlm[(2, 0.5)]["gen_ppl"] != dlm[(1, 1.0)]["gen_ppl"]

@@ -5,7 +5,6 @@ import itertools
 import math
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from mlx_dlm.errors import UserError

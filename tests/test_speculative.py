@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_dlm
-from mlx_dlm.block_decode import prefill_blocks
+from mlx_dlm.block_decode import cached_pass, prefill_blocks
 from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE, Model, ModelArgs
 from mlx_dlm.speculative import accept
 
@@ -43,6 +43,9 @@ def test_greedy_output_is_the_ar_models_own(pair, prompt, k, drafter):
     draft = dlm if drafter == "dlm" else as_block(dlm)  # the block drafter: the DLM's weights in blocks of 4
     alone = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0)
     assert mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=draft, draft_length=k) == alone
+    batch = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=draft, draft_length=k,
+                             num_samples=3)
+    assert batch == [alone] * 3
 
 
 def test_the_acceptance_rule_yields_p_whatever_q():
@@ -64,10 +67,12 @@ def test_the_acceptance_rule_yields_p_whatever_q():
     assert 0 < (kept == 0).mean() < 1 and (kept == K).any()  # both branches of the rule were taken
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("drafter", ["dlm", "block"])
-def test_sampled_output_follows_the_ar_models_exact_distribution(drafter):
-    """The first two tokens after a prompt, over 1,200 seeds, against the AR model's exact p(a) p(b | a). The block
-    drafter (blocks of 4, prompt of 3) drafts one position and leaves the second to the verifier's rule."""
+def test_sampled_output_follows_the_ar_models_exact_distribution(drafter, batched):
+    """The first two tokens after a prompt, over 1,200 seeds (or 1,200 rows of one batch, each row at its own
+    length), against the AR model's exact p(a) p(b | a). The block drafter (blocks of 4, prompt of 3) drafts one
+    position and leaves the second to the verifier's rule."""
     text = "abcd" * 8
     ar, tok = untrained(text, 16, model_type="ar", seed=5)
     dlm, _ = untrained(text, 16, seed=6)
@@ -87,55 +92,107 @@ def test_sampled_output_follows_the_ar_models_exact_distribution(drafter):
         p2 = next_token(prompt + a)
         joint[i] = p1[tok.encode(a)[0]] * p2[[tok.encode(b)[0] for b in chars]]
     counts = np.zeros_like(joint)
-    for seed in range(1200):
-        out = mlx_dlm.generate(ar, tok, prompt, max_tokens=2, temp=1.0, seed=seed, draft_model=dlm, draft_length=2)
+    outs = (mlx_dlm.generate(ar, tok, prompt, max_tokens=2, temp=1.0, seed=0, draft_model=dlm, draft_length=2,
+                             num_samples=1200) if batched else
+            [mlx_dlm.generate(ar, tok, prompt, max_tokens=2, temp=1.0, seed=seed, draft_model=dlm, draft_length=2)
+             for seed in range(1200)])
+    for out in outs:
         counts[chars.index(out[len(prompt)]), chars.index(out[len(prompt) + 1])] += 1
     assert joint.sum() == pytest.approx(1.0)
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[15]
 
 
-def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair):
-    """After each round the verifier's cache holds, for every known position, the keys and values a fresh prefill
-    of the kept text gives: rejected drafts leave no trace. Rounds with 0 .. K drafts kept all occur."""
+def _speculative_caches(ar):
+    """(verifier cache, drafter cache) of the one speculative run memoised on ar."""
+    return next(v[:2] for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples):
+    """After each round the verifier's cache holds, for every known position of every row, the keys and values a
+    fresh prefill of that row's kept text gives: rejected drafts leave no trace, and rows of one batch (each at its
+    own length) do not disturb each other. Rounds with 0 .. K drafts kept all occur."""
     ar, dlm, tok = pair
     K, seen = 3, set()
     ar.__dict__.pop(MEMO_ATTRIBUTE, None)  # the one speculative cache left is this test's
-    for seed in range(6):
+    for seed in range(6 // num_samples):
         for state in mlx_dlm.stream_generate(ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=seed, draft_model=dlm,
-                                             draft_length=K):
-            seen.add(state.draft_kept)
-            cache = next(v[0] for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
-            known = min(int(cache.offset.item()), state.tokens.shape[1])
-            fresh = KVCache(ar.args, 1, cache.size)
-            ar(mx.array(state.tokens[:, :known]), cache=fresh)
-            for name in ("keys", "values"):
-                for got, want in zip(cache.state[name], fresh.state[name]):
-                    np.testing.assert_allclose(np.array(got[:, :, :known]), np.array(want[:, :, :known]), atol=2e-5)
+                                             draft_length=K, num_samples=num_samples):
+            seen.update(state.draft_kept)
+            cache, _ = _speculative_caches(ar)
+            for row in range(num_samples):
+                known = min(int(cache.offset[row].item()), state.tokens.shape[1])
+                fresh = KVCache(ar.args, 1, cache.size)
+                ar(mx.array(state.tokens[row:row + 1, :known]), cache=fresh)
+                for name in ("keys", "values"):
+                    for got, want in zip(cache.state[name], fresh.state[name]):
+                        np.testing.assert_allclose(np.array(got[row, :, :known]), np.array(want[0, :, :known]),
+                                                   atol=2e-5)
     assert seen == set(range(K + 1))
 
 
-def test_the_block_drafters_cache_holds_the_finished_blocks_as_a_fresh_prefill(pair):
-    """After each round the block drafter's cache holds, for the verified text's finished blocks, exactly what a
-    fresh prefill of those blocks gives; kept drafts past a block's end, rounds that fold a block and rounds that
-    do not all occur."""
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_the_block_drafters_cache_holds_the_finished_blocks_as_a_fresh_prefill(pair, num_samples):
+    """After each round the block drafter's cache holds, for each row's verified text's finished blocks, exactly
+    what a fresh prefill of those blocks gives; kept drafts past a block's end, rounds that fold a block and rounds
+    that do not all occur (in a batch: rows that fold beside rows that do not)."""
     ar, dlm, tok = pair
     drafter = as_block(dlm)
     ar.__dict__.pop(MEMO_ATTRIBUTE, None)
-    seen = set()
+    seen, folds = set(), set()
     for seed in range(3):
+        was = None
         for state in mlx_dlm.stream_generate(ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=seed,
-                                             draft_model=drafter, draft_length=4):
-            seen.add(state.draft_kept)
-            _, cache, _ = next(v for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
-            known = int(state.generated_tokens + state.prompt_tokens - state.draft_kept - 1)  # before this round
-            finished = known // 4 * 4
-            fresh = KVCache(drafter.args, 1, cache.size)
-            prefill_blocks(drafter, fresh, mx.array(state.tokens), finished) if finished else None
-            for name in ("keys", "values"):
-                for got, want in zip(cache.state[name], fresh.state[name]):
-                    np.testing.assert_allclose(np.array(got[:, :, :finished]), np.array(want[:, :, :finished]),
-                                               atol=2e-5)
-    assert {0, 1} <= seen
+                                             draft_model=drafter, draft_length=4, num_samples=num_samples):
+            seen.update(state.draft_kept)
+            _, cache = _speculative_caches(ar)
+            known = state.committed.argmax(axis=1)  # each row's length before this round
+            known = np.where(state.committed.any(axis=1), known, state.tokens.shape[1])
+            if was is not None:
+                folds.add(tuple(sorted(set(known // 4 > was // 4))))  # which rows' pass folded a finished block
+            was = known
+            for row in range(num_samples):
+                finished = int(known[row]) // 4 * 4
+                fresh = KVCache(drafter.args, 1, cache.size)
+                prefill_blocks(drafter, fresh, mx.array(state.tokens[row:row + 1]), finished) if finished else None
+                for name in ("keys", "values"):
+                    for got, want in zip(cache.state[name], fresh.state[name]):
+                        np.testing.assert_allclose(np.array(got[row, :, :finished]),
+                                                   np.array(want[0, :, :finished]), atol=2e-5)
+    assert {0, 1} <= seen and {(False,), (True,)} <= folds
+    assert num_samples == 1 or (False, True) in folds  # a batch's pass with rows that fold and rows that do not
+
+
+def test_a_pass_where_some_rows_fold_gives_each_row_its_own_pass(pair):
+    """One fold pass over two rows at their own offsets: row 0 folds its finished block 1 and drafts block 2, row 1
+    (block 1 already cached) runs block 2 first and ignores the rest of its window. Both rows' block-2 logits, first
+    logits and cache equal a batch-1 pass over a cache prefilled with blocks 0-1."""
+    _, dlm, tok = pair
+    drafter, B, mask_id = as_block(dlm), 4, tok.mask_id
+    ids = tok.encode("First Citizen:\nWe are")[:16]
+    ids[9:12] = [mask_id] * 3  # block 2: one known token, then masks
+    x = mx.array([ids, ids])
+    ref_cache = KVCache(drafter.args, 1, 16)
+    first = prefill_blocks(drafter, ref_cache, x[:1], 8)
+    want, want_first = cached_pass(drafter, ref_cache, B, fold=False)(x[:1, 8:12], first)
+    cache = KVCache(drafter.args, 2, 16, per_row=True)
+    prefill_blocks(drafter, cache, x, 4)
+    row1_cache = KVCache(drafter.args, 1, 16)
+    row1_first = prefill_blocks(drafter, row1_cache, x[:1], 8)
+    for name in ("keys", "values"):  # row 1 starts with blocks 0-1 cached
+        for layer, buffer in enumerate(cache.state[name]):
+            cache.state[name][layer] = mx.concatenate([buffer[:1], row1_cache.state[name][layer]], axis=0)
+    cache.state["offset"] = mx.array([4, 8], dtype=mx.int32)
+    window = mx.concatenate([x[:1, 4:12], x[:1, 8:16]], axis=0)
+    got, got_first = cached_pass(drafter, cache, B, fold=True)(
+        window, mx.concatenate([mx.zeros_like(row1_first), row1_first]), mx.array([True, False]))
+    for row in range(2):
+        np.testing.assert_allclose(np.array(got[row]), np.array(want[0]), atol=1e-4)
+        np.testing.assert_allclose(np.array(got_first[row]), np.array(want_first[0]), atol=1e-4)
+        for name in ("keys", "values"):
+            for buffer, ref in zip(cache.state[name], ref_cache.state[name]):
+                np.testing.assert_allclose(np.array(buffer[row, :, :8]), np.array(ref[0, :, :8]), atol=2e-5)
+    assert cache.offset.tolist() == [8, 8]
 
 
 def test_refusals_are_one_line(pair, tmp_path):
@@ -144,7 +201,6 @@ def test_refusals_are_one_line(pair, tmp_path):
     assert "the drafter's vocabulary" in user_error(mlx_dlm.generate, ar, tok, "RO", max_tokens=4, draft_model=wrong)
     assert "the drafter must be a diffusion model" in user_error(mlx_dlm.generate, ar, tok, "RO", draft_model=ar)
     assert "verifies with an autoregressive model" in user_error(mlx_dlm.generate, dlm, tok, "RO", draft_model=dlm)
-    assert "one sample at a time" in user_error(mlx_dlm.generate, ar, tok, "RO", num_samples=2, draft_model=dlm)
     assert "within both models' context" in user_error(mlx_dlm.generate, ar, tok, "RO", max_tokens=2000,
                                                        draft_model=dlm)
     assert user_error(mlx_dlm.generate, ar, tok, "RO", draft_model=dlm, draft_length=0) == \
