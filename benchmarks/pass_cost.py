@@ -1,11 +1,14 @@
-"""The cost of one pass at batch 1: a block model's pass over B (or 2B, folded) positions against an AR model's
-decode step, with a KV cache already holding `context` positions.
+"""The cost of one pass at batch 1: a block model's pass over B (or 2B, folded) positions, and the AR model's
+speculative verify pass over K + 1 positions, against the AR model's decode step, with a KV cache already holding
+`context` positions.
 
     mlx_dlm.benchmark passes --ar shakespeare-ar --block shakespeare-block --contexts 64,256,512,960
 
 Each pass is the model's forward alone, compiled, as the samplers run it (`block_decode`'s cached pass, the AR's
-one-token step); --trials timed passes after a warm-up, the median reported. A block model beats the AR at equal
-tokens per pass only when its pass costs less than (tokens committed per pass) x the AR's step.
+one-token step, `speculative`'s verify pass); --trials timed passes after a warm-up, the median reported. A block
+model beats the AR at equal tokens per pass only when its pass costs less than (tokens committed per pass) x the
+AR's step; speculative decoding, even with a drafter that cost nothing, only when a round's tokens exceed
+(verify pass / AR step).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", required=True, help="block-diffusion model")
     p.add_argument("--contexts", type=_int_list, default=_int_list("64,256,512,960"),
                    help="positions already in the cache")
+    p.add_argument("--draft-length", type=int, help="K of the verify pass (K + 1 positions; default: B)")
     p.add_argument("--trials", type=int, default=200, help="timed passes per row")
     p.add_argument("--out", help="write the rows and machine info as JSON")
     return p
@@ -48,11 +52,12 @@ def _median_ms(call, reset, trials: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def ar_step_ms(model, context: int, trials: int) -> float:
-    cache = KVCache(model.args, 1, context + 1)
+def ar_step_ms(model, context: int, trials: int, rows: int = 1) -> float:
+    """An AR pass over `rows` new positions: a decode step (1), a speculative verify pass (K + 1)."""
+    cache = KVCache(model.args, 1, context + rows)
     step = mx.compile(lambda token: model(token, cache=cache, advance=0), inputs=[model.state, cache.state],
                       outputs=[cache.state])
-    token = mx.zeros((1, 1), dtype=mx.int32)
+    token = mx.zeros((1, rows), dtype=mx.int32)
 
     def reset():
         cache.state["offset"] = mx.array(context, dtype=mx.int32)
@@ -76,6 +81,8 @@ def block_pass_ms(model, context: int, trials: int, fold: bool) -> float:
 def run(args: argparse.Namespace) -> dict:
     if args.trials < 1:
         raise UserError("--trials must be at least 1")
+    if args.draft_length is not None and args.draft_length < 1:
+        raise UserError("--draft-length must be at least 1")
     ar, _ = load(args.ar)
     block, _ = load(args.block)
     if ar.args.model_type != "ar" or block.args.model_type != "block":
@@ -86,17 +93,22 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--contexts {too_long} do not fit the models' context")
     info = machine_info()
     B = block.args.block_size
-    print(f"Machine: {describe(info)}; batch 1; block size {B}")
-    print(f"{'context':>8} {'AR ms/token':>12} {'block ms/pass':>14} {'folded ms/pass':>15} {'pass / AR step':>15}")
+    K = args.draft_length or B
+    print(f"Machine: {describe(info)}; batch 1; block size {B}; verify pass of K + 1 = {K + 1}")
+    print(f"{'context':>8} {'AR ms/token':>12} {'block ms/pass':>14} {'folded ms/pass':>15} {'pass / AR step':>15} "
+          f"{'verify ms/pass':>15} {'verify / AR step':>17}")
     rows = []
     for context in args.contexts:
         row = {"context": context, "ar_ms_per_token": ar_step_ms(ar, context, args.trials),
                "block_ms_per_pass": block_pass_ms(block, context, args.trials, fold=False),
-               "folded_ms_per_pass": block_pass_ms(block, context, args.trials, fold=True), "block_size": B}
+               "folded_ms_per_pass": block_pass_ms(block, context, args.trials, fold=True), "block_size": B,
+               "verify_ms_per_pass": ar_step_ms(ar, context, args.trials, rows=K + 1), "draft_length": K}
         row["pass_over_ar_step"] = row["block_ms_per_pass"] / row["ar_ms_per_token"]
+        row["verify_over_ar_step"] = row["verify_ms_per_pass"] / row["ar_ms_per_token"]
         rows.append(row)
         print(f"{context:>8} {row['ar_ms_per_token']:>12.3f} {row['block_ms_per_pass']:>14.3f} "
-              f"{row['folded_ms_per_pass']:>15.3f} {row['pass_over_ar_step']:>15.2f}", flush=True)
+              f"{row['folded_ms_per_pass']:>15.3f} {row['pass_over_ar_step']:>15.2f} "
+              f"{row['verify_ms_per_pass']:>15.3f} {row['verify_over_ar_step']:>17.2f}", flush=True)
     return {"machine": info, "args": vars(args), "rows": rows}
 
 

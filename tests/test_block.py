@@ -14,6 +14,7 @@ from mlx_dlm import train
 from mlx_dlm.block_decode import decode_blocks
 from mlx_dlm.decoding import build_canvas
 from mlx_dlm.diffusion import ar_loss, block_attention_mask, block_logits, block_loss
+from mlx_dlm.errors import UserError
 from mlx_dlm.eval import block_nelbo
 from mlx_dlm.io import load
 from mlx_dlm.model import Model, ModelArgs
@@ -317,6 +318,23 @@ def test_left_strategy_commits_the_leftmost_masked_position_first(kind):
     steps = list(mlx_dlm.stream_generate(model, tok, prompt, max_tokens=11, threshold=1.0, strategy="left",
                                          temp=1.0, seed=0))
     assert [int(np.flatnonzero(s.committed[0])[0]) for s in steps] == list(range(len(prompt), len(prompt) + 11))
+
+
+def test_pass_cost_benchmark_times_every_pass_kind(adapted_dir, tiny_ar_dir, tmp_path):
+    from benchmarks import pass_cost
+
+    out = tmp_path / "passes.json"
+    pass_cost.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--contexts", "8,16", "--trials", "3",
+                    "--draft-length", "3", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["context"] for r in rows] == [8, 16] and all(r["draft_length"] == 3 for r in rows)
+    for r in rows:
+        assert min(r["ar_ms_per_token"], r["block_ms_per_pass"], r["folded_ms_per_pass"], r["verify_ms_per_pass"]) > 0
+        assert r["verify_over_ar_step"] == pytest.approx(r["verify_ms_per_pass"] / r["ar_ms_per_token"])
+    with pytest.raises(UserError, match="--draft-length must be at least 1"):
+        pass_cost.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--draft-length", "0"])
+    with pytest.raises(UserError, match="--ar takes an autoregressive model"):
+        pass_cost.main(["--ar", str(adapted_dir), "--block", str(adapted_dir), "--contexts", "8"])
 
 
 def test_clipped_and_complementary_flags_are_checked(capsys, tmp_path):
