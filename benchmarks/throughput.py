@@ -117,6 +117,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", help="also a block-diffusion model (model_type block) as a contestant")
     p.add_argument("--block-steps", type=_int_list, default=[1, 2, 4],
                    help="block rows: denoising passes per block (each --temp value)")
+    p.add_argument("--block-strategies", type=_strategy_list, default=["confidence"],
+                   help="block rows: the order positions are committed in inside a block (e.g. confidence,left)")
     p.add_argument("--block-thresholds", type=_float_list, default=[],
                    help="also block rows that commit every proposal at least this confident, e.g. 0.9,0.7")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
@@ -415,7 +417,8 @@ def _label(r: dict) -> str:
         return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
     if r["model"] == "block":
         how = f"thr{r['threshold']:g}" if r.get("threshold") else f"{r['steps_per_block']:.3g}/block"
-        return f"BD{r['block_size']} {how} T{r['temp']:g}"
+        order = "" if r["strategy"] == "confidence" else f" {r['strategy']}"
+        return f"BD{r['block_size']} {how}{order} T{r['temp']:g}"
     head = r["variant"] if r["variant"] != "-" else f"{r['strategy']} {r['steps']}"
     return f"DLM {head} T{r['temp']:g}"
 
@@ -482,10 +485,12 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
                 label = "-" if i == j == 0 else f"T{temp:g}" + (f",k{k}" if k else "")
                 plan.append(("ar", b, dict(temp=temp, top_k=k), label))
         if args.block:
-            plan += [("block", b, dict(steps_per_block=k, temp=temp), f"bd{k}") for temp in args.temp
-                     for k in args.block_steps]
-            plan += [("block", b, dict(threshold=p, temp=temp), f"bd-thr{p:g}") for temp in args.temp
-                     for p in args.block_thresholds]
+            for s in args.block_strategies:
+                name = "" if s == "confidence" else f"-{s}"
+                plan += [("block", b, dict(steps_per_block=k, temp=temp, strategy=s), f"bd{k}{name}")
+                         for temp in args.temp for k in args.block_steps]
+                plan += [("block", b, dict(threshold=p, temp=temp, strategy=s), f"bd-thr{p:g}{name}")
+                         for temp in args.temp for p in args.block_thresholds]
         plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
                  for k in args.draft_lengths]
         for i, temp in enumerate(args.temp):

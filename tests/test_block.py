@@ -337,6 +337,35 @@ def test_pass_cost_benchmark_times_every_pass_kind(adapted_dir, tiny_ar_dir, tmp
         pass_cost.main(["--ar", str(adapted_dir), "--block", str(adapted_dir), "--contexts", "8"])
 
 
+def test_benchmark_takes_a_block_model(adapted_dir, tiny_model_dir, tiny_ar_dir, small_text_path, tmp_path):
+    """Block rows per passes a block, threshold and commit order, at each batch size, judged like the others; the
+    summary's block match and block frontier; a block drafter's speculative rows at every batch size."""
+    bench = importlib.import_module("mlx_dlm.benchmark.__main__")
+    out = tmp_path / "r.json"
+    bench.main(["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--block", str(adapted_dir),
+                "--data", str(small_text_path), "--judge", "ngram", "--trials", "1", "--steps", "8",
+                "--strategies", "confidence", "--batch-size", "1,2", "--max-tokens", "16", "--reference-windows", "8",
+                "--block-steps", "1,4", "--block-thresholds", "0.5", "--block-strategies", "confidence,left",
+                "--draft", str(adapted_dir), "--draft-lengths", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    block = {(r["batch_size"], r["variant"]): r for r in results["rows"] if r["model"] == "block"}
+    variants = ["bd1", "bd4", "bd-thr0.5", "bd1-left", "bd4-left", "bd-thr0.5-left"]
+    assert sorted(block) == sorted((b, v) for b in (1, 2) for v in variants)
+    blocks = -(-(len("ROMEO:") + 16) // 4) - len("ROMEO:") // 4  # the prompt's unfinished block included
+    for (b, v), r in block.items():
+        assert r["strategy"] == ("left" if v.endswith("left") else "confidence") and r["block_size"] == 4
+        if v.startswith("bd1"):  # one pass a block
+            assert r["steps_per_block"] == 1 and r["nfe"] == blocks
+        elif v.startswith("bd4"):  # at most one pass per open position: fewer in the partial first and last blocks
+            assert blocks < r["nfe"] <= 4 * blocks and r["steps_per_block"] == r["nfe"] / blocks
+        assert r["gen_ppl"]["ngram6"] > 1 and r["gen_ppl"] == block[(1, v)]["gen_ppl"]  # one setting, one quality
+    spec = sorted(r["batch_size"] for r in results["rows"] if r["model"] == "spec")
+    assert spec == [1, 2]
+    for summary in results["equal_quality"]:
+        assert "block_match" in summary["per_ar_setting"][0]
+        assert all(f["block"] is not None for f in summary["frontier"].values())
+
+
 def test_clipped_and_complementary_flags_are_checked(capsys, tmp_path):
     base = ["--out", str(tmp_path / "x"), "--iters", "1"]
     assert "apply to --objective block" in cli_error(capsys, train.main, [*base, "--complementary"])
