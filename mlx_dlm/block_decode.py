@@ -25,7 +25,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from .decoding import all_stopped, commit_rule, commit_targets, numbers
+from .decoding import all_stopped, commit_rule, commit_targets, numbers, numbers_key
 from .diffusion import block_logits, shifted_block_logits
 from .errors import UserError
 from .model import KVCache, memoize_on_model
@@ -132,7 +132,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
 
     def step_fn(fold: bool):
         options = (mask_id, o.strategy, o.top_k, n_valid)
-        return memoize_on_model(model, ("block", *options, tuple(sorted(nums)), fold,
+        return memoize_on_model(model, ("block", *options, numbers_key(nums), fold,
                                         (num_samples, padded) if exact_cache else None),
                                 lambda: _make_block_step(model, *options, cache, fold))
 

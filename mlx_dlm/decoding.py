@@ -57,10 +57,20 @@ OFF = {"temp": 0.0, "top_p": 1.0, "threshold": None, "alg_temp": 0.0, "cfg_scale
 
 def numbers(o: SamplerOptions) -> dict[str, mx.array]:
     """The plain-number options that are on, as arrays: compiled steps take them as inputs, so a new temperature
-    or threshold reuses the compiled step. Which of them are on (`sorted(numbers(o))`) is part of a step's memo key:
+    or threshold reuses the compiled step. Which of them are on (`numbers_key`) is part of a step's memo key:
     an option that is off (temperature 0: greedy; top_p 1; no threshold) changes what is computed."""
     return {name: mx.array(getattr(o, name), dtype=mx.float32) for name in NUMBERS
             if getattr(o, name) is not None and getattr(o, name) != OFF[name]}
+
+
+def numbers_key(nums: dict) -> tuple[str, ...]:
+    """Which plain-number options are on: the part of a compiled step's memo key that `numbers` decides."""
+    return tuple(sorted(nums))
+
+
+def sampling_numbers(nums: dict) -> tuple:
+    """(temp, top_p) from `numbers`: arrays where on, their off values (0, 1) where not."""
+    return nums.get("temp", OFF["temp"]), nums.get("top_p", OFF["top_p"])
 
 
 def option_on(value, off) -> bool:
@@ -173,7 +183,8 @@ def commit_rule(mask_id: int, strategy: str, top_k: int, n_valid: int | None):
         threshold, alg_temp = nums.get("threshold"), nums.get("alg_temp")
         logits = without_mask(logits, mask_id, n_valid)
         sample_key, score_key, order_key = mx.random.split(key, 3)
-        proposal = sample_tokens(logits, sample_key, nums.get("temp", 0.0), top_k, nums.get("top_p", 1.0))
+        temp, top_p = sampling_numbers(nums)
+        proposal = sample_tokens(logits, sample_key, temp, top_k, top_p)
         proposal = proposal.astype(xs.dtype)
         score, prob = _scores(logits, proposal, strategy, score_key)
         if alg_temp is not None:  # Gumbel-top-k: the top n of score / alg_temp + Gumbel noise, a draw without repeats

@@ -39,7 +39,8 @@ import numpy as np
 
 from .block_decode import check_block_options, decode_blocks
 from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule,  # noqa: F401
-                       commit_targets, filter_logits, numbers, sample_tokens, without_mask)
+                       commit_targets, filter_logits, numbers, numbers_key, sample_tokens, sampling_numbers,
+                       without_mask)
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES, SamplerOptions  # noqa: F401
@@ -102,7 +103,7 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
 
     def step_fn(start, end):
         options = (mask_id, o.strategy, o.top_k, n_valid)
-        return memoize_on_model(model, ("unmask", *options, tuple(sorted(nums)), start, end,
+        return memoize_on_model(model, ("unmask", *options, numbers_key(nums), start, end,
                                         (num_samples, L) if use_cache else None),
                                 lambda: _make_unmask_step(model, *options, start, kv_cache, end))
 
@@ -142,8 +143,9 @@ def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: i
 
     def decode(tokens: mx.array, x: mx.array, key: mx.array, nums: dict) -> tuple[mx.array, mx.array, mx.array]:
         at = cache.offset + tokens.shape[1]  # canvas position the next token goes to
-        token = sample_tokens(without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key,
-                              nums.get("temp", 0.0), top_k, nums.get("top_p", 1.0))
+        temp, top_p = sampling_numbers(nums)
+        token = sample_tokens(without_mask(model(tokens, cache=cache)[:, -1], mask_id, n_valid), key, temp, top_k,
+                              top_p)
         committed = mx.broadcast_to(positions == at, x.shape)
         return mx.where(committed, token[:, None].astype(x.dtype), x), token[:, None].astype(x.dtype), committed
 
@@ -153,8 +155,8 @@ def _make_ar_decoder(model, mask_id: int, batch: int, cache_size: int, length: i
 def _make_window_step(model, mask_id: int, top_k: int, n_valid: int | None = None):
     """Compiled: the next token from a full forward over a window (B, max_seq_len) of the latest tokens."""
     def step(window: mx.array, key: mx.array, nums: dict) -> mx.array:
-        return sample_tokens(without_mask(model(window)[:, -1], mask_id, n_valid), key, nums.get("temp", 0.0), top_k,
-                             nums.get("top_p", 1.0))
+        temp, top_p = sampling_numbers(nums)
+        return sample_tokens(without_mask(model(window)[:, -1], mask_id, n_valid), key, temp, top_k, top_p)
 
     return mx.compile(step, inputs=[model.state])
 
@@ -171,7 +173,7 @@ def _autoregress(model, mask_id, ids, max_tokens, nums, top_k, keys, num_samples
     if P <= context:
         cached = min(total, context)  # cache positions 0..cached-1 feed the tokens of positions P..cached
         cache, decode, step = memoize_on_model(
-            model, ("ar", mask_id, num_samples, cached, total, tuple(sorted(nums)), top_k, n_valid),
+            model, ("ar", mask_id, num_samples, cached, total, numbers_key(nums), top_k, n_valid),
             lambda: _make_ar_decoder(model, mask_id, num_samples, cached, total, top_k, n_valid))
         cache.reset()
         x, token, committed = decode(x[:, :P], x, keys[0], nums)  # prefill: the whole prompt in one pass
@@ -182,7 +184,7 @@ def _autoregress(model, mask_id, ids, max_tokens, nums, top_k, keys, num_samples
             x, token, committed = step(token, x, keys[n - P], nums)
             yield x, committed, prompt_seconds, 1
         n += 1
-    window_step = memoize_on_model(model, ("ar-window", mask_id, tuple(sorted(nums)), top_k, n_valid),
+    window_step = memoize_on_model(model, ("ar-window", mask_id, numbers_key(nums), top_k, n_valid),
                                    lambda: _make_window_step(model, mask_id, top_k, n_valid))
     for n in range(n, total):
         token = window_step(x[:, n - context:n], keys[n - P], nums)

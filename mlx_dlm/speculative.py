@@ -31,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from .block_decode import cached_pass, prefill_blocks
-from .decoding import GenerationStep, build_canvas, filter_logits, numbers, option_on, without_mask
+from .decoding import (GenerationStep, build_canvas, filter_logits, numbers, numbers_key, option_on, sampling_numbers,
+                       without_mask)
 from .diffusion import shifted_block_logits
 from .errors import UserError
 from .model import KVCache, memoize_on_model
@@ -133,7 +134,7 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
     (temperature, top_p); first, folded: the block drafter's carried state and which rows fold a block."""
 
     def round_(x, n, key, nums, first, folded):
-        temp, top_p = nums.get("temp", 0.0), nums.get("top_p", 1.0)
+        temp, top_p = sampling_numbers(nums)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
         q_logits, drafted, first = draft(x, n, first, folded)
@@ -180,7 +181,7 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
     nums = numbers(o)
     cache, draft_cache, rounds = memoize_on_model(
-        model, ("speculative", id(draft_model), mask_id, n_valid, tuple(sorted(nums)), o.top_k, K, total, S),
+        model, ("speculative", id(draft_model), mask_id, n_valid, numbers_key(nums), o.top_k, K, total, S),
         lambda: (KVCache(model.args, S, length, per_row=True),
                  KVCache(draft_model.args, S, length, per_row=True) if block else None, {}))
 
