@@ -57,7 +57,7 @@ DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
 DEFAULT_BLOCK_SIZE = 4
 BOUNDS = {"dlm": "ELBO", "block": "block NELBO", "ar": "NLL"}  # what validation reports, per objective
-ADAPTABLE_FIELDS = {"dropout", "logit_shift"}  # --arch fields that --init-from may change (weights unchanged)
+ADAPTABLE_FIELDS = {"dropout", "logit_shift", "n_layers"}  # --arch fields --init-from may change (n_layers: lower)
 
 # What defines a run: --resume takes these from the checkpoint, and refuses a flag that contradicts it.
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
@@ -105,7 +105,8 @@ HELP = {
     "draft_for": "train a drafter for this AR model (speculative decoding): the targets at masked positions are "
         "its next-token distributions, not the text (distillation); with --objective dlm or block",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
-        "--objective block or dlm); its architecture is kept (--arch may change dropout and logit_shift)",
+        "--objective block or dlm); its architecture is kept (--arch may change dropout and logit_shift, and lower "
+        "n_layers: a shallower model, e.g. a drafter, keeps evenly spaced layers, the first and last among them)",
     "loss": "diffusion loss",
     "t_sampling": "how mask ratios are drawn: one per bin across the batch, independently, or one for the "
         "whole batch (simple_dlm)",
@@ -356,10 +357,20 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     config.update(parse_arch(args.arch))
     if args.dropout:
         config["dropout"] = args.dropout
+    if not 1 <= config["n_layers"] <= source.args.n_layers:
+        raise UserError(f"--init-from {args.init_from} has {source.args.n_layers} layers: --arch n_layers may be "
+                        f"1 to {source.args.n_layers}, got {config['n_layers']}")
     model = Model(ModelArgs(**config))
-    model.update(tree_map(lambda p: p.astype(mx.float32), source.parameters()))
+    weights = source.parameters()
+    weights["layers"] = [weights["layers"][i] for i in kept_layers(source.args.n_layers, config["n_layers"])]
+    model.update(tree_map(lambda p: p.astype(mx.float32), weights))
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def kept_layers(n_source: int, n: int) -> list[int]:
+    """The source layers a model of n layers starts from: evenly spaced, the first and (n > 1) the last kept."""
+    return [round(i * (n_source - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
 
 
 def _teacher(args: argparse.Namespace, model: Model, tokenizer) -> Model:
@@ -404,6 +415,10 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     elif (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
         raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
     text = data.read_corpus(args.data)  # a missing corpus leaves no empty --out behind
+    adapted = None
+    if resume_state is None and args.init_from:  # so does a source that cannot be adapted
+        mx.random.seed(args.seed)  # dropout and the model's other draws
+        adapted = _adapted_model(args)
     if resume_state is None and rank == 0:
         ensure_dir(out, "--out")  # fail before any work, not at the first checkpoint
     data_sha = hashlib.sha256(text.encode()).hexdigest()
@@ -412,9 +427,8 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
             raise UserError(f"the data ({args.data or 'Tiny Shakespeare'}) differs from the corpus this checkpoint "
                             "was trained on (sha256 mismatch)")
         model, tokenizer = load(out)
-    elif args.init_from:
-        mx.random.seed(args.seed)  # dropout and the model's other draws
-        model, tokenizer = _adapted_model(args)
+    elif adapted is not None:
+        model, tokenizer = adapted
     else:
         tokenizer = _build_tokenizer(args, text)
         model = _new_model(args, tokenizer)
@@ -464,7 +478,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
 def _banner(run: Run) -> str:
     a, m = run.args, run.model
     arch = f", arch {a.arch}" if a.arch else ""
-    origin = f"from {a.init_from}" if a.init_from else f"{a.preset} preset{arch}, {a.init} init"
+    origin = f"from {a.init_from}{arch}" if a.init_from else f"{a.preset} preset{arch}, {a.init} init"
     block = f", blocks of {m.args.block_size}" + (", shifted" if m.args.logit_shift else "") \
         if m.args.model_type == "block" else ""
     block += f", a drafter for {a.draft_for}" if a.draft_for else ""

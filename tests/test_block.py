@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import TINY_TRAIN, cli_error, untrained, user_error
 
+from mlx.utils import tree_flatten
+
 from mlx_dlm import train
 from mlx_dlm.block_decode import decode_blocks
 from mlx_dlm.decoding import build_canvas
@@ -194,6 +196,32 @@ def test_init_from_an_ar_model_adapts_its_weights_and_records_the_block(adapted_
     assert 0 < change < 0.05  # trained from the AR weights: 6 steps move them, but not far
     text = generate(model, tok, "ROMEO:", max_tokens=9, steps=9, seed=0)
     assert text.startswith("ROMEO:") and len(text) == 15
+
+
+def test_init_from_may_keep_fewer_layers_for_a_shallow_drafter(tmp_path, capsys):
+    """--arch n_layers below the source's keeps evenly spaced source layers (first and last), with the source's
+    embeddings and head; more layers than the source has is refused in one line."""
+    from mlx_dlm.io import save_model
+    from mlx_dlm.model import init_model, preset_args
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    assert train.kept_layers(6, 2) == [0, 5] and train.kept_layers(6, 3) == [0, 2, 5]
+    assert train.kept_layers(6, 1) == [0] and train.kept_layers(6, 6) == list(range(6))
+    tok = CharTokenizer.from_text("abcd efgh")
+    source = init_model(preset_args("tiny", vocab_size=tok.vocab_size, n_layers=3, model_type="ar"), seed=1)
+    save_model(tmp_path / "ar", source, tok)
+    args = train.setup_arg_parser().parse_args(["--init-from", str(tmp_path / "ar"), "--objective", "block",
+                                                "--block-size", "4", "--arch", "n_layers=2"])
+    drafter, _ = train._adapted_model(args)
+    assert drafter.args.n_layers == 2
+    want = dict(tree_flatten(source.parameters()))
+    for name, weight in tree_flatten(drafter.parameters()):
+        layer = name.replace("layers.1.", "layers.2.")  # layers 0 and 2 of 3
+        np.testing.assert_array_equal(np.array(weight), np.array(want[layer]))
+    message = cli_error(capsys, train.main, ["--init-from", str(tmp_path / "ar"), "--objective", "block",
+                                             "--arch", "n_layers=4", "--iters", "1", "--out", str(tmp_path / "x")])
+    assert "has 3 layers: --arch n_layers may be 1 to 3, got 4" in message
+    assert not (tmp_path / "x").exists()
 
 
 def test_adapted_run_resumes_and_eval_reports_the_block_nelbo(adapted_dir, small_text_path):
