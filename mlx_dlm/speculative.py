@@ -10,8 +10,9 @@ Each round, with n tokens known:
 - the AR cache rolls back to the kept length (its offset; later writes overwrite what was rejected).
 Several samples (num_samples) run as rows of one batch, each at its own length: the caches keep one offset per row
 (`KVCache(per_row=True)`), so a row that kept more drafts is not held back, and a finished row idles until the
-last is done. Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both are one-hot at
-their argmax, and the output is the AR model's greedy text. One compiled function does a round on the device.
+last is done. Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both
+are one-hot at their argmax, and the output is the AR model's greedy text. One compiled function does a round on
+the device.
 
 Drafters:
 - a full-sequence diffusion model has no exact cache (it attends both ways), so its pass covers the canvas;
@@ -130,13 +131,16 @@ def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
 def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, top_k: int, K: int, total: int,
                 cache: KVCache, draft_cache: KVCache | None):
     """Compiled: (x (S, L), n (S,), key, nums, first, folded (S,)) -> (x, n, kept (S,), first). Row i holds its known
-    tokens before n[i] and masks after; rows that reached `total` stay as they are; nums: `decoding.numbers`
+    tokens before n[i] and masks after; rows that reached `total` stay as they are (their pass reruns from the end,
+    its result unused); nums: `decoding.numbers`
     (temperature, top_p); first, folded: the block drafter's carried state and which rows fold a block."""
 
     def round_(x, n, key, nums, first, folded):
         temp, top_p = sampling_numbers(nums)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
+        live = (n < total)[:, None]
+        n = mx.minimum(n, total)  # a finished row reruns from the end: every pass stays inside the canvas
         q_logits, drafted, first = draft(x, n, first, folded)
         q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
         drafts = mx.random.categorical(mx.log(q), key=draft_key) if "temp" in nums else mx.argmax(q, axis=-1)
@@ -146,7 +150,6 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
         p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
         p = probabilities(p_logits, temp, top_k, top_p)
         kept, token = accept(p, q, drafts, accept_key, drafted)
-        live = (n < total)[:, None]
         written = mx.arange(L)[None] - n[:, None]  # each canvas position's index in the round
         x = mx.where(live & (written >= 0) & (written < kept[:, None]),
                      mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
@@ -173,11 +176,11 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     P, total = int((~editable).sum()), len(ids)
     block = draft_model.args.block_size if draft_model.args.model_type == "block" else 0
     context = min(model.args.max_seq_len, draft_model.args.max_seq_len)
-    if total + max(K, block) > context:
+    reach = max(K, block * (2 if S > 1 else 1))  # positions a pass may touch past the text's end
+    if total + reach > context:
         raise UserError(f"speculative decoding needs the prompt ({P} tokens) + --max-tokens + --draft-length "
-                        f"({total + max(K, block)} in all) within both models' context of {context}")
-    # a finished row stays at most K + 1 past the end and drafts K more (a block drafter: up to 2 blocks further)
-    length = -(-(total + 2 * K + 2 * block + 1) // max(block, 1)) * max(block, 1)
+                        f"({total + reach} in all) within both models' context of {context}")
+    length = -(-(total + max(K, 2 * block)) // max(block, 1)) * max(block, 1)  # the canvas and both caches
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
     nums = numbers(o)
     cache, draft_cache, rounds = memoize_on_model(
@@ -207,11 +210,12 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     done, cached = np.full(S, P), np.full(S, prefilled)
     while (done < total).any():
         key, round_key = mx.random.split(key)
-        folded = (done // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
+        ended = np.minimum(done, total)  # where each row's pass runs (a finished row: from the end)
+        folded = (ended // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
         fold = bool(folded.any())
         x, n, kept, first = round_fn(fold)(x, n, round_key, nums, first, mx.array(folded))
         tokens, before, done, live = np.array(x), done, np.array(n), done < total
-        cached = (before // block) * block if block else cached
+        cached = (ended // block) * block if block else cached
         k += 1
         forwarded += S * ((block * (2 if fold else 1) if block else length) + K + 1)  # drafter's pass, verifier's
         position = np.arange(total)[None]

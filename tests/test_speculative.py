@@ -230,6 +230,12 @@ def test_refusals_are_one_line(pair, tmp_path):
                                                        draft_model=dlm)
     assert user_error(mlx_dlm.generate, ar, tok, "RO", draft_model=dlm, draft_length=0) == \
         "--draft-length must be at least 1, got 0"
+    # a batch's block drafter runs 2 blocks past a row's text (a row that folds nothing runs its block first): that
+    # much room is needed within the context, one block at batch 1
+    drafter, context = as_block(dlm), min(ar.args.max_seq_len, dlm.args.max_seq_len)
+    fits = dict(max_tokens=context - 2 - 4, temp=0, draft_model=drafter, draft_length=1)
+    assert len(mlx_dlm.generate(ar, tok, "RO", **fits)) == context - 4
+    assert "within both models' context" in user_error(mlx_dlm.generate, ar, tok, "RO", num_samples=2, **fits)
 
 
 def test_generate_command_drafts_and_reports(tiny_model_dir, tiny_ar_dir, capsys):
