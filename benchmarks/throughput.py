@@ -41,7 +41,7 @@ from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, blo
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.sample import STRATEGIES, stream_generate
-from mlx_dlm.speculative import acceptance_by_position, check_drafter
+from mlx_dlm.speculative import acceptance_by_position, check_drafter, tokens_per_round
 from mlx_dlm.tokenizer import CharTokenizer
 
 from .frontier import pareto, speed_at
@@ -211,7 +211,7 @@ def _run(model, tokenizer, prompt, trials, draft=None, **options) -> tuple[dict,
 
 
 def _draft_stats(kept: list[int], draft_length: int) -> dict:
-    return {"tokens_per_round": (sum(kept) + len(kept)) / max(len(kept), 1),
+    return {"tokens_per_round": tokens_per_round(kept),
             "acceptance_by_position": acceptance_by_position(kept, draft_length)}
 
 

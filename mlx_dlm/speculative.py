@@ -228,6 +228,11 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
             prompt_pass_tokens=0, draft_kept=tuple(int(a) for a in np.array(kept)[live]))
 
 
+def tokens_per_round(kept: list[int]) -> float:
+    """Tokens a round adds per row: its kept drafts and the verifier's own one; kept: one entry per row and round."""
+    return (sum(kept) + len(kept)) / max(len(kept), 1)
+
+
 def acceptance_by_position(kept: list[int], draft_length: int) -> list[float]:
     """P(draft i kept) for i = 1..K over rounds (of every row): the share of rounds that kept at least i drafts."""
     kept_arr = np.array(kept)
@@ -236,8 +241,6 @@ def acceptance_by_position(kept: list[int], draft_length: int) -> list[float]:
 
 def draft_report(kept: list[int], draft_length: int) -> str:
     """One line: tokens per round (per row) and acceptance by draft position; kept: one entry per row and round."""
-    rounds = len(kept)
-    per_round = (sum(kept) + rounds) / max(rounds, 1)
     by_position = ", ".join(f"{p:.2f}" for p in acceptance_by_position(kept, draft_length))
-    return f"Drafts: {per_round:.2f} tokens per round ({sum(kept)} drafts kept of {rounds * draft_length}); " \
-           f"P(draft 1..{draft_length} kept): {by_position}"
+    return (f"Drafts: {tokens_per_round(kept):.2f} tokens per round ({sum(kept)} drafts kept of "
+            f"{len(kept) * draft_length}); P(draft 1..{draft_length} kept): {by_position}")
