@@ -228,7 +228,8 @@ def _model_quality(text: str, dlm, dlm_tok, ar, ar_tok, block=None) -> dict:
         block_windows = val_windows(tok.encode_array(text), min(128, model.args.max_seq_len), max_windows=VAL_WINDOWS)
         quality["block_val_nelbo"] = block_nelbo(model, block_windows, tok.mask_id, draws=VAL_DRAWS).mean
         line += f", block NELBO {quality['block_val_nelbo']:.3f}"
-    print(f"Validation (nats/token): {line}; DLM infill accuracy {quality['dlm_infill_accuracy']:.3f}")
+    print(f"Validation on the first {VAL_WINDOWS} held-out windows (nats/token; mlx_dlm.eval covers the whole "
+          f"split): {line}; DLM infill accuracy {quality['dlm_infill_accuracy']:.3f}")
     return quality
 
 
