@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, and the independent judge
-SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge", "shakespeare-block")
+SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge", "shakespeare-block", "shakespeare-block2")
 
 
 def save_weights(path: str | os.PathLike, model: Model, metadata: dict[str, str] | None = None) -> None:
