@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-# reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, and the independent judge
+# reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, the independent judge and the
+# AR adapted to block diffusion (blocks of 4 and 2)
 SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge", "shakespeare-block", "shakespeare-block2")
 
 
