@@ -1,6 +1,7 @@
 """The reference models shipped in the package: they load by name, match their files, and sample reproducibly."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -92,8 +93,11 @@ def test_the_block_model_is_the_ar_model_adapted(name):
     """A shipped block model has shakespeare-ar's architecture and tokenizer, its next-token shift and a block size,
     and its held-out block NELBO (eval.json) lies between the AR's exact NLL and the full-sequence DLM's ELBO."""
     block, ar = (json.loads((ASSETS_DIR / n / "config.json").read_text()) for n in (name, "shakespeare-ar"))
-    same = {k for k in ar if k not in ("model_type", "block_size", "logit_shift", "dropout")}  # dropout: training only
+    same = {k for k in ar if k not in ("model_type", "block_size", "logit_shift")}
     assert {k: block[k] for k in same} == {k: ar[k] for k in same}
+    # dropout (training only; the AR's config predates the field: none) is none unless the train command set it
+    arch_dropout = re.search(r"--arch dropout=([0-9.]+)", (ASSETS_DIR / name / "train_command.txt").read_text())
+    assert block.get("dropout", 0.0) == (float(arch_dropout.group(1)) if arch_dropout else ar.get("dropout", 0.0))
     assert block["model_type"] == "block" and block["block_size"] >= 2 and block["logit_shift"] is True
     losses = {n: json.loads((ASSETS_DIR / n / "eval.json").read_text())["val_loss"]["mean"] for n in KINDS}
     assert losses["shakespeare-ar"] < losses[name] < losses["shakespeare-dlm"]
