@@ -142,7 +142,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
         first = prefill_blocks(model, cache, x, first_block * B)
     mx.eval(first)
     prompt_seconds = time.perf_counter() - tic
-    per_block = max(1, o.steps // (n_blocks - first_block))
+    per_block = o.block_steps or max(1, o.steps // (n_blocks - first_block))
     for b in range(first_block, n_blocks):
         n_active = int(active_row[b * B:(b + 1) * B].sum())
         targets = commit_targets(n_active, per_block, o)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError, run_cli
+from .errors import UserError, given_flags, run_cli
 from .generate import setup_arg_parser as generate_parser
 from .io import load
-from .options import SamplerOptions
+from .options import SamplerOptions, model_defaults
 from .sample import completion, stream_generate
 from .tokenizer import chat_prompt
 
@@ -29,21 +29,28 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace) -> str:
+def chat_options(model, args: argparse.Namespace, given: set[str]) -> SamplerOptions:
+    """The model's defaults under the flags given; chat's reply length (its --max-tokens default) counts as given.
+    A reply is one sample with no suffix: those flags of mlx_dlm.generate are not used here."""
+    options = SamplerOptions.from_namespace(args, model_defaults(model), given | {"max_tokens"})
+    return options.replace(num_samples=1, suffix="")
+
+
+def reply(model, tokenizer, messages: list[dict], options: SamplerOptions) -> str:
     """The assistant's next turn."""
     last = None
-    # chat's replies are one sample with no suffix: those flags of mlx_dlm.generate are not used here
-    options = SamplerOptions.from_namespace(args).replace(num_samples=1, suffix="")
     for last in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), options):
         pass
     return completion(tokenizer, last)[0]
 
 
 def _main(argv: list[str] | None) -> None:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
     if args.model is None:
         raise UserError("--model is required: a converted chat model (mlx_dlm.convert hf ...)")
     model, tokenizer = load(args.model, args.revision)
+    options = chat_options(model, args, given_flags(parser, argv))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     chat_prompt(tokenizer, messages + [{"role": "user", "content": ""}])  # no template: say so before the first turn
     interactive = sys.stdin.isatty()
@@ -57,7 +64,7 @@ def _main(argv: list[str] | None) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        answer = reply(model, tokenizer, messages, args)
+        answer = reply(model, tokenizer, messages, options)
         print(answer, flush=True)
         messages.append({"role": "assistant", "content": answer})
 

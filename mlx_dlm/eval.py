@@ -40,6 +40,7 @@ from .fileio import atomic_write_text
 from .io import load
 from .model import memoize_on_model
 from .ngram import DEFAULT_ORDER, NGramModel
+from .options import PACE, own_defaults
 from .sample import fill, generate
 
 DEFAULT_DRAWS = 5
@@ -49,7 +50,7 @@ DEFAULT_INFILL_SPAN = 16
 DEFAULT_INFILL_WINDOWS = 64
 DEFAULT_SAMPLES = 8
 DEFAULT_SAMPLE_TOKENS = 128
-DEFAULT_SAMPLE_STEPS = 64
+DEFAULT_SAMPLE_STEPS = 64  # for a model whose sampling.json does not set its own pace
 DEFAULT_PROMPT = "ROMEO:"
 NGRAM = "ngram"  # the judge name of the n-gram model
 DEFAULT_JUDGES = ("shakespeare-judge", NGRAM)  # neither contestant: a stronger AR model and an n-gram model
@@ -336,7 +337,7 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
              seq_len: int = DEFAULT_SEQ_LEN, draws: int = DEFAULT_DRAWS, max_windows: int = 0,
              batch_size: int = DEFAULT_BATCH_SIZE, infill_span: int = DEFAULT_INFILL_SPAN,
              infill_windows: int = DEFAULT_INFILL_WINDOWS, samples: int = DEFAULT_SAMPLES,
-             sample_tokens: int = DEFAULT_SAMPLE_TOKENS, sample_steps: int = DEFAULT_SAMPLE_STEPS,
+             sample_tokens: int = DEFAULT_SAMPLE_TOKENS, sample_steps: int | None = None,
              prompt: str = DEFAULT_PROMPT, seed: int = 0, val_fraction: float = data.DEFAULT_VAL_FRACTION,
              allow_self_judge: bool = False, reference_windows: int = DEFAULT_REFERENCE_WINDOWS) -> Report:
     """Measure a model directory on the validation split of a corpus (Tiny Shakespeare by default); with judges
@@ -363,8 +364,9 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
                                                  seed=seed)
         report.infill_span = infill_span
     if judged:
-        texts = generate(model, tokenizer, prompt, max_tokens=sample_tokens, steps=sample_steps, seed=seed,
-                         num_samples=samples)
+        pace = {"steps": sample_steps} if sample_steps is not None else (
+            {} if set(own_defaults(model)) & set(PACE) else {"steps": DEFAULT_SAMPLE_STEPS})
+        texts = generate(model, tokenizer, prompt, max_tokens=sample_tokens, seed=seed, num_samples=samples, **pace)
         texts = texts if isinstance(texts, list) else [texts]
         completion = min(len(t) for t in texts) - len(prompt)
         reference = reference_texts(text, len(prompt), completion, reference_windows, val_fraction)
@@ -430,7 +432,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--infill-windows", type=int, default=DEFAULT_INFILL_WINDOWS, help="windows to infill")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples scored by the judge")
     p.add_argument("--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS, help="length of each judged sample")
-    p.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS, help="denoising steps per judged sample")
+    p.add_argument("--sample-steps", type=int,
+                   help=f"denoising steps per judged sample (default: the model's sampling.json, else "
+                        f"{DEFAULT_SAMPLE_STEPS}); the sampler's other options are the model's defaults")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the judged samples")
     p.add_argument("--seed", type=int, default=0, help="seed of masks and samples")
     return p
@@ -443,7 +447,7 @@ def _main(argv: list[str] | None) -> None:
             raise UserError(f"--{name.replace('_', '-')} is too small")
     for name in ("max_windows", "infill_span", "infill_windows", "samples", "sample_tokens", "sample_steps",
                  "reference_windows"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     report = evaluate(args.model, args.data, args.judge or DEFAULT_JUDGES, args.seq_len, args.draws,
                       args.max_windows, args.batch_size, args.infill_span, args.infill_windows, args.samples,

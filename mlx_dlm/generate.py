@@ -11,9 +11,9 @@ import sys
 import mlx.core as mx
 
 from .errors import UserError, given_flags, run_cli, warn
-from .io import load
+from .io import SHIPPED_MODELS, load
 from .options import (DEFAULT_DRAFT_LENGTH, DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,
-                      SamplerOptions)
+                      SamplerOptions, model_defaults)
 from .speculative import check_drafter, draft_report
 from .sample import completion, cut_at_stop, stream_generate
 from .tokenizer import chat_prompt  # noqa: F401  (its home before tokenizer.py; importable from here as it was)
@@ -34,10 +34,13 @@ def str2bool(value: str) -> bool:
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Flags of mlx_dlm.generate."""
     p = argparse.ArgumentParser(prog="mlx_dlm.generate", description="Generate text with a diffusion LM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="A model directory's sampling.json replaces these defaults with the model's "
+                                       "own (the shipped block models: left order, one character a pass); the "
+                                       "flags you give override it.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model directory, shipped model (shakespeare-dlm, shakespeare-ar, shakespeare-judge) or "
-                        "Hugging Face repo (user/name)")
+                   help=f"model directory, shipped model ({', '.join(SHIPPED_MODELS)}) or Hugging Face repo "
+                        "(user/name)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) with a repo id")
     p.add_argument("--prompt", default="", help="text the sample starts with (never changed)")
     p.add_argument("--chat", help="a user message, wrapped by the model's chat template (converted chat models); "
@@ -52,6 +55,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="commit every proposal with probability >= P (at least one per step) instead of a schedule")
     p.add_argument("--block-length", type=int, default=0, help="semi-autoregressive blocks of this many positions")
+    p.add_argument("--block-steps", type=int, default=0,
+                   help="with blocks (a block model's, or --block-length): steps per block, in place of --steps "
+                        "(0: --steps spread over the blocks)")
     p.add_argument("--cache", nargs="?", const="prefix", choices=("prefix", "dual"),
                    help="with --block-length: reuse keys/values of earlier blocks (prefix, the default of a bare "
                         "--cache), or of earlier and later ones, running the block alone (dual: Fast-dLLM)")
@@ -85,34 +91,41 @@ def peak_memory_line() -> str:
     return "Peak memory: not reported by the MLX CPU backend"
 
 
-def warn_ignored_options(args: argparse.Namespace, given: set[str], model_type: str) -> None:
-    """One warning line for each option the user gave that would have no effect with this model and these options."""
+def warn_ignored_options(o: SamplerOptions, given: set[str], model: str, model_type: str) -> None:
+    """One warning line for each option the user gave that would have no effect with this model and options o
+    (the options that run: the model's defaults under the flags given)."""
     flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
     if model_type == "ar":
         ignored = [n for n in SamplerOptions.DIFFUSION_ONLY if n in given]
         if ignored:
-            warn(f"{flags(ignored)} only apply to diffusion models; {args.model} is autoregressive and decodes "
+            warn(f"{flags(ignored)} only apply to diffusion models; {model} is autoregressive and decodes "
                  "one token per forward pass")
         return
     if model_type == "block" and {"cache", "cache_refresh"} & given:
         warn(f"{flags(sorted({'cache', 'cache_refresh'} & given))} ignored: a block model always decodes with its "
              "exact KV cache")
         return
-    if "cache_refresh" in given and not args.cache:
+    if "cache_refresh" in given and not o.cache:
         warn("--cache-refresh has no effect without --cache")
-    if args.threshold is not None and {"steps", "schedule"} & given:
-        warn(f"{flags(sorted({'steps', 'schedule'} & given))} ignored: --threshold decides how many to commit per step")
-    elif "steps" in given and args.steps > args.max_tokens and not args.suffix and model_type != "block":
+    if "block_steps" in given and model_type != "block" and not o.block_length:
+        warn("--block-steps has no effect without blocks (--block-length, or a block model)")
+    paced = ["block_steps"] if o.block_steps and (o.block_length or model_type == "block") else []
+    if o.threshold is not None and {"steps", "schedule", "block_steps"} & given:
+        warn(f"{flags(sorted({'steps', 'schedule', 'block_steps'} & given))} ignored: --threshold decides how many "
+             "to commit per step")
+    elif paced and "steps" in given:
+        warn("--steps ignored: --block-steps decides the steps of each block")
+    elif "steps" in given and o.steps > o.max_tokens and not o.suffix and model_type != "block":
         # (a block model's steps are spread over its blocks, the prompt's partial block among them: more is right)
-        warn(f"--steps {args.steps} is more than the {args.max_tokens} positions to fill: using {args.max_tokens} "
+        warn(f"--steps {o.steps} is more than the {o.max_tokens} positions to fill: using {o.max_tokens} "
              "(at most one step per position)")
 
 
-def _run(args: argparse.Namespace, model, tokenizer, view: TerminalView | None, frames: list, prompt: str,
-         draft=None) -> tuple:
+def _run(args: argparse.Namespace, options: SamplerOptions, model, tokenizer, view: TerminalView | None,
+         frames: list, prompt: str, draft=None) -> tuple:
     """Generate, drawing and collecting frames as asked; returns the last step and every step's draft_kept."""
     kept = []
-    for last in stream_generate(model, tokenizer, prompt, SamplerOptions.from_namespace(args), draft):
+    for last in stream_generate(model, tokenizer, prompt, options, draft):
         kept.extend(last.draft_kept)
         if view is not None:
             view.draw(last)
@@ -129,9 +142,11 @@ def _main(argv: list[str] | None) -> None:
     if args.draft is not None:
         draft, draft_tokenizer = load(args.draft)
         check_drafter(model, draft, tokenizer, draft_tokenizer)
-    elif "draft_length" in given_flags(parser, argv):
+    given = given_flags(parser, argv)
+    if args.draft is None and "draft_length" in given:
         raise UserError("--draft-length goes with --draft (a diffusion model that drafts)")
-    warn_ignored_options(args, given_flags(parser, argv), model.args.model_type)
+    options = SamplerOptions.from_namespace(args, model_defaults(model), given)
+    warn_ignored_options(options, given, args.model, model.args.model_type)
     prompt = args.prompt
     if args.chat is not None:
         if args.prompt:
@@ -143,7 +158,7 @@ def _main(argv: list[str] | None) -> None:
     view = TerminalView(tokenizer) if args.show else None
     frames = []
     try:
-        last, kept = _run(args, model, tokenizer, view, frames, prompt, draft)
+        last, kept = _run(args, options, model, tokenizer, view, frames, prompt, draft)
     finally:
         if view is not None:
             view.close()
@@ -166,7 +181,7 @@ def _main(argv: list[str] | None) -> None:
         else:
             print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} tokens-per-sec, "
                   f"{last.nfe} rounds ({last.nfe} drafter + {last.nfe} verifier passes)")
-            print(draft_report(kept, args.draft_length))
+            print(draft_report(kept, options.draft_length))
         print(peak_memory_line())
 
 

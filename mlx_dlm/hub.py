@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import UserError
 
 MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-               "special_tokens.json", "README.md"]
+               "special_tokens.json", "sampling.json", "README.md"]
 
 
 def looks_like_repo_id(path: str) -> bool:

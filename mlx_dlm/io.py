@@ -1,4 +1,5 @@
-"""The model directory: config.json, model.safetensors and tokenizer files.
+"""The model directory: config.json, model.safetensors and tokenizer files, and an optional sampling.json (the
+model's own decoding defaults: SamplerOptions fields, `options.MODEL_FIELDS`; `load` keeps them on the model).
 
 Trained, converted and downloaded models share this format. Every file is
 written atomically (temp file in the same folder, then os.replace).
@@ -17,10 +18,12 @@ from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
 from .hub import resolve
 from .model import Model, ModelArgs, quantize
+from .options import DEFAULTS_ATTRIBUTE, MODEL_FIELDS, SamplerOptions
 from .tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SAMPLING_FILE = "sampling.json"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, the independent judge and the
 # AR adapted to block diffusion (blocks of 4 and 2)
@@ -58,6 +61,28 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return config
+
+
+def read_sampling_defaults(directory: str | os.PathLike) -> dict:
+    """The model's own decoding defaults from its sampling.json ({} without one), checked: one-line errors for a
+    broken file, an option a model may not set, or a value out of range."""
+    path = Path(directory) / SAMPLING_FILE
+    if not path.exists():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    unknown = sorted(set(values) - set(MODEL_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]!r} is not an option a model sets (those are: {', '.join(MODEL_FIELDS)})")
+    try:
+        SamplerOptions(**values).check()
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    return values
 
 
 def load_weights(model: Model, path: str | os.PathLike) -> None:
@@ -109,6 +134,7 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
     if not directory.is_dir():
         raise UserError(f"model directory {directory} does not exist")
     config = read_config(directory)
+    defaults = read_sampling_defaults(directory)
     try:
         args = ModelArgs.from_dict(config)
     except TypeError as err:
@@ -127,6 +153,7 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
     if not keep_dtype:
         _compute_dtype_for(model)
     model.eval()
+    vars(model)[DEFAULTS_ATTRIBUTE] = defaults
     return model, tokenizer
 
 

@@ -3,6 +3,11 @@
 The CLI (`generate`, `chat`), the Python API (`generate`, `stream_generate`), the server and the benchmarks build
 one; the sampler (`sample.py`) takes it. A new option is a field here (with its bounds in `check`), a flag in
 `generate.setup_arg_parser` and, for the server, an entry in its field table. What each option does: `sample.py`.
+
+A model directory may carry its own defaults (`sampling.json`, read by `io.load`: the fields in MODEL_FIELDS).
+`model_defaults(model)` is where a caller who gives no options starts; `over_defaults` lays the caller's own
+choices over it. The pace of decoding (PACE: steps, steps per block or a threshold) is one choice: a caller who
+sets any part of it sets all of it, so `--steps 64` is never overruled by a model's default threshold.
 """
 
 from __future__ import annotations
@@ -51,16 +56,21 @@ class SamplerOptions:
     alg_temp: float = 0.0  # draw the positions to commit from softmax(score / alg_temp) (Dream)
     cfg_scale: float = 0.0  # classifier-free guidance (LLaDA)
     draft_length: int = DEFAULT_DRAFT_LENGTH  # speculative decoding: tokens a drafter proposes per round
+    block_steps: int = 0  # with blocks (a block model's, or block_length): passes per block (0: spread steps)
 
     # Options that only a diffusion model uses (an AR model decodes one token per pass).
     DIFFUSION_ONLY = ("steps", "strategy", "schedule", "threshold", "block_length", "cache", "cache_refresh",
-                      "remask", "alg_temp", "cfg_scale")
+                      "remask", "alg_temp", "cfg_scale", "block_steps")
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> SamplerOptions:
-        """The options among a command's parsed flags (flags with other names are left out)."""
-        given = vars(args)
-        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+    def from_namespace(cls, args: argparse.Namespace, defaults: SamplerOptions | None = None,
+                       given: set[str] = frozenset()) -> SamplerOptions:
+        """The options among a command's parsed flags (flags with other names are left out). With defaults (a
+        model's: `model_defaults`), only the flags in given (those typed) are laid over them (`over_defaults`)."""
+        parsed = {f.name: vars(args)[f.name] for f in dataclasses.fields(cls) if f.name in vars(args)}
+        if defaults is None:
+            return cls(**parsed)
+        return over_defaults(defaults, {name: value for name, value in parsed.items() if name in given})
 
     def replace(self, **changes) -> SamplerOptions:
         """A copy with these fields changed (unknown names: TypeError)."""
@@ -99,6 +109,8 @@ class SamplerOptions:
             raise UserError("--remask needs a step schedule: it cannot be combined with --threshold")
         if self.block_length < 0 or self.cache_refresh < 0:
             raise UserError("--block-length and --cache-refresh must be >= 0")
+        if self.block_steps < 0:
+            raise UserError(f"--block-steps must be >= 0, got {self.block_steps}")
         if self.alg_temp < 0 or self.cfg_scale < 0:
             raise UserError("--alg-temp and --cfg-scale must be >= 0")
         if self.cfg_scale and self.cache:
@@ -120,7 +132,7 @@ FIELD_TYPES = {"max_tokens": _INT, "steps": _INT, "strategy": (str,), "schedule"
                "top_k": _INT, "top_p": _FLOAT, "seed": _INT, "num_samples": _INT, "suffix": (str,),
                "template": (str,), "threshold": _FLOAT, "block_length": _INT, "cache": (bool, str),
                "cache_refresh": _INT, "remask": _FLOAT, "alg_temp": _FLOAT, "cfg_scale": _FLOAT,
-               "draft_length": _INT}
+               "draft_length": _INT, "block_steps": _INT}
 OPTIONAL = ("seed", "template", "threshold", "cache")  # may be None
 
 
@@ -134,3 +146,30 @@ def _check_types(options: SamplerOptions) -> None:
             raise UserError(f"{flag} has the wrong type ({type(value).__name__})")
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, got {value}")
+
+
+# What a model directory's sampling.json may set: how the model decodes best, not what one call asks for (seed,
+# samples, suffix, template).
+MODEL_FIELDS = ("max_tokens", "steps", "block_steps", "threshold", "strategy", "schedule", "temp", "top_k", "top_p",
+                "block_length", "cache", "cache_refresh", "remask", "alg_temp", "cfg_scale", "draft_length")
+PACE = ("steps", "block_steps", "threshold")  # how many positions a pass commits: one choice
+DEFAULTS_ATTRIBUTE = "sampling_defaults"  # where `io.load` keeps a model's sampling.json (a dict)
+
+
+def own_defaults(model) -> dict:
+    """What the model's sampling.json sets (field -> value; {} without one, or for a model not from `io.load`)."""
+    return dict(vars(model).get(DEFAULTS_ATTRIBUTE, {}))
+
+
+def model_defaults(model) -> SamplerOptions:
+    """SamplerOptions' defaults, changed by the model's own (its directory's sampling.json, kept by `io.load`)."""
+    return SamplerOptions(**own_defaults(model))
+
+
+def over_defaults(defaults: SamplerOptions, given: dict) -> SamplerOptions:
+    """The caller's options (field -> value) laid over a model's defaults. Giving any of PACE drops the defaults'
+    others (back to SamplerOptions' own), so the caller's pace is the one that runs."""
+    if set(given) & set(PACE):
+        plain = SamplerOptions()
+        defaults = defaults.replace(**{name: getattr(plain, name) for name in PACE})
+    return defaults.replace(**given)

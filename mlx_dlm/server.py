@@ -6,7 +6,9 @@
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (models with a chat template), `GET /v1/models`,
 `GET /health`, and `GET /` (the page, from `mlx_dlm/web/`, no CDN). Request and response bodies follow OpenAI's;
 `"stream": true` answers with server-sent events. Diffusion options go as extra body fields (`SAMPLER_FIELDS`), and
-`"stream_frames": true` streams every denoising step as the canvas, with each position's state.
+`"stream_frames": true` streams every denoising step as the canvas, with each position's state. A field left out
+takes the model's own default (its sampling.json, else SamplerOptions'), which `GET /v1/models` lists under
+`"sampling"` (the page shows them).
 
 One model is loaded; requests run one at a time behind a lock, at most `--max-queue` wait, and the rest get 503.
 A client that disconnects mid-stream stops its generation. Bodies over `--max-body` bytes get 413. The default
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from .errors import UserError, run_cli, warn
 from .io import load
-from .options import SamplerOptions
+from .options import MODEL_FIELDS, SamplerOptions, model_defaults, over_defaults
 from .sample import completion, stream_generate
 from .speculative import check_drafter
 from .tokenizer import chat_prompt
@@ -42,7 +44,6 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_TIMEOUT = 60.0  # seconds a connection may sit idle in a read or a write
 DEFAULT_DEADLINE = 600.0  # seconds one request's generation may run
-DEFAULT_MAX_TOKENS = 128
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Body field -> SamplerOptions field (types and ranges: SamplerOptions.check); OpenAI's names first, then the
 # diffusion options.
@@ -51,7 +52,7 @@ SAMPLER_FIELDS = {
     "steps": "steps", "strategy": "strategy", "schedule": "schedule", "threshold": "threshold",
     "block_length": "block_length", "cache": "cache", "cache_refresh": "cache_refresh", "remask": "remask",
     "suffix": "suffix", "template": "template", "alg_temp": "alg_temp", "cfg_scale": "cfg_scale",
-    "draft_length": "draft_length",
+    "draft_length": "draft_length", "block_steps": "block_steps",
 }
 
 
@@ -108,12 +109,9 @@ class ModelServer:
 
     def options(self, body: dict) -> SamplerOptions:
         """The request's decoding options, checked (types and ranges) before it may queue."""
-        fields = {"max_tokens": DEFAULT_MAX_TOKENS}
-        for field, name in SAMPLER_FIELDS.items():
-            if body.get(field) is not None:
-                fields[name] = body[field]
+        fields = {name: body[field] for field, name in SAMPLER_FIELDS.items() if body.get(field) is not None}
         try:
-            options = SamplerOptions(**fields).check()
+            options = over_defaults(model_defaults(self.model), fields).check()
         except UserError as err:
             raise _as_request_error(str(err)) from None
         limit = self.max_tokens
@@ -121,6 +119,11 @@ class ModelServer:
             raise RequestError(f"'max_tokens' must be between 1 and {limit} (the model's context, or the server's "
                                f"--max-tokens)", param="max_tokens")
         return options
+
+    def sampling(self) -> dict:
+        """The options a request that gives none decodes with (the model's defaults), by body field name."""
+        defaults = model_defaults(self.model)
+        return {field: getattr(defaults, name) for field, name in SAMPLER_FIELDS.items() if name in MODEL_FIELDS}
 
     def prompt_of(self, body: dict, chat: bool) -> str:
         if chat:
@@ -219,7 +222,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [{"id": self.app.name, "object": "model",
-                                                              "created": 0, "owned_by": "mlx-dlm"}]})
+                                                              "created": 0, "owned_by": "mlx-dlm",
+                                                              "model_type": self.app.model.args.model_type,
+                                                              "sampling": self.app.sampling()}]})
         elif path in ("/", "/index.html"):
             self._static(WEB_DIR / "index.html", "text/html; charset=utf-8")
         else:

@@ -59,6 +59,9 @@ def test_page_streams_frames_fills_the_canvas_and_matches_the_api(browser, serve
     import http.client
 
     browser.get(f"{served}/")
+    _wait(browser, "return document.body.dataset.model === 'tiny'")  # the model's defaults, shown as placeholders
+    assert browser.find_element("id", "steps").get_attribute("placeholder") == "32 (the model's)"
+    assert browser.find_element("css selector", "#strategy option").text == "the model's: confidence"
     for field, value in {"prompt": "ROMEO:", "max_tokens": "48", "steps": "12", "seed": "5"}.items():
         box = browser.find_element("id", field)
         box.clear()

@@ -203,7 +203,7 @@ _ACCEPTED = [dict(steps=1), dict(temp=0.0), dict(top_k=0, top_p=1.0), dict(top_p
              *[dict(strategy=s) for s in STRATEGIES], dict(threshold=1.0), dict(threshold=1e-6),
              dict(remask=0.0), dict(remask=0.99), dict(block_length=0, cache_refresh=0), dict(alg_temp=0.0),
              dict(cfg_scale=0.5), dict(cache="dual", block_length=4), dict(cache=True, block_length=4),
-             dict(cache="prefix", block_length=4, cache_refresh=2)]
+             dict(cache="prefix", block_length=4, cache_refresh=2), dict(block_steps=0), dict(block_steps=1)]
 _REFUSED = [(dict(steps=0), "--steps must be at least 1, got 0"),
             (dict(temp=-0.1), "--temp must be >= 0, got -0.1"),
             (dict(top_k=-1), "--top-k must be >= 0 and --top-p in (0, 1]"),
@@ -218,6 +218,7 @@ _REFUSED = [(dict(steps=0), "--steps must be at least 1, got 0"),
             (dict(remask=0.1, threshold=0.9), "--remask needs a step schedule: it cannot be combined with --threshold"),
             (dict(block_length=-1), "--block-length and --cache-refresh must be >= 0"),
             (dict(cache_refresh=-1), "--block-length and --cache-refresh must be >= 0"),
+            (dict(block_steps=-1), "--block-steps must be >= 0, got -1"),
             (dict(alg_temp=-0.1), "--alg-temp and --cfg-scale must be >= 0"),
             (dict(cfg_scale=-0.1), "--alg-temp and --cfg-scale must be >= 0"),
             (dict(cfg_scale=1.0, cache="prefix", block_length=4),

@@ -59,6 +59,17 @@ def test_fixed_seed_gives_a_fixed_sample(name):
     assert a == b and a != c and a.startswith("ROMEO:") and len(a) == len("ROMEO:") + 48
 
 
+@pytest.mark.parametrize("name", BLOCKS)
+def test_a_block_model_writes_left_to_right_one_character_a_pass_by_default(name):
+    """Its sampling.json, as its card says: with no options, pass k commits position P + k alone, for any length;
+    a caller's steps still set the pace."""
+    model, tok = mlx_dlm.load(name)
+    for n in (21, 40):
+        states = list(mlx_dlm.stream_generate(model, tok, "ROMEO:", max_tokens=n, seed=1))
+        assert [s.committed[0].nonzero()[0].tolist() for s in states] == [[len("ROMEO:") + k] for k in range(n)]
+    assert len(list(mlx_dlm.stream_generate(model, tok, "ROMEO:", max_tokens=40, steps=10, seed=1))) < 40
+
+
 def test_generate_samples_the_shipped_dlm_offline_with_no_model_flag(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLX_DLM_CACHE": str(tmp_path / "cache"),
            "PATH": "/usr/bin:/bin"}
