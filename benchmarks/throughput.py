@@ -253,9 +253,6 @@ def run(args: argparse.Namespace) -> dict:
     for kind, batch, options, variant in _plan(args):
         model, tok = {"dlm": (dlm, dlm_tok), "block": block}.get(kind, (ar, ar_tok))
         blocks = _blocks_to_decode(model, tok, args.prompt, args.max_tokens) if kind == "block" else None
-        per_block = options.pop("steps_per_block", None)
-        if per_block:  # passes per block, as the sampler's total over the blocks
-            options["steps"] = per_block * blocks
         if peak_ok:
             mx.reset_peak_memory()
         stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None,
@@ -276,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
             row["steps_per_block"] = stats["nfe"] / blocks  # as run
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
+            row["drafter"], row["drafter_type"] = args.draft or args.dlm, drafter.args.model_type
         row["sample"] = row_texts[0][:80]
         rows.append(row)
         texts.append((repr((kind, variant, sorted(options.items()))), row_texts))  # the setting, batch aside
@@ -488,7 +486,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
         if args.block:
             for s in args.block_strategies:
                 name = "" if s == "confidence" else f"-{s}"
-                plan += [("block", b, dict(steps_per_block=k, temp=temp, strategy=s), f"bd{k}{name}")
+                plan += [("block", b, dict(block_steps=k, temp=temp, strategy=s), f"bd{k}{name}")
                          for temp in args.temp for k in args.block_steps]
                 plan += [("block", b, dict(threshold=p, temp=temp, strategy=s), f"bd-thr{p:g}{name}")
                          for temp in args.temp for p in args.block_thresholds]
@@ -531,7 +529,8 @@ def _family(row: dict) -> str:
     if row["model"] == "ar":
         return "AR, KV cache (temperature, top-k)"
     if row["model"] == "spec":
-        return "speculative: DLM drafts K, AR verifies"
+        drafter = "block model" if row.get("drafter_type") == "block" else "DLM"
+        return f"speculative: {drafter} drafts K, AR verifies"
     if row["model"] == "block":
         return f"block diffusion B={row['block_size']} (passes per block, threshold)"
     v = row["variant"]

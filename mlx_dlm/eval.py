@@ -40,7 +40,7 @@ from .fileio import atomic_write_text
 from .io import load
 from .model import memoize_on_model
 from .ngram import DEFAULT_ORDER, NGramModel
-from .options import PACE, own_defaults
+from .options import MODEL_FIELDS, PACE, SamplerOptions, model_defaults, over_defaults, own_defaults
 from .sample import fill, generate
 
 DEFAULT_DRAWS = 5
@@ -328,6 +328,7 @@ class Report:
     reference_distinct4: float | None = None
     distinct4_count: int | None = None  # the 4-grams both distinct-4 figures were counted over
     samples: list[str] | None = None
+    sample_options: dict | None = None  # how the samples were decoded (the model's defaults under eval's flags)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -364,14 +365,22 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
                                                  seed=seed)
         report.infill_span = infill_span
     if judged:
-        pace = {"steps": sample_steps} if sample_steps is not None else (
-            {} if set(own_defaults(model)) & set(PACE) else {"steps": DEFAULT_SAMPLE_STEPS})
-        texts = generate(model, tokenizer, prompt, max_tokens=sample_tokens, seed=seed, num_samples=samples, **pace)
+        options = _sample_options(model, sample_tokens, sample_steps, seed, samples)
+        texts = generate(model, tokenizer, prompt, options)
         texts = texts if isinstance(texts, list) else [texts]
+        report.sample_options = {name: getattr(options, name) for name in MODEL_FIELDS}
         completion = min(len(t) for t in texts) - len(prompt)
         reference = reference_texts(text, len(prompt), completion, reference_windows, val_fraction)
         _judge_report(report, judged, texts, reference, prompt)
     return report
+
+
+def _sample_options(model, tokens: int, steps: int | None, seed: int, samples: int) -> SamplerOptions:
+    """The judged samples' options: the model's defaults, with eval's length, seed and count, and steps when given
+    (else the model's own pace, or DEFAULT_SAMPLE_STEPS for a model without one)."""
+    pace = {"steps": steps} if steps is not None else (
+        {} if set(own_defaults(model)) & set(PACE) else {"steps": DEFAULT_SAMPLE_STEPS})
+    return over_defaults(model_defaults(model), dict(max_tokens=tokens, seed=seed, num_samples=samples, **pace))
 
 
 def _judge_report(report: Report, judges: list[Judge], texts: list[str], reference: list[str], prompt: str) -> None:
@@ -401,6 +410,12 @@ def format_report(r: Report) -> list[str]:
         self_judged = f" (self-judged: {', '.join(j['self_judged'])})" if j["self_judged"] else ""
         lines.append(f"Generative perplexity under {name}: {j['gen_ppl']:.3f} per character; held-out text "
                      f"scored the same way: {j['reference_gen_ppl']:.3f}{self_judged}")
+    if r.sample_options and r.model_type != "ar":
+        o = SamplerOptions(**r.sample_options)
+        pace = (f"threshold {o.threshold}" if o.threshold is not None else
+                f"{o.block_steps} steps a block" if o.block_steps and (o.block_length or r.model_type == "block")
+                else f"{o.steps} steps")
+        lines.append(f"Samples decoded with: {pace}, strategy {o.strategy}, temperature {o.temp}")
     if r.judges:
         lines.append(f"Diversity of {len(r.samples)} samples (held-out text): character entropy "
                      f"{r.sample_entropy_bits:.3f} ({r.reference_entropy_bits:.3f}) bits, distinct-4 "

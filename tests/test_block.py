@@ -387,8 +387,11 @@ def test_benchmark_takes_a_block_model(adapted_dir, tiny_model_dir, tiny_ar_dir,
         elif v.startswith("bd4"):  # at most one pass per open position: fewer in the partial first and last blocks
             assert blocks < r["nfe"] <= 4 * blocks and r["steps_per_block"] == r["nfe"] / blocks
         assert r["gen_ppl"]["ngram6"] > 1 and r["gen_ppl"] == block[(1, v)]["gen_ppl"]  # one setting, one quality
-    spec = sorted(r["batch_size"] for r in results["rows"] if r["model"] == "spec")
-    assert spec == [1, 2]
+    spec = [r for r in results["rows"] if r["model"] == "spec"]
+    assert sorted(r["batch_size"] for r in spec) == [1, 2]
+    assert all(r["drafter"] == str(adapted_dir) and r["drafter_type"] == "block" for r in spec)
+    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
+    assert throughput._family(spec[0]) == "speculative: block model drafts K, AR verifies"  # the plot's legend names it
     for summary in results["equal_quality"]:
         assert "block_match" in summary["per_ar_setting"][0]
         assert all(f["block"] is not None for f in summary["frontier"].values())

@@ -170,9 +170,9 @@ def test_eval_samples_with_the_models_pace_unless_told(tmp_path, monkeypatch):
 
     calls = []
 
-    def record(model, tokenizer, prompt, **options):
+    def record(model, tokenizer, prompt, options):
         calls.append(options)
-        return [prompt + "Speak, speak."[:options["max_tokens"]]] * options["num_samples"]
+        return [prompt + "Speak, speak."[:options.max_tokens]] * options.num_samples
 
     monkeypatch.setattr(eval_module, "generate", record)
     paced = _block_dir(tmp_path / "paced", {"strategy": "left", "block_steps": 4})
@@ -181,8 +181,13 @@ def test_eval_samples_with_the_models_pace_unless_told(tmp_path, monkeypatch):
     corpus.write_text(TEXT * 40)
     common = dict(data_path=str(corpus), judges=["ngram"], seq_len=32, max_windows=2, samples=2, sample_tokens=7,
                   reference_windows=4)
-    for directory, steps, pace in ((paced, None, {}), (paced, 5, {"steps": 5}),
-                                   (unpaced, None, {"steps": eval_module.DEFAULT_SAMPLE_STEPS})):
+    run = dict(max_tokens=7, seed=0, num_samples=2, strategy="left")
+    for directory, steps, want, line in (
+            (paced, None, SamplerOptions(block_steps=4, **run), "4 steps a block, strategy left"),
+            (paced, 5, SamplerOptions(steps=5, **run), "5 steps, strategy left"),
+            (unpaced, None, SamplerOptions(steps=eval_module.DEFAULT_SAMPLE_STEPS, **run), "64 steps, strategy left")):
         calls.clear()
-        eval_module.evaluate(str(directory), sample_steps=steps, **common)
-        assert calls == [dict(max_tokens=7, seed=0, num_samples=2, **pace)]
+        report = eval_module.evaluate(str(directory), sample_steps=steps, **common)
+        assert calls == [want]
+        assert SamplerOptions(**report.sample_options) == want.replace(seed=None, num_samples=1)
+        assert f"Samples decoded with: {line}, temperature 1.0" in eval_module.format_report(report)
