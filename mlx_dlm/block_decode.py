@@ -32,6 +32,13 @@ from .model import KVCache, memoize_on_model
 from .options import SamplerOptions
 
 
+def block_defaults(args) -> dict:
+    """The decoding defaults of a block model trained here (ModelArgs args; the trainer writes them to its
+    sampling.json): one position a pass, and with a next-token head (logit_shift) left to right, the leftmost
+    being the AR's own step: the setting that wrote best in the benchmark (docs/block-diffusion.md)."""
+    return {"block_steps": args.block_size, **({"strategy": "left"} if args.logit_shift else {})}
+
+
 def check_block_options(o: SamplerOptions, block_size: int) -> None:
     """A UserError for the options a block model cannot honour (it only sees the text before a block)."""
     if o.suffix or o.template is not None:

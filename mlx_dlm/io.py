@@ -85,6 +85,14 @@ def read_sampling_defaults(directory: str | os.PathLike) -> dict:
     return values
 
 
+def write_sampling_defaults(directory: str | os.PathLike, values: dict) -> None:
+    """Write a model directory's sampling.json (atomically), unless it has one: what is there may be the user's."""
+    path = Path(directory) / SAMPLING_FILE
+    if not path.exists():
+        SamplerOptions(**values).check()
+        atomic_write_text(path, json.dumps(values, indent=2) + "\n")
+
+
 def load_weights(model: Model, path: str | os.PathLike) -> None:
     """Load safetensors weights into model, strictly (every parameter, matching shapes)."""
     path = Path(path)

@@ -36,7 +36,8 @@ from . import blas, checkpoint, data
 from .diffusion import LOSSES, T_PER, T_SAMPLING
 from .errors import UserError, given_flags, run_cli
 from .fileio import ensure_dir
-from .io import CONFIG_FILE, load
+from .block_decode import block_defaults
+from .io import CONFIG_FILE, load, write_sampling_defaults
 from .model import INIT_SCHEMES, MODEL_TYPES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
 # The training step lives in step.py, the stop watchdog in stop.py; their names stay importable from here.
@@ -552,7 +553,9 @@ def _validate(run: Run, log: _Logger) -> float:
         log.row(row)
         n = min(run.args.sample_tokens, run.args.seq_len)
         if n > 0 and p.step > 0 and run.main_rank:
-            text = generate(run.model, run.tokenizer, '', max_tokens=n, steps=max(1, n // 4), seed=p.step)
+            args = run.model.args
+            pace = block_defaults(args) if args.model_type == "block" else {"steps": max(1, n // 4)}
+            text = generate(run.model, run.tokenizer, '', max_tokens=n, seed=p.step, **pace)
             log.line(f"Sample: {text!r}")
     return val
 
@@ -566,6 +569,8 @@ def _save(run: Run, on_checkpoint: Callable[[int], None] | None) -> None:
         with _inference_weights(run) as trained:  # with --ema the model file holds the average
             checkpoint.save(run.out, run.model, run.optimizer, run.tokenizer, state,
                             trained if run.ema is not None else None)
+        if run.model.args.model_type == "block":  # how it decodes by default (a file already there is kept)
+            write_sampling_defaults(run.out, block_defaults(run.model.args))
         if on_checkpoint is not None:
             on_checkpoint(p.step)
 

@@ -20,7 +20,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.eval import block_nelbo
 from mlx_dlm.io import load
 from mlx_dlm.model import Model, ModelArgs
-from mlx_dlm.options import SamplerOptions
+from mlx_dlm.options import SamplerOptions, model_defaults
 from mlx_dlm.sample import generate
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
@@ -196,6 +196,9 @@ def test_init_from_an_ar_model_adapts_its_weights_and_records_the_block(adapted_
     assert 0 < change < 0.05  # trained from the AR weights: 6 steps move them, but not far
     text = generate(model, tok, "ROMEO:", max_tokens=9, steps=9, seed=0)
     assert text.startswith("ROMEO:") and len(text) == 15
+    # it decodes as the shipped block models do: one position a pass, left to right (its next-token head)
+    assert json.loads((adapted_dir / "sampling.json").read_text()) == {"block_steps": 4, "strategy": "left"}
+    assert model_defaults(model) == SamplerOptions(block_steps=4, strategy="left")
 
 
 def test_init_from_may_keep_fewer_layers_for_a_shallow_drafter(tmp_path, capsys):
@@ -225,7 +228,10 @@ def test_init_from_may_keep_fewer_layers_for_a_shallow_drafter(tmp_path, capsys)
 
 
 def test_adapted_run_resumes_and_eval_reports_the_block_nelbo(adapted_dir, small_text_path):
+    edited = '{"block_steps": 2}\n'  # the user's own choice: kept through the resumed run's checkpoints
+    (adapted_dir / "sampling.json").write_text(edited)
     train.main(["--out", str(adapted_dir), "--resume", "--iters", "8", "--data", str(small_text_path)])
+    assert (adapted_dir / "sampling.json").read_text() == edited
     rows = [json.loads(line) for line in (adapted_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 8
     model, tok = load(adapted_dir)

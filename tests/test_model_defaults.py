@@ -51,6 +51,7 @@ def test_block_steps_is_steps_spread_over_the_blocks(tmp_path, tiny_model_dir):
                                                                     **options))
     # more steps than a block has positions: one a pass (3 + 4 + 4)
     assert len(list(stream_generate(model, tok, "First", max_tokens=11, block_steps=9, temp=0))) == 11
+    assert not (tiny_model_dir / "sampling.json").exists()  # the trainer writes one for block models only
     dlm, dtok = load(tiny_model_dir)  # semi-autoregressive blocks of a full-sequence model: the same meaning
     np.testing.assert_array_equal(_tokens(dlm, dtok, "RO", max_tokens=12, block_length=4, block_steps=3, seed=1),
                                   _tokens(dlm, dtok, "RO", max_tokens=12, block_length=4, steps=9, seed=1))
