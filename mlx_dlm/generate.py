@@ -98,8 +98,8 @@ def warn_ignored_options(o: SamplerOptions, given: set[str], model: str, model_t
     if model_type == "ar":
         ignored = [n for n in SamplerOptions.DIFFUSION_ONLY if n in given]
         if ignored:
-            warn(f"{flags(ignored)} only apply to diffusion models; {model} is autoregressive and decodes "
-                 "one token per forward pass")
+            warn(f"{flags(ignored)} only appl{'ies' if len(ignored) == 1 else 'y'} to diffusion models; {model} is "
+                 "autoregressive and decodes one token per forward pass")
         return
     if model_type == "block" and {"cache", "cache_refresh"} & given:
         warn(f"{flags(sorted({'cache', 'cache_refresh'} & given))} ignored: a block model always decodes with its "

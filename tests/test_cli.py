@@ -124,6 +124,9 @@ def test_options_that_would_be_ignored_warn(tiny_model_dir, tiny_ar_dir, capsys)
                        "--threshold", "0.5", "--verbose", "false"])
     err = capsys.readouterr().err
     assert "--steps, --threshold only apply to diffusion models" in err and len(err.strip().splitlines()) == 1
+    generate.main(["--model", str(tiny_ar_dir), "--prompt", "A", "--max-tokens", "4", "--block-steps", "2",
+                   "--verbose", "false"])
+    assert "--block-steps only applies to diffusion models" in capsys.readouterr().err
     generate.main(["--model", str(tiny_model_dir), "--max-tokens", "4", "--steps", "9", "--cache-refresh", "2",
                        "--verbose", "false"])
     err = capsys.readouterr().err
