@@ -16,7 +16,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 from .errors import UserError
 
@@ -64,7 +64,7 @@ class SamplerOptions:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, defaults: SamplerOptions | None = None,
-                       given: set[str] = frozenset()) -> SamplerOptions:
+                       given: Collection[str] = ()) -> SamplerOptions:
         """The options among a command's parsed flags (flags with other names are left out). With defaults (a
         model's: `model_defaults`), only the flags in given (those typed) are laid over them (`over_defaults`)."""
         parsed = {f.name: vars(args)[f.name] for f in dataclasses.fields(cls) if f.name in vars(args)}

@@ -33,10 +33,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import blas, checkpoint, data
+from .block_decode import block_defaults
 from .diffusion import LOSSES, T_PER, T_SAMPLING
 from .errors import UserError, given_flags, run_cli
 from .fileio import ensure_dir
-from .block_decode import block_defaults
 from .io import CONFIG_FILE, load, write_sampling_defaults
 from .model import INIT_SCHEMES, MODEL_TYPES, PRESETS, Model, ModelArgs, init_model, preset_args
 from .sample import generate
