@@ -13,7 +13,7 @@ import mlx.core as mx
 from .errors import UserError, given_flags, run_cli, warn
 from .io import SHIPPED_MODELS, load
 from .options import (DEFAULT_DRAFT_LENGTH, DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,
-                      SamplerOptions, model_defaults)
+                      SamplerOptions, model_defaults, with_drafter)
 from .speculative import check_drafter, draft_report
 from .sample import completion, cut_at_stop, stream_generate
 from .tokenizer import chat_prompt  # noqa: F401  (its home before tokenizer.py; importable from here as it was)
@@ -145,7 +145,7 @@ def _main(argv: list[str] | None) -> None:
     given = given_flags(parser, argv)
     if args.draft is None and "draft_length" in given:
         raise UserError("--draft-length goes with --draft (a diffusion model that drafts)")
-    options = SamplerOptions.from_namespace(args, model_defaults(model), given)
+    options = with_drafter(SamplerOptions.from_namespace(args, model_defaults(model), given), draft, given)
     warn_ignored_options(options, given, args.model, model.args.model_type)
     prompt = args.prompt
     if args.chat is not None:

@@ -6,7 +6,7 @@ one; the sampler (`sample.py`) takes it. A new option is a field here (with its 
 
 A model directory may carry its own defaults (`sampling.json`, read by `io.load`: the fields in MODEL_FIELDS).
 `model_defaults(model)` is where a caller who gives no options starts; `over_defaults` lays the caller's own
-choices over it. The pace of decoding (PACE: steps, steps per block or a threshold) is one choice: a caller who
+choices over it; in speculative decoding the drafter's own draft_length comes in too (`with_drafter`). The pace of decoding (PACE: steps, steps per block or a threshold) is one choice: a caller who
 sets any part of it sets all of it, so `--steps 64` is never overruled by a model's default threshold.
 """
 
@@ -164,6 +164,13 @@ def own_defaults(model) -> dict:
 def model_defaults(model) -> SamplerOptions:
     """SamplerOptions' defaults, changed by the model's own (its directory's sampling.json, kept by `io.load`)."""
     return SamplerOptions(**own_defaults(model))
+
+
+def with_drafter(options: SamplerOptions, drafter, given: Collection[str]) -> SamplerOptions:
+    """Speculative decoding: the drafter's own draft_length (its sampling.json: how many it drafts well) unless the
+    caller gave one (given: the fields the caller set)."""
+    own = own_defaults(drafter).get("draft_length") if drafter is not None else None
+    return options if own is None or "draft_length" in given else options.replace(draft_length=own)
 
 
 def over_defaults(defaults: SamplerOptions, given: dict) -> SamplerOptions:

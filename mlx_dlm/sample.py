@@ -45,7 +45,7 @@ from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, c
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import (DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,  # noqa: F401
-                      SamplerOptions, model_defaults, over_defaults)
+                      SamplerOptions, model_defaults, over_defaults, with_drafter)
 from .speculative import check_drafter, speculative_generate
 
 
@@ -225,12 +225,13 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     SamplerOptions' defaults changed by its directory's sampling.json). Keyword fields (max_tokens=, steps=,
     temp=, ...: the fields of SamplerOptions) change either, so `stream_generate(model, tok, "ROMEO:", steps=16)`
     works as well; over a model's defaults a keyword of the pace (steps, block_steps, threshold) replaces all
-    three (`options.over_defaults`). Diffusion models fill max_tokens positions between prompt and suffix (or a
+    three (`options.over_defaults`); with a drafter, its own draft_length unless given (`options.with_drafter`). Diffusion models fill max_tokens positions between prompt and suffix (or a
     template's `[MASK]` placeholders) in `steps` rounds (at most one round per position; with blocks,
     `block_steps` a block), or by `threshold`. AR models: one step per token after
     the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
-    o = (options.replace(**fields) if options is not None else over_defaults(model_defaults(model), fields)).check()
+    o = (options.replace(**fields) if options is not None else
+         with_drafter(over_defaults(model_defaults(model), fields), draft_model, fields)).check()
     if o.seed is None:
         o = o.replace(seed=int.from_bytes(os.urandom(4), "little"))
     if draft_model is not None:

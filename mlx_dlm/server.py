@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import UserError, run_cli, warn
 from .io import load
-from .options import MODEL_FIELDS, SamplerOptions, model_defaults, over_defaults
+from .options import MODEL_FIELDS, SamplerOptions, model_defaults, over_defaults, with_drafter
 from .sample import completion, stream_generate
 from .speculative import check_drafter
 from .tokenizer import chat_prompt
@@ -111,10 +111,12 @@ class ModelServer:
         """The request's decoding options, checked (types and ranges) before it may queue."""
         fields = {name: body[field] for field, name in SAMPLER_FIELDS.items() if body.get(field) is not None}
         try:
-            options = over_defaults(model_defaults(self.model), fields).check()
+            options = with_drafter(over_defaults(model_defaults(self.model), fields), self.draft, fields).check()
         except UserError as err:
             raise _as_request_error(str(err)) from None
         limit = self.max_tokens
+        if "max_tokens" not in fields:  # the default length, within what this server allows
+            options = options.replace(max_tokens=min(options.max_tokens, limit))
         if options.max_tokens > limit:
             raise RequestError(f"'max_tokens' must be between 1 and {limit} (the model's context, or the server's "
                                f"--max-tokens)", param="max_tokens")
@@ -122,7 +124,8 @@ class ModelServer:
 
     def sampling(self) -> dict:
         """The options a request that gives none decodes with (the model's defaults), by body field name."""
-        defaults = model_defaults(self.model)
+        defaults = with_drafter(model_defaults(self.model), self.draft, ())
+        defaults = defaults.replace(max_tokens=min(defaults.max_tokens, self.max_tokens))
         return {field: getattr(defaults, name) for field, name in SAMPLER_FIELDS.items() if name in MODEL_FIELDS}
 
     def prompt_of(self, body: dict, chat: bool) -> str:

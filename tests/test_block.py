@@ -197,8 +197,9 @@ def test_init_from_an_ar_model_adapts_its_weights_and_records_the_block(adapted_
     text = generate(model, tok, "ROMEO:", max_tokens=9, steps=9, seed=0)
     assert text.startswith("ROMEO:") and len(text) == 15
     # it decodes as the shipped block models do: one position a pass, left to right (its next-token head)
-    assert json.loads((adapted_dir / "sampling.json").read_text()) == {"block_steps": 4, "strategy": "left"}
-    assert model_defaults(model) == SamplerOptions(block_steps=4, strategy="left")
+    assert json.loads((adapted_dir / "sampling.json").read_text()) == {"block_steps": 4, "strategy": "left",
+                                                                        "draft_length": 4}
+    assert model_defaults(model) == SamplerOptions(block_steps=4, strategy="left", draft_length=4)
 
 
 def test_init_from_may_keep_fewer_layers_for_a_shallow_drafter(tmp_path, capsys):

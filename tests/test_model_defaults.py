@@ -124,6 +124,40 @@ def test_generate_command_takes_the_models_defaults_under_its_flags(tmp_path, ca
     assert "--block-steps has no effect without blocks" in capsys.readouterr().err
 
 
+def test_a_drafter_brings_its_own_draft_length(tmp_path, capsys):
+    """Speculative decoding drafts the drafter's sampling.json draft_length unless the caller gives one: in the
+    Python API, the command and the server (whose /v1/models lists it)."""
+    from mlx_dlm.server import make_server
+
+    ar, tok = untrained(TEXT, 64, model_type="ar")
+    save_model(tmp_path / "ar", ar, tok)
+    drafter_dir = _block_dir(tmp_path, {"draft_length": 2})
+    model, _ = load(tmp_path / "ar")
+    drafter, _ = load(drafter_dir)
+
+    def kept(**options):
+        states = list(stream_generate(model, tok, "First", draft_model=drafter, max_tokens=20, seed=1, **options))
+        return [k for s in states for k in s.draft_kept], states[-1].tokens
+
+    own, tokens = kept()
+    assert max(own) <= 2
+    np.testing.assert_array_equal(tokens, kept(draft_length=2)[1])
+    assert len(kept(draft_length=3)[0]) and kept(draft_length=3)[1].shape == tokens.shape
+    flags = ["--model", str(tmp_path / "ar"), "--draft", str(drafter_dir), "--prompt", "First", "--max-tokens", "20",
+             "--seed", "1"]
+    generate_command.main(flags)
+    assert "P(draft 1..2 kept)" in capsys.readouterr().out
+    generate_command.main([*flags, "--draft-length", "3"])
+    assert "P(draft 1..3 kept)" in capsys.readouterr().out
+    server = make_server(str(tmp_path / "ar"), port=0, quiet=True, draft=str(drafter_dir))
+    try:
+        assert server.app.sampling()["draft_length"] == 2
+        assert server.app.options({"prompt": "First"}).draft_length == 2
+        assert server.app.options({"prompt": "First", "draft_length": 3}).draft_length == 3
+    finally:
+        server.server_close()
+
+
 def test_chat_replies_with_the_models_defaults_and_its_own_length(tmp_path):
     from mlx_dlm.chat import chat_options, setup_arg_parser
 

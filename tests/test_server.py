@@ -370,6 +370,8 @@ def test_api_key_and_max_tokens_cap(tiny_model_dir):
         assert post(ok)[0] == 401 and post(ok, "wrong")[0] == 401 and post(ok, "s3cret")[0] == 200
         status, reply = post({**ok, "max_tokens": 17}, "s3cret")
         assert status == 400 and "between 1 and 16" in reply["error"]["message"]
+        status, reply = post({"prompt": "x", "steps": 2}, "s3cret")  # no max_tokens: the default, within the cap
+        assert status == 200 and reply["usage"]["completion_tokens"] == 16
         assert _json(server, "GET", "/health")[0] == 200  # health needs no key
         status, _, page = _request(server, "GET", "/")
         assert status == 200 and b'id="api_key"' in page  # the page sends the key it is given

@@ -68,6 +68,11 @@ def test_a_block_model_writes_left_to_right_one_character_a_pass_by_default(name
         states = list(mlx_dlm.stream_generate(model, tok, "ROMEO:", max_tokens=n, seed=1))
         assert [s.committed[0].nonzero()[0].tolist() for s in states] == [[len("ROMEO:") + k] for k in range(n)]
     assert len(list(mlx_dlm.stream_generate(model, tok, "ROMEO:", max_tokens=40, steps=10, seed=1))) < 40
+    # as a drafter it drafts 2 a round (the faster K in its benchmark runs)
+    ar, _ = mlx_dlm.load("shakespeare-ar")
+    rounds = list(mlx_dlm.stream_generate(ar, tok, "ROMEO:", draft_model=model, max_tokens=40, seed=1))
+    kept = [k for r in rounds for k in r.draft_kept]
+    assert max(kept) == 2 and len(rounds) < 40
 
 
 def test_generate_samples_the_shipped_dlm_offline_with_no_model_flag(tmp_path):
