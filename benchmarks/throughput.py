@@ -40,6 +40,7 @@ from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, blo
                           reference_texts, val_windows)
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
+from mlx_dlm.options import model_defaults
 from mlx_dlm.sample import STRATEGIES, stream_generate
 from mlx_dlm.speculative import acceptance_by_position, check_drafter, tokens_per_round
 from mlx_dlm.tokenizer import CharTokenizer
@@ -117,8 +118,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", help="also a block-diffusion model (model_type block) as a contestant")
     p.add_argument("--block-steps", type=_int_list, default=[1, 2, 4],
                    help="block rows: denoising passes per block (each --temp value)")
-    p.add_argument("--block-strategies", type=_strategy_list, default=["confidence"],
-                   help="block rows: the order positions are committed in inside a block (e.g. confidence,left)")
+    p.add_argument("--block-strategies", type=_strategy_list,
+                   help="block rows: the order positions are committed in inside a block, e.g. confidence,left "
+                        "(default: the block model's own, from its sampling.json, else confidence)")
     p.add_argument("--block-thresholds", type=_float_list, default=[],
                    help="also block rows that commit every proposal at least this confident, e.g. 0.9,0.7")
     p.add_argument("--batch-size", type=_int_list, default=_int_list(DEFAULT_BATCH_SIZES),
@@ -173,6 +175,13 @@ def _block_contestant(args: argparse.Namespace, trained: bool):
     if block[0].args.model_type != "block":
         raise UserError(f"--block {args.block} is not a block-diffusion model (model_type block)")
     return block
+
+
+def block_strategies(given: list[str] | None, block) -> list[str]:
+    """The block rows' commit orders: as given, else the block model's own (its sampling.json), else confidence."""
+    if given is not None:
+        return given
+    return [model_defaults(block[0]).strategy if block else "confidence"]
 
 
 def _blocks_to_decode(model, tokenizer, prompt: str, max_tokens: int) -> int:
@@ -239,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--max-tokens and --trials must be at least 1")
     (dlm, dlm_tok), (ar, ar_tok), trained = _models(args)
     block = _block_contestant(args, trained)
+    args.block_strategies = block_strategies(args.block_strategies, block)  # recorded with the other arguments
     info = machine_info()
     info["matmul_gflops"] = matmul_gflops()
     print(f"Machine: {describe(info)}; fp32 matmul {info['matmul_gflops']:.1f} GFLOP/s")

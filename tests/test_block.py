@@ -230,9 +230,11 @@ def test_init_from_may_keep_fewer_layers_for_a_shallow_drafter(tmp_path, capsys)
 
 def test_adapted_run_resumes_and_eval_reports_the_block_nelbo(adapted_dir, small_text_path):
     edited = '{"block_steps": 2}\n'  # the user's own choice: kept through the resumed run's checkpoints
+    trained = (adapted_dir / "sampling.json").read_text()
     (adapted_dir / "sampling.json").write_text(edited)
     train.main(["--out", str(adapted_dir), "--resume", "--iters", "8", "--data", str(small_text_path)])
     assert (adapted_dir / "sampling.json").read_text() == edited
+    (adapted_dir / "sampling.json").write_text(trained)  # as the trainer wrote it, for the tests after this one
     rows = [json.loads(line) for line in (adapted_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 8
     model, tok = load(adapted_dir)
@@ -394,10 +396,14 @@ def test_benchmark_takes_a_block_model(adapted_dir, tiny_model_dir, tiny_ar_dir,
         elif v.startswith("bd4"):  # at most one pass per open position: fewer in the partial first and last blocks
             assert blocks < r["nfe"] <= 4 * blocks and r["steps_per_block"] == r["nfe"] / blocks
         assert r["gen_ppl"]["ngram6"] > 1 and r["gen_ppl"] == block[(1, v)]["gen_ppl"]  # one setting, one quality
+    assert results["args"]["block_strategies"] == ["confidence", "left"]
+    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
+    assert throughput.block_strategies(None, load(adapted_dir)) == ["left"]  # its sampling.json's order
+    assert throughput.block_strategies(["margin"], load(adapted_dir)) == ["margin"]
+    assert throughput.block_strategies(None, None) == ["confidence"]
     spec = [r for r in results["rows"] if r["model"] == "spec"]
     assert sorted(r["batch_size"] for r in spec) == [1, 2]
     assert all(r["drafter"] == str(adapted_dir) and r["drafter_type"] == "block" for r in spec)
-    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
     assert throughput._family(spec[0]) == "speculative: block model drafts K, AR verifies"  # the plot's legend names it
     for summary in results["equal_quality"]:
         assert "block_match" in summary["per_ar_setting"][0]
