@@ -147,6 +147,9 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
         args = ModelArgs.from_dict(config)
     except TypeError as err:
         raise UserError(f"{directory / CONFIG_FILE} is not a valid model config ({err})") from None
+    if args.model_type == "block" and defaults.get("block_length", args.block_size) not in (0, args.block_size):
+        raise UserError(f"{directory / SAMPLING_FILE}: block_length {defaults['block_length']}, but this block model "
+                        f"decodes in its own blocks of {args.block_size}")
     tokenizer = load_tokenizer(directory, config.get("tokenizer", "char"))
     # A Hugging Face model's embedding table may have padding rows beyond its tokenizer's ids.
     mismatch = tokenizer.vocab_size > args.vocab_size if tokenizer.kind == "hf" else tokenizer.vocab_size != args.vocab_size

@@ -103,6 +103,12 @@ def test_a_broken_sampling_json_is_a_one_line_error(tmp_path, capsys, tiny_model
     assert message in cli_error(capsys, generate_command.main, ["--model", str(directory)])
 
 
+def test_a_block_length_a_block_model_cannot_decode_is_refused_at_load(tmp_path):
+    error = user_error(load, _block_dir(tmp_path, {"block_length": 8}))
+    assert "sampling.json: block_length 8, but this block model decodes in its own blocks of 4" in error
+    assert model_defaults(load(_block_dir(tmp_path / "same", {"block_length": 4}))[0]).block_length == 4
+
+
 def test_generate_command_takes_the_models_defaults_under_its_flags(tmp_path, capsys, tiny_model_dir):
     directory = _block_dir(tmp_path, {"strategy": "left", "block_steps": 4, "temp": 0.0})
     model, tok = load(directory)
