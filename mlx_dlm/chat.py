@@ -14,7 +14,7 @@ import sys
 from .errors import UserError, given_flags, run_cli
 from .generate import setup_arg_parser as generate_parser
 from .io import load
-from .options import SamplerOptions, model_defaults
+from .options import SamplerOptions, options_for, typed_fields
 from .sample import completion, stream_generate
 from .tokenizer import chat_prompt
 
@@ -32,8 +32,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def chat_options(model, args: argparse.Namespace, given: set[str]) -> SamplerOptions:
     """The model's defaults under the flags given; chat's reply length (its --max-tokens default) counts as given.
     A reply is one sample with no suffix: those flags of mlx_dlm.generate are not used here."""
-    options = SamplerOptions.from_namespace(args, model_defaults(model), given | {"max_tokens"})
-    return options.replace(num_samples=1, suffix="")
+    return options_for(model, typed_fields(args, {*given, "max_tokens"})).replace(num_samples=1, suffix="")
 
 
 def reply(model, tokenizer, messages: list[dict], options: SamplerOptions) -> str:

@@ -40,7 +40,7 @@ from .fileio import atomic_write_text
 from .io import load
 from .model import memoize_on_model
 from .ngram import DEFAULT_ORDER, NGramModel
-from .options import MODEL_FIELDS, PACE, SamplerOptions, model_defaults, over_defaults, own_defaults
+from .options import MODEL_FIELDS, PACE, SamplerOptions, options_for, own_defaults
 from .sample import fill, generate
 
 DEFAULT_DRAWS = 5
@@ -380,7 +380,7 @@ def _sample_options(model, tokens: int, steps: int | None, seed: int, samples: i
     (else the model's own pace, or DEFAULT_SAMPLE_STEPS for a model without one)."""
     pace = {"steps": steps} if steps is not None else (
         {} if set(own_defaults(model)) & set(PACE) else {"steps": DEFAULT_SAMPLE_STEPS})
-    return over_defaults(model_defaults(model), dict(max_tokens=tokens, seed=seed, num_samples=samples, **pace))
+    return options_for(model, dict(max_tokens=tokens, seed=seed, num_samples=samples, **pace))
 
 
 def _judge_report(report: Report, judges: list[Judge], texts: list[str], reference: list[str], prompt: str) -> None:
@@ -413,7 +413,7 @@ def format_report(r: Report) -> list[str]:
     if r.sample_options and r.model_type != "ar":
         o = SamplerOptions(**r.sample_options)
         pace = (f"threshold {o.threshold}" if o.threshold is not None else
-                f"{o.block_steps} steps a block" if o.block_steps and (o.block_length or r.model_type == "block")
+                f"{o.block_steps} steps a block" if o.block_paced(r.model_type)
                 else f"{o.steps} steps")
         lines.append(f"Samples decoded with: {pace}, strategy {o.strategy}, temperature {o.temp}")
     if r.judges:

@@ -13,7 +13,7 @@ import mlx.core as mx
 from .errors import UserError, given_flags, run_cli, warn
 from .io import SHIPPED_MODELS, load
 from .options import (DEFAULT_DRAFT_LENGTH, DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,
-                      SamplerOptions, model_defaults, with_drafter)
+                      SamplerOptions, options_for, typed_fields)
 from .speculative import check_drafter, draft_report
 from .sample import completion, cut_at_stop, stream_generate
 from .tokenizer import chat_prompt  # noqa: F401  (its home before tokenizer.py; importable from here as it was)
@@ -109,11 +109,10 @@ def warn_ignored_options(o: SamplerOptions, given: set[str], model: str, model_t
         warn("--cache-refresh has no effect without --cache")
     if "block_steps" in given and model_type != "block" and not o.block_length:
         warn("--block-steps has no effect without blocks (--block-length, or a block model)")
-    paced = ["block_steps"] if o.block_steps and (o.block_length or model_type == "block") else []
     if o.threshold is not None and {"steps", "schedule", "block_steps"} & given:
         warn(f"{flags(sorted({'steps', 'schedule', 'block_steps'} & given))} ignored: --threshold decides how many "
              "to commit per step")
-    elif paced and "steps" in given:
+    elif o.block_paced(model_type) and "steps" in given:
         warn("--steps ignored: --block-steps decides the steps of each block")
     elif "steps" in given and o.steps > o.max_tokens and not o.suffix and model_type != "block":
         # (a block model's steps are spread over its blocks, the prompt's partial block among them: more is right)
@@ -145,7 +144,7 @@ def _main(argv: list[str] | None) -> None:
     given = given_flags(parser, argv)
     if args.draft is None and "draft_length" in given:
         raise UserError("--draft-length goes with --draft (a diffusion model that drafts)")
-    options = with_drafter(SamplerOptions.from_namespace(args, model_defaults(model), given), draft, given)
+    options = options_for(model, typed_fields(args, given), draft)
     warn_ignored_options(options, given, args.model, model.args.model_type)
     prompt = args.prompt
     if args.chat is not None:

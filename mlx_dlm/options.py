@@ -5,8 +5,9 @@ one; the sampler (`sample.py`) takes it. A new option is a field here (with its 
 `generate.setup_arg_parser` and, for the server, an entry in its field table. What each option does: `sample.py`.
 
 A model directory may carry its own defaults (`sampling.json`, read by `io.load`: the fields in MODEL_FIELDS).
-`model_defaults(model)` is where a caller who gives no options starts; `over_defaults` lays the caller's own
-choices over it; in speculative decoding the drafter's own draft_length comes in too (`with_drafter`). The pace of decoding (PACE: steps, steps per block or a threshold) is one choice: a caller who
+`options_for(model, given, drafter)` is what a call runs with: the model's defaults (`model_defaults`) with the
+caller's own choices laid over them (`over_defaults`), and in speculative decoding the drafter's own draft_length
+(`with_drafter`). The pace of decoding (PACE: steps, steps per block or a threshold) is one choice: a caller who
 sets any part of it sets all of it, so `--steps 64` is never overruled by a model's default threshold.
 """
 
@@ -63,14 +64,13 @@ class SamplerOptions:
                       "remask", "alg_temp", "cfg_scale", "block_steps")
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace, defaults: SamplerOptions | None = None,
-                       given: Collection[str] = ()) -> SamplerOptions:
-        """The options among a command's parsed flags (flags with other names are left out). With defaults (a
-        model's: `model_defaults`), only the flags in given (those typed) are laid over them (`over_defaults`)."""
-        parsed = {f.name: vars(args)[f.name] for f in dataclasses.fields(cls) if f.name in vars(args)}
-        if defaults is None:
-            return cls(**parsed)
-        return over_defaults(defaults, {name: value for name, value in parsed.items() if name in given})
+    def from_namespace(cls, args: argparse.Namespace) -> SamplerOptions:
+        """The options among a command's parsed flags (flags with other names are left out)."""
+        return cls(**typed_fields(args, vars(args)))
+
+    def block_paced(self, model_type: str) -> bool:
+        """Whether block_steps sets the pace: it is on and there are blocks (a block model's, or block_length)."""
+        return bool(self.block_steps) and (bool(self.block_length) or model_type == "block")
 
     def replace(self, **changes) -> SamplerOptions:
         """A copy with these fields changed (unknown names: TypeError)."""
@@ -164,6 +164,18 @@ def own_defaults(model) -> dict:
 def model_defaults(model) -> SamplerOptions:
     """SamplerOptions' defaults, changed by the model's own (its directory's sampling.json, kept by `io.load`)."""
     return SamplerOptions(**own_defaults(model))
+
+
+def typed_fields(args: argparse.Namespace, given: Collection[str]) -> dict:
+    """The SamplerOptions fields among a command's parsed flags whose names are in given (e.g. those typed)."""
+    return {f.name: vars(args)[f.name] for f in dataclasses.fields(SamplerOptions)
+            if f.name in vars(args) and f.name in given}
+
+
+def options_for(model, given: dict, drafter=None) -> SamplerOptions:
+    """What a call runs with: the model's defaults under the caller's fields (field -> value), and with a drafter
+    (speculative decoding) the drafter's own draft_length unless given."""
+    return with_drafter(over_defaults(model_defaults(model), given), drafter, given)
 
 
 def with_drafter(options: SamplerOptions, drafter, given: Collection[str]) -> SamplerOptions:

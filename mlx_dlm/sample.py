@@ -45,7 +45,7 @@ from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, c
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import (DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,  # noqa: F401
-                      SamplerOptions, model_defaults, over_defaults, with_drafter)
+                      SamplerOptions, options_for)
 from .speculative import check_drafter, speculative_generate
 
 
@@ -112,7 +112,7 @@ def _unmask(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.
     x = mx.array(ids if ids.ndim == 2 else np.tile(ids, (num_samples, 1)))
     given = mx.array(np.tile(~editable, (num_samples, 1)))
     conf = mx.full(x.shape, mx.inf)  # given text is never revised
-    per_block = o.block_steps if o.block_steps and o.block_length else max(1, steps // len(blocks))
+    per_block = o.block_steps if o.block_paced("dlm") else max(1, steps // len(blocks))
     for block in blocks:
         active = np.zeros(L, dtype=bool)
         active[block] = True
@@ -221,17 +221,16 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     draft_model: a diffusion model that drafts `draft_length` tokens a round for model (autoregressive) to
     verify: speculative decoding, whose output follows exactly model's distribution (`speculative.py`).
 
-    options: a `SamplerOptions`, used as given; without one, the model's own defaults (`options.model_defaults`:
-    SamplerOptions' defaults changed by its directory's sampling.json). Keyword fields (max_tokens=, steps=,
-    temp=, ...: the fields of SamplerOptions) change either, so `stream_generate(model, tok, "ROMEO:", steps=16)`
-    works as well; over a model's defaults a keyword of the pace (steps, block_steps, threshold) replaces all
-    three (`options.over_defaults`); with a drafter, its own draft_length unless given (`options.with_drafter`). Diffusion models fill max_tokens positions between prompt and suffix (or a
-    template's `[MASK]` placeholders) in `steps` rounds (at most one round per position; with blocks,
+    options: a `SamplerOptions`, used as given; without one, the model's own defaults (SamplerOptions' defaults
+    changed by its directory's sampling.json). Keyword fields (max_tokens=, steps=, temp=, ...: the fields of
+    SamplerOptions) change either, so `stream_generate(model, tok, "ROMEO:", steps=16)` works as well; over a
+    model's defaults a keyword of the pace (steps, block_steps, threshold) replaces all three, and a drafter
+    brings its own draft_length unless given (`options.options_for`). Diffusion models fill max_tokens positions
+    between prompt and suffix (or a template's `[MASK]` placeholders) in `steps` rounds (at most one round per position; with blocks,
     `block_steps` a block), or by `threshold`. AR models: one step per token after
     the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
-    o = (options.replace(**fields) if options is not None else
-         with_drafter(over_defaults(model_defaults(model), fields), draft_model, fields)).check()
+    o = (options.replace(**fields) if options is not None else options_for(model, fields, draft_model)).check()
     if o.seed is None:
         o = o.replace(seed=int.from_bytes(os.urandom(4), "little"))
     if draft_model is not None:

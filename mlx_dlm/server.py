@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import UserError, run_cli, warn
 from .io import load
-from .options import MODEL_FIELDS, SamplerOptions, model_defaults, over_defaults, with_drafter
+from .options import MODEL_FIELDS, SamplerOptions, options_for
 from .sample import completion, stream_generate
 from .speculative import check_drafter
 from .tokenizer import chat_prompt
@@ -111,7 +111,7 @@ class ModelServer:
         """The request's decoding options, checked (types and ranges) before it may queue."""
         fields = {name: body[field] for field, name in SAMPLER_FIELDS.items() if body.get(field) is not None}
         try:
-            options = with_drafter(over_defaults(model_defaults(self.model), fields), self.draft, fields).check()
+            options = options_for(self.model, fields, self.draft).check()
         except UserError as err:
             raise _as_request_error(str(err)) from None
         limit = self.max_tokens
@@ -124,8 +124,7 @@ class ModelServer:
 
     def sampling(self) -> dict:
         """The options a request that gives none decodes with (the model's defaults), by body field name."""
-        defaults = with_drafter(model_defaults(self.model), self.draft, ())
-        defaults = defaults.replace(max_tokens=min(defaults.max_tokens, self.max_tokens))
+        defaults = self.options({})
         return {field: getattr(defaults, name) for field, name in SAMPLER_FIELDS.items() if name in MODEL_FIELDS}
 
     def prompt_of(self, body: dict, chat: bool) -> str:
