@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
 from .hub import resolve
-from .model import Model, ModelArgs, quantize
+from .model import Model, ModelArgs, decode_layout, quantize
 from .options import DEFAULTS_ATTRIBUTE, MODEL_FIELDS, SamplerOptions
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -121,15 +121,17 @@ def shipped_model(name: str | os.PathLike) -> Path | None:
     return directory
 
 
-def _compute_dtype_for(model: Model) -> None:
-    """On MLX's CPU backend compute half-precision weights in float32: its float16 matmuls are ~14x slower
-    (docs/models.md, "Model directory"). Stored files keep their dtype; quantized weights stay quantized."""
+def _compute_form_for(model: Model, keep_dtype: bool) -> None:
+    """On MLX's CPU backend compute half-precision weights in float32 unless keep_dtype: its float16 matmuls are
+    ~14x slower; and lay dense weights out for decoding (`model.decode_layout`). Both are documented in
+    docs/models.md, "Model directory". Stored files keep their dtype; quantized weights stay quantized."""
     if mx.default_device() != mx.cpu:
         return
     halves = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(model.parameters()))
-    if halves:
+    if halves and not keep_dtype:
         model.set_dtype(mx.float32)
-        mx.eval(model.parameters())  # now: MLX streams are per thread, and a server evaluates in its own threads
+    decode_layout(model)
+    mx.eval(model.parameters())  # now: MLX streams are per thread, and a server evaluates in its own threads
 
 
 def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool = False) -> tuple[Model, Tokenizer]:
@@ -161,8 +163,7 @@ def load(path: str | os.PathLike, revision: str | None = None, keep_dtype: bool 
         q = config["quantization"]
         quantize(model, group_size=int(q["group_size"]), bits=int(q["bits"]))
     load_weights(model, directory / WEIGHTS_FILE)
-    if not keep_dtype:
-        _compute_dtype_for(model)
+    _compute_form_for(model, keep_dtype)
     model.eval()
     vars(model)[DEFAULTS_ATTRIBUTE] = defaults
     return model, tokenizer

@@ -388,6 +388,19 @@ def initialise(model: Model, scheme: str) -> None:
     _tie_query_key(model)
 
 
+def decode_layout(model: nn.Module) -> None:
+    """Store every dense layer's weight column-major, in place: the same values in one copy.
+
+    A layer computes x @ W.T; with W column-major that is BLAS's no-transpose product, which OpenBLAS runs about
+    twice as fast for the few rows of a cached decode pass (a block, a verify pass) and alike for one row or many
+    (docs/models.md, "Model directory"). For MLX's CPU backend; quantized layers keep their own layout. A training
+    update writes the usual row-major layout back."""
+    for _, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.weight = mx.contiguous(module.weight.T).T
+            mx.eval(module.weight)  # one layer at a time: the old copy is freed before the next is made
+
+
 def init_model(args: ModelArgs, seed: int | None = None, init: str = "local") -> Model:
     """A model with freshly initialised weights (seeded when seed is given; see `initialise`)."""
     if seed is not None:

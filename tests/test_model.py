@@ -135,3 +135,36 @@ def test_bias_flags_reach_every_layer(mlp, bias, qkv_bias):
             want = qkv_bias if qkv_bias is not None and name.endswith(".qkv") else bias
             assert ("bias" in module) == want, name
     assert "bias" in model.lm_head
+
+
+def test_decode_layout_keeps_every_value_and_one_copy_in_column_major_order(tmp_path):
+    """load lays dense weights out column-major on the CPU backend (x @ W.T as BLAS's no-transpose product):
+    the same values, in one buffer per weight, so forward passes (one row, a few rows of a cached pass, many) match
+    the numpy reference and saving writes the same file back."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import mlx_dlm
+    from mlx_dlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrs ")
+    model = init_model(preset_args("tiny", **{**SMALL, "vocab_size": tok.vocab_size}, model_type="ar"), seed=4)
+    mlx_dlm.save_model(tmp_path / "m", model, tok)
+    loaded, _ = mlx_dlm.load(tmp_path / "m")
+    dense = [m.weight for _, m in loaded.named_modules() if type(m) is nn.Linear]
+    assert len(dense) == 5 * SMALL["n_layers"] + 1  # q/k/v, attention out, SwiGLU's three; the head
+    layouts = [np.array(w).flags for w in dense]
+    assert all(f["F_CONTIGUOUS"] and not f["C_CONTIGUOUS"] for f in layouts)
+    assert all(m.weight.dtype == mx.float32 for _, m in loaded.named_modules() if type(m) is nn.Linear)
+    before = dict(tree_flatten(model.parameters()))
+    for name, value in tree_flatten(loaded.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(before[name]), err_msg=name)
+    tokens = np.random.default_rng(5).integers(0, tok.vocab_size, size=(2, 9)).astype(np.int32)
+    want = forward(loaded, tokens, None)
+    for rows in (1, 3, 9):  # a decode step, a verify pass, a prompt
+        got = np.array(loaded(mx.array(tokens[:, :rows])))
+        np.testing.assert_allclose(got, want[:, :rows], atol=2e-4, rtol=1e-4)
+    mlx_dlm.save_model(tmp_path / "again", loaded, tok)
+    first, second = (mx.load(str(tmp_path / d / "model.safetensors")) for d in ("m", "again"))
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(np.array(first[k]), np.array(second[k])) for k in first)
