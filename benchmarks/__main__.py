@@ -1,7 +1,7 @@
-"""`mlx_dlm.benchmark [train|learn|profile|passes|simple-dlm-sampler] ...`: decode throughput (DLM vs AR),
+"""`mlx_dlm.benchmark [train|learn|profile|passes|layout|simple-dlm-sampler] ...`: decode throughput (DLM vs AR),
 training speed (`train`), learning speed of recipes (`learn`), an op-level profile of a training step
-(`profile`), the cost of one block-diffusion pass against an AR step (`passes`), or sampling speed against
-simple_dlm's own PyTorch sampler (`simple-dlm-sampler`)."""
+(`profile`), the cost of one block-diffusion pass against an AR step (`passes`), what the CPU decode layout of the
+weights buys (`layout`), or sampling speed against simple_dlm's own PyTorch sampler (`simple-dlm-sampler`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 from mlx_dlm.errors import run_cli
 
-from . import learn, pass_cost, profile, sampler_speed, throughput, train_speed
+from . import layout, learn, pass_cost, profile, sampler_speed, throughput, train_speed
 
 
 def _main(argv: list[str] | None) -> None:
@@ -22,6 +22,8 @@ def _main(argv: list[str] | None) -> None:
         profile.main(argv[1:])
     elif argv and argv[0] == "passes":
         pass_cost.main(argv[1:])
+    elif argv and argv[0] == "layout":
+        layout.main(argv[1:])
     elif argv and argv[0] == "simple-dlm-sampler":
         sampler_speed.main(argv[1:])
     else:

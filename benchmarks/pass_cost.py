@@ -5,10 +5,10 @@ speculative verify pass over K + 1 positions, against the AR model's decode step
     mlx_dlm.benchmark passes --ar shakespeare-ar --block shakespeare-block --contexts 64,256,512,960
 
 Each pass is the model's forward alone, compiled, as the samplers run it (`block_decode`'s cached pass, the AR's
-one-token step, `speculative`'s verify pass); --trials timed passes after a warm-up, the median reported. A block
-model beats the AR at equal tokens per pass only when its pass costs less than (tokens committed per pass) x the
-AR's step; speculative decoding, even with a drafter that cost nothing, only when a round's tokens exceed
-(verify pass / AR step).
+one-token step, `speculative`'s verify pass); --trials timed passes of each after a warm-up, taken in turns (`TURNS`)
+with the row's other passes, the median reported. A block model beats the AR at equal tokens per pass only when its
+pass costs less than (tokens committed per pass) x the AR's step; speculative decoding, even with a drafter that cost
+nothing, only when a round's tokens exceed (verify pass / AR step).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.io import load
 from mlx_dlm.model import KVCache
 
-from .machine import describe, machine_info, write_results
+from .machine import describe, machine_info, settle, write_results
 from .throughput import _int_list
 
 
@@ -41,19 +41,29 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _median_ms(call, reset, trials: int) -> float:
-    times = []
-    for i in range(trials + 5):  # 5 warm-up passes (compilation)
-        reset()
-        tic = time.perf_counter()
-        mx.eval(call())
-        if i >= 5:
-            times.append(time.perf_counter() - tic)
-    return statistics.median(times) * 1e3
+TURNS = 10  # each row's timed passes are split into this many turns, taken in rotation with the other rows'
 
 
-def ar_step_ms(model, context: int, trials: int, rows: int = 1) -> float:
-    """An AR pass over `rows` new positions: a decode step (1), a speculative verify pass (K + 1)."""
+def _in_turns(passes: dict, trials: int) -> dict[str, float]:
+    """Median ms of each pass, timed in turns: every pass runs trials / TURNS times, then the next, TURNS rounds, so
+    a drift in this VM's speed falls on every pass of a row alike. passes: name -> (call, reset); 5 warm-up passes
+    each (compilation)."""
+    times = {name: [] for name in passes}
+    for turn in range(-1, TURNS):
+        for name, (call, reset) in passes.items():
+            count = 5 if turn < 0 else -(-trials // TURNS)
+            settle()
+            for _ in range(count):
+                reset()
+                tic = time.perf_counter()
+                mx.eval(call())
+                if turn >= 0:
+                    times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def ar_step(model, context: int, rows: int = 1) -> tuple:
+    """(call, reset) of an AR pass over `rows` new positions: a decode step (1), a speculative verify pass (K + 1)."""
     cache = KVCache(model.args, 1, context + rows)
     step = mx.compile(lambda token: model(token, cache=cache, advance=0), inputs=[model.state, cache.state],
                       outputs=[cache.state])
@@ -62,10 +72,11 @@ def ar_step_ms(model, context: int, trials: int, rows: int = 1) -> float:
     def reset():
         cache.state["offset"] = mx.array(context, dtype=mx.int32)
 
-    return _median_ms(lambda: step(token), reset, trials)
+    return lambda: step(token), reset
 
 
-def block_pass_ms(model, context: int, trials: int, fold: bool) -> float:
+def block_pass(model, context: int, fold: bool) -> tuple:
+    """(call, reset) of a block model's cached pass over its block (with fold, the finished block before it too)."""
     B = model.args.block_size
     cache = KVCache(model.args, 1, context + 2 * B)
     run = mx.compile(cached_pass(model, cache, B, fold), inputs=[model.state, cache.state], outputs=[cache.state])
@@ -75,7 +86,7 @@ def block_pass_ms(model, context: int, trials: int, fold: bool) -> float:
     def reset():
         cache.state["offset"] = mx.array(context - (B if fold else 0), dtype=mx.int32)
 
-    return _median_ms(lambda: run(window, first), reset, trials)
+    return lambda: run(window, first), reset
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -99,10 +110,10 @@ def run(args: argparse.Namespace) -> dict:
           f"{'verify ms/pass':>15} {'verify / AR step':>17}")
     rows = []
     for context in args.contexts:
-        row = {"context": context, "ar_ms_per_token": ar_step_ms(ar, context, args.trials),
-               "block_ms_per_pass": block_pass_ms(block, context, args.trials, fold=False),
-               "folded_ms_per_pass": block_pass_ms(block, context, args.trials, fold=True), "block_size": B,
-               "verify_ms_per_pass": ar_step_ms(ar, context, args.trials, rows=K + 1), "draft_length": K}
+        row = {"context": context, "block_size": B, "draft_length": K, **_in_turns({
+            "ar_ms_per_token": ar_step(ar, context), "block_ms_per_pass": block_pass(block, context, fold=False),
+            "folded_ms_per_pass": block_pass(block, context, fold=True),
+            "verify_ms_per_pass": ar_step(ar, context, rows=K + 1)}, args.trials)}
         row["pass_over_ar_step"] = row["block_ms_per_pass"] / row["ar_ms_per_token"]
         row["verify_over_ar_step"] = row["verify_ms_per_pass"] / row["ar_ms_per_token"]
         rows.append(row)

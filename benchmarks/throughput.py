@@ -8,7 +8,9 @@
   steps x strategies, confidence thresholds, semi-autoregressive blocks without cache, with the prefix
   cache and with the dual cache, and remasking; AR with its KV cache over temperatures x top-k; with --block, a
   block-diffusion model over passes per block and thresholds; with --draft-lengths, speculative rows.
-- `_run`: a warm-up run (compilation), then --trials timed runs: median, min and max tokens/s.
+- `_time_in_turns`: a warm-up run of every row (compilation), then --trials rounds in which every row runs once, so a
+  drift in the machine's speed falls on all rows alike, each after a short pause (`machine.settle`): median, min and
+  max tokens/s.
 - `_add_quality` (trained models only): every row of one sampler setting gets the quality of all the
   samples that setting produced (every trial, every batch size): per-character perplexity (genPPL) under each
   --judge (by default two independent ones, neither contestant: `shakespeare-judge` and a Kneser-Ney n-gram
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import mlx.core as mx
 
@@ -46,7 +49,7 @@ from mlx_dlm.speculative import acceptance_by_position, check_drafter, tokens_pe
 from mlx_dlm.tokenizer import CharTokenizer
 
 from .frontier import pareto, speed_at
-from .machine import backend, describe, machine_info, matmul_gflops, write_results
+from .machine import backend, describe, machine_info, matmul_gflops, settle, write_results
 
 DEFAULT_STEPS = "8,16,32,64,128"
 DEFAULT_BATCH_SIZES = "1,8"
@@ -190,33 +193,60 @@ def _blocks_to_decode(model, tokenizer, prompt: str, max_tokens: int) -> int:
     return -(-(P + max_tokens) // B) - P // B
 
 
-def _run(model, tokenizer, prompt, trials, draft=None, **options) -> tuple[dict, list[str]]:
-    """Warm-up, then `trials` timed generations; timing stats and the texts of every trial (with a drafter: also
-    tokens per round and the share of rounds that kept each draft position)."""
-    kept = []
+class _Setting:
+    """One row's sampler setting: `once(seed)` generates and keeps the last state (with a drafter, also how many
+    drafts each round kept); `stats()` sums up its timed runs. The warm-up run (timed=False) measures peak memory
+    where MLX reports it (not on the CPU backend)."""
 
-    def once(seed):
+    def __init__(self, model, tokenizer, prompt: str, draft=None, **options):
+        self.model, self.tokenizer, self.prompt, self.draft, self.options = model, tokenizer, prompt, draft, options
+        self.runs, self.kept, self.peak_memory_gb = [], [], None
+
+    def once(self, seed: int, timed: bool = True) -> None:
+        peak = not timed and backend() != "cpu"
+        if peak:
+            mx.reset_peak_memory()
         last = None
-        for last in stream_generate(model, tokenizer, prompt, seed=seed, draft_model=draft, **options):
-            kept.extend(last.draft_kept)
-        return last
+        for last in stream_generate(self.model, self.tokenizer, self.prompt, seed=seed, draft_model=self.draft,
+                                    **self.options):
+            if timed:
+                self.kept.extend(last.draft_kept)
+        if timed:
+            self.runs.append(last)
+        if peak:
+            self.peak_memory_gb = mx.get_peak_memory() / 1e9
 
-    once(0)  # warm-up: compilation
-    kept.clear()
-    runs = [once(1 + i) for i in range(trials)]
-    decode = [r.decode_seconds for r in runs]
-    rates = [r.tokens_per_sec for r in runs]
-    last = runs[-1]
-    n = options["max_tokens"]
-    stats = {"forward_tokens": last.forward_tokens,
-             "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
-             "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
-             "ms_per_forward": statistics.median(decode) / max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1) * 1e3,
-             "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
-             "decode_ms": statistics.median(decode) * 1e3}
-    if draft is not None:
-        stats |= _draft_stats(kept, options["draft_length"])
-    return stats, [tokenizer.decode(row) for r in runs for row in r.tokens]
+    def stats(self) -> tuple[dict, list[str]]:
+        """Timing stats and the texts of every timed run (with a drafter: also tokens per round and the share of
+        rounds that kept each draft position)."""
+        runs = self.runs
+        decode = [r.decode_seconds for r in runs]
+        rates = [r.tokens_per_sec for r in runs]
+        last = runs[-1]
+        n = self.options["max_tokens"]
+        passes = max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1)
+        stats = {"forward_tokens": last.forward_tokens,
+                 "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
+                 "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
+                 "ms_per_forward": statistics.median(decode) / passes * 1e3,
+                 "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
+                 "decode_ms": statistics.median(decode) * 1e3}
+        if self.draft is not None:
+            stats |= _draft_stats(self.kept, self.options["draft_length"])
+        return stats, [self.tokenizer.decode(row) for r in runs for row in r.tokens]
+
+
+def _time_in_turns(settings: list[_Setting], trials: int) -> None:
+    """A warm-up run of every setting (compilation), then `trials` rounds in which each setting runs once (seed
+    1 + round), so a drift in this VM's speed falls on every row alike rather than on the rows that ran during it;
+    each timed run starts after `machine.settle`, so the row before it does not slow it."""
+    for setting in settings:
+        setting.once(0, timed=False)
+    for i in range(trials):
+        print(f"Timed round {i + 1}/{trials} of {len(settings)} rows", file=sys.stderr, flush=True)
+        for setting in settings:
+            settle()
+            setting.once(1 + i)
 
 
 def _draft_stats(kept: list[int], draft_length: int) -> dict:
@@ -257,20 +287,23 @@ def run(args: argparse.Namespace) -> dict:
     corpus = data.read_corpus(args.data) if trained else None  # read once: validation, judges, reference
     judges = _judges(args, corpus, dlm, ar, block) if trained else []
     quality = _model_quality(corpus, dlm, dlm_tok, ar, ar_tok, block) if trained else {}
-    peak_ok = backend() != "cpu"
     rows, texts = [], []
     drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
-    for kind, batch, options, variant in _plan(args):
+    plan = _plan(args)
+    settings = []
+    for kind, batch, options, variant in plan:
         model, tok = {"dlm": (dlm, dlm_tok), "block": block}.get(kind, (ar, ar_tok))
+        settings.append(_Setting(model, tok, args.prompt, drafter if kind == "spec" else None,
+                                 max_tokens=args.max_tokens, num_samples=batch, **options))
+    _time_in_turns(settings, args.trials)
+    for (kind, batch, options, variant), setting in zip(plan, settings):
+        model, tok = setting.model, setting.tokenizer
         blocks = _blocks_to_decode(model, tok, args.prompt, args.max_tokens) if kind == "block" else None
-        if peak_ok:
-            mx.reset_peak_memory()
-        stats, row_texts = _run(model, tok, args.prompt, args.trials, drafter if kind == "spec" else None,
-                                max_tokens=args.max_tokens, num_samples=batch, **options)
+        stats, row_texts = setting.stats()
         strategy = {"ar": "kv-cache", "spec": "speculative"}.get(kind, options.get("strategy", "confidence"))
         row = {"model": kind, "strategy": strategy, "variant": variant,
                "steps": stats["nfe"] if kind != "ar" else None, "batch_size": batch, "max_tokens": args.max_tokens,
-               **options, **stats, "peak_memory_gb": mx.get_peak_memory() / 1e9 if peak_ok else None}
+               **options, **stats, "peak_memory_gb": setting.peak_memory_gb}
         if kind == "dlm":  # compute-bound: achieved FLOP/s against the measured matmul rate
             length = len(tok.encode(args.prompt)) + args.max_tokens
             flops = model.flops_per_token(length) * stats["forward_tokens"]

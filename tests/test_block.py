@@ -374,6 +374,32 @@ def test_pass_cost_benchmark_times_every_pass_kind(adapted_dir, tiny_ar_dir, tmp
         pass_cost.main(["--ar", str(adapted_dir), "--block", str(adapted_dir), "--contexts", "8"])
 
 
+def test_layout_benchmark_times_both_layouts_of_every_setting(adapted_dir, tiny_ar_dir, tmp_path):
+    from benchmarks import layout
+
+    model, _ = mlx_dlm.load(tiny_ar_dir)
+    weight = model.layers[0].mlp.fc1.weight
+    values = np.array(weight)
+    assert values.flags["F_CONTIGUOUS"] and not values.flags["C_CONTIGUOUS"]  # load's decode layout
+    layout.row_major(model)
+    assert np.array(model.layers[0].mlp.fc1.weight).flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(np.array(model.layers[0].mlp.fc1.weight), values)
+    out = tmp_path / "layout.json"
+    layout.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--max-tokens", "12", "--repeats", "1",
+                 "--draft-length", "3", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["ar", "block", "speculative"]
+    for r in rows:
+        assert min(r["decode_ms"], r["row-major_ms"]) > 0
+        assert r["speedup"] == pytest.approx(r["row-major_ms"] / r["decode_ms"])
+        assert r["decode_x_ar"] == pytest.approx(rows[0]["decode_ms"] / r["decode_ms"])
+    assert rows[0]["decode_x_ar"] == pytest.approx(1.0)
+    with pytest.raises(UserError, match="--ar takes an autoregressive model"):
+        layout.main(["--ar", str(adapted_dir), "--block", str(adapted_dir), "--repeats", "1"])
+    with pytest.raises(UserError, match="at least 1"):
+        layout.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--repeats", "0"])
+
+
 def test_benchmark_takes_a_block_model(adapted_dir, tiny_model_dir, tiny_ar_dir, small_text_path, tmp_path):
     """Block rows per passes a block, threshold and commit order, at each batch size, judged like the others; the
     summary's block match and block frontier; a block drafter's speculative rows at every batch size."""

@@ -18,6 +18,7 @@ PARSERS = {"train": "mlx_dlm.train", "generate": "mlx_dlm.generate", "eval": "ml
            "convert": "mlx_dlm.convert.__main__", "benchmark": "mlx_dlm.benchmark.throughput",
            "benchmark train": "mlx_dlm.benchmark.train_speed", "benchmark learn": "mlx_dlm.benchmark.learn",
            "benchmark profile": "mlx_dlm.benchmark.profile", "benchmark passes": "mlx_dlm.benchmark.pass_cost",
+           "benchmark layout": "mlx_dlm.benchmark.layout",
            "benchmark simple-dlm-sampler": "mlx_dlm.benchmark.sampler_speed"}
 COMMAND = re.compile(r"^(?:python -m )?mlx_dlm[. ](\w+)")
 
