@@ -54,8 +54,7 @@ def row_major(model) -> None:
 def _pair(name: str) -> tuple[dict, object]:
     decode, tokenizer = load(name)
     standard, _ = load(name)
-    if mx.default_device() == mx.cpu:
-        row_major(standard)
+    row_major(standard)
     return {"decode": decode, "row-major": standard}, tokenizer
 
 

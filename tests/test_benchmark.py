@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import json
 
+import mlx_dlm
 import numpy as np
 import pytest
 
@@ -41,6 +42,25 @@ def test_random_pair_sweep(tmp_path, capsys):
     for r in ar:
         assert r["nfe"] == 16 and r["tokens_per_forward"] == 1 and r["ms_per_token"] > 0 and r["prompt_ms"] > 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_rows_timed_in_turns_keep_every_compiled_step(monkeypatch, tiny_model_dir):
+    """Every row runs once a round; while they do, a model keeps all rows' compiled steps (a small memo bound would
+    otherwise recompile some in timed runs), and the bound is back afterwards."""
+    from mlx_dlm import model as model_module
+    from mlx_dlm.model import MEMO_ATTRIBUTE
+
+    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
+    monkeypatch.setattr(model_module, "MEMO_MAX_ENTRIES", 2)
+    model, tok = mlx_dlm.load(tiny_model_dir)
+    settings = [throughput._Setting(model, tok, "ab", max_tokens=8, num_samples=1, steps=s, strategy=strategy)
+                for s in (2, 4) for strategy in ("confidence", "random")]
+    settings.append(throughput._Setting(model, tok, "ab", max_tokens=8, num_samples=1, steps=4, block_length=4,
+                                        cache="dual"))
+    throughput._time_in_turns(settings, 2)
+    assert [len(s.runs) for s in settings] == [2] * len(settings)
+    assert len(model.__dict__[MEMO_ATTRIBUTE]) > 2  # every row's steps were kept through the turns
+    assert model_module.MEMO_MAX_ENTRIES == 2
 
 
 def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
