@@ -80,7 +80,9 @@ def cached_pass(model, cache: KVCache, block_size: int, fold: bool):
 def _make_block_step(model, mask_id: int, strategy: str, top_k: int, n_valid: int | None, cache: KVCache | None,
                      fold: bool):
     """Compiled: (x, active, conf, target, remask_frac, key, start, first, nums) -> (x, conf, committed, remasked,
-    first) for the block at `start` (an array: one compiled step serves every block); nums: `decoding.numbers`."""
+    first, key) for the block at `start` (an array: one compiled step serves every block); nums: `decoding.numbers`.
+    The step places the cache's offset itself (at the block, or with fold at the block before it) and draws from
+    the second half of mx.random.split(key), returning the first for the next step."""
     B = model.args.block_size
     commit = commit_rule(mask_id, strategy, top_k, n_valid)
     cached = cached_pass(model, cache, B, fold) if cache is not None else None
@@ -89,20 +91,22 @@ def _make_block_step(model, mask_id: int, strategy: str, top_k: int, n_valid: in
         if cached is None:  # the reference: the whole canvas in the training layout
             return mx.slice(block_logits(model, x, x), start[None], (1,), (x.shape[0], B, model.args.vocab_size)), first
         rows = 2 * B if fold else B
-        window = mx.slice(x, (start - (B if fold else 0))[None], (1,), (x.shape[0], rows))
+        cache.state["offset"] = start - (B if fold else 0)
+        window = mx.slice(x, cache.state["offset"][None], (1,), (x.shape[0], rows))
         logits, first = cached(window, first)
         if model.args.logit_shift:
             logits = shifted_block_logits(logits, mx.broadcast_to(first[:, None], logits.shape), B)
         return logits, first
 
     def step(x, active, conf, target, remask_frac, key, start, first, nums):
+        key, step_key = mx.random.split(key)
         logits, first = logits_of(x, start, first)
         xs, act, cs = (mx.slice(a, start[None], (1,), (x.shape[0], B)) for a in (x, active, conf))
-        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, key, nums)
+        xs, cs, committed, remasked = commit(logits, xs, act, cs, target, remask_frac, step_key, nums)
         zeros = mx.zeros(x.shape, dtype=mx.bool_)
         return (mx.slice_update(x, xs, start[None], (1,)), mx.slice_update(conf, cs, start[None], (1,)),
                 mx.slice_update(zeros, committed, start[None], (1,)),
-                mx.slice_update(zeros, remasked, start[None], (1,)), first)
+                mx.slice_update(zeros, remasked, start[None], (1,)), first, key)
 
     state = [model.state] + ([cache.state] if cache is not None else [])
     return mx.compile(step, inputs=state, outputs=[cache.state] if cache is not None else [])
@@ -120,7 +124,7 @@ def prefill_blocks(model, cache: KVCache, x: mx.array, length: int) -> mx.array:
 def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, key: mx.array, o: SamplerOptions,
                   n_valid: int | None = None, stop_ids=(), exact_cache: bool = True):
     """Block-diffusion decoding of one canvas (prompt then editable positions), o.num_samples times; yields
-    (canvas, committed, remasked, positions forwarded, prompt seconds) per pass."""
+    (canvas, committed, remasked, positions forwarded, prompt seconds) per pass (remasked None without revision)."""
     B, num_samples, tic = model.args.block_size, o.num_samples, time.perf_counter()
     L = len(ids)
     positions = np.flatnonzero(editable)
@@ -138,6 +142,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
                              lambda: KVCache(model.args, num_samples, padded)) if exact_cache else None
 
     nums = numbers(o)
+    canvas_of = (lambda a: a) if padded == L else (lambda a: a[:, :L])  # the canvas without the last block's padding
 
     def step_fn(fold: bool):
         options = (mask_id, o.strategy, o.top_k, n_valid)
@@ -147,7 +152,7 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
 
     first_block, n_blocks = P // B, padded // B
     first = mx.zeros((num_samples, model.args.vocab_size))
-    if cache is not None and first_block:  # (every pass sets the cache's offset itself)
+    if cache is not None and first_block:  # (every step places the cache's offset itself)
         first = prefill_blocks(model, cache, x, first_block * B)
     mx.eval(first)
     prompt_seconds = time.perf_counter() - tic
@@ -157,15 +162,13 @@ def decode_blocks(model, mask_id: int, ids: np.ndarray, editable: np.ndarray, ke
         targets = commit_targets(n_active, per_block, o)
         for j, target in enumerate(targets):
             fold = exact_cache and j == 0 and b > first_block
-            if cache is not None:
-                cache.state["offset"] = mx.array((b - fold) * B, dtype=mx.int32)
-            key, step_key = mx.random.split(key)
             frac = o.remask if j < len(targets) - 1 else 0.0
-            x, conf, committed, remasked, first = step_fn(fold)(
-                x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), step_key,
+            x, conf, committed, remasked, first, key = step_fn(fold)(
+                x, active, conf, mx.array(target, dtype=mx.int32), mx.array(frac, dtype=mx.float32), key,
                 mx.array(b * B, dtype=mx.int32), first, nums)
             rows = (2 if fold else 1) * B if exact_cache else 2 * padded
-            yield x[:, :L], committed[:, :L], remasked[:, :L], num_samples * rows, prompt_seconds
+            yield (canvas_of(x), canvas_of(committed), canvas_of(remasked) if o.remask else None, num_samples * rows,
+                   prompt_seconds)
             if o.threshold is not None and not mx.any(((x == mask_id) & active)[:, b * B:(b + 1) * B]).item():
                 break
         if len(stop_ids) and all_stopped(x, stop_ids, positions[positions < (b + 1) * B]):
