@@ -220,8 +220,8 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as err:
             self._error(err)
             return
-        if path == "/health":
-            self._send_json(200, {"status": "ok"})
+        if path == "/health":  # open: says whether /v1/ wants a key, so the page asks for one before calling it
+            self._send_json(200, {"status": "ok", "api_key_required": getattr(self.server, "api_key", None) is not None})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [{"id": self.app.name, "object": "model",
                                                               "created": 0, "owned_by": "mlx-dlm",

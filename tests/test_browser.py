@@ -105,6 +105,36 @@ def test_a_link_from_elsewhere_fills_the_form_but_does_not_run(browser, served):
     assert browser.execute_script("return document.body.dataset.state || ''") == ""  # nothing started
 
 
+def test_a_keyed_server_page_asks_for_defaults_only_with_a_key(browser, tiny_model_dir):
+    """Under --api-key the page opens without a refused request in its console, shows the model's defaults once a
+    key is typed, and runs with it."""
+    server = make_server(str(tiny_model_dir), port=0, quiet=True, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = "http://%s:%d" % server.server_address[:2]
+    try:
+        browser.get(f"{url}/")
+        _wait(browser, "return document.readyState === 'complete'")
+        time.sleep(1.0)  # the page's own requests on opening have run
+        assert browser.execute_script("return document.body.dataset.model || ''") == ""  # no defaults asked yet
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []  # no 401 logged
+        key = browser.find_element("id", "api_key")
+        key.send_keys("s3cret")
+        browser.find_element("id", "prompt").click()  # leaving the field fires its change event
+        _wait(browser, "return document.body.dataset.model === 'tiny'")
+        assert browser.find_element("id", "steps").get_attribute("placeholder") == "32 (the model's)"
+        for field, value in {"prompt": "ROMEO:", "max_tokens": "16", "steps": "4", "seed": "1"}.items():
+            box = browser.find_element("id", field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element("id", "go").click()
+        _wait(browser, "return document.body.dataset.state === 'done'")
+        assert not browser.find_element("id", "error").text
+        assert len(browser.find_elements("css selector", "#canvas .cell")) == 6 + 16
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def screenshot_mid_denoising(url: str, path: Path, driver) -> None:
     """Save the page part-way through a long denoising (for docs/server.md)."""
     _open_from_the_page(driver, url, "prompt=ROMEO:&max_tokens=256&steps=64&seed=1&run=1")

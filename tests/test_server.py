@@ -70,7 +70,7 @@ def _events(payload: bytes) -> list:
 
 
 def test_health_models_and_page(served):
-    assert _json(served, "GET", "/health") == (200, {"status": "ok"})
+    assert _json(served, "GET", "/health") == (200, {"status": "ok", "api_key_required": False})
     status, models = _json(served, "GET", "/v1/models")
     assert status == 200 and models["data"][0]["id"] == "tiny" and models["object"] == "list"
     status, kind, page = _request(served, "GET", "/")
@@ -194,7 +194,7 @@ def test_loopback_load_every_request_answered_or_refused(served):
     wall = time.perf_counter() - tic
     statuses = [s for s, _ in results]
     assert len(results) == 200 and set(statuses) <= {200, 503} and statuses.count(200) > 0
-    assert _json(served, "GET", "/health") == (200, {"status": "ok"})
+    assert _json(served, "GET", "/health") == (200, {"status": "ok", "api_key_required": False})
     latencies = sorted(t for _, t in results)
     print(f"load: {len(results) / wall:.1f} requests/s, p50 {statistics.median(latencies) * 1e3:.0f} ms, "
           f"p99 {latencies[int(0.99 * len(latencies)) - 1] * 1e3:.0f} ms, {statuses.count(503)} refused")
@@ -372,7 +372,7 @@ def test_api_key_and_max_tokens_cap(tiny_model_dir):
         assert status == 400 and "between 1 and 16" in reply["error"]["message"]
         status, reply = post({"prompt": "x", "steps": 2}, "s3cret")  # no max_tokens: the default, within the cap
         assert status == 200 and reply["usage"]["completion_tokens"] == 16
-        assert _json(server, "GET", "/health")[0] == 200  # health needs no key
+        assert _json(server, "GET", "/health") == (200, {"status": "ok", "api_key_required": True})  # needs no key
         status, _, page = _request(server, "GET", "/")
         assert status == 200 and b'id="api_key"' in page  # the page sends the key it is given
     finally:
@@ -456,8 +456,8 @@ def test_load_with_a_stalled_and_a_slow_client(tiny_model_dir, monkeypatch):
         deadline = time.monotonic() + 10
         while server.app.lock.locked() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _json(server, "GET", "/health") == (200, {"status": "ok"}) and not server.app.lock.locked()
-        assert one(0) == 200
+        assert _json(server, "GET", "/health") == (200, {"status": "ok", "api_key_required": False})
+        assert not server.app.lock.locked() and one(0) == 200
         held.close()
     finally:
         server.shutdown()
