@@ -55,6 +55,15 @@ def _wait(driver, condition, seconds=120):
     raise AssertionError(f"timed out waiting for {condition}")
 
 
+def _run_form(driver, fields: dict) -> None:
+    """Type the fields into the page's form and press its button."""
+    for field, value in fields.items():
+        box = driver.find_element("id", field)
+        box.clear()
+        box.send_keys(value)
+    driver.find_element("id", "go").click()
+
+
 def test_page_streams_frames_fills_the_canvas_and_matches_the_api(browser, served):
     import http.client
 
@@ -62,11 +71,7 @@ def test_page_streams_frames_fills_the_canvas_and_matches_the_api(browser, serve
     _wait(browser, "return document.body.dataset.model === 'tiny'")  # the model's defaults, shown as placeholders
     assert browser.find_element("id", "steps").get_attribute("placeholder") == "32 (the model's)"
     assert browser.find_element("css selector", "#strategy option").text == "the model's: confidence"
-    for field, value in {"prompt": "ROMEO:", "max_tokens": "48", "steps": "12", "seed": "5"}.items():
-        box = browser.find_element("id", field)
-        box.clear()
-        box.send_keys(value)
-    browser.find_element("id", "go").click()
+    _run_form(browser, {"prompt": "ROMEO:", "max_tokens": "48", "steps": "12", "seed": "5"})
     _wait(browser, "return document.body.dataset.state === 'done'")
     frames = int(browser.execute_script("return document.body.dataset.frames"))
     cells = browser.find_elements("css selector", "#canvas .cell")
@@ -122,11 +127,7 @@ def test_a_keyed_server_page_asks_for_defaults_only_with_a_key(browser, tiny_mod
         browser.find_element("id", "prompt").click()  # leaving the field fires its change event
         _wait(browser, "return document.body.dataset.model === 'tiny'")
         assert browser.find_element("id", "steps").get_attribute("placeholder") == "32 (the model's)"
-        for field, value in {"prompt": "ROMEO:", "max_tokens": "16", "steps": "4", "seed": "1"}.items():
-            box = browser.find_element("id", field)
-            box.clear()
-            box.send_keys(value)
-        browser.find_element("id", "go").click()
+        _run_form(browser, {"prompt": "ROMEO:", "max_tokens": "16", "steps": "4", "seed": "1"})
         _wait(browser, "return document.body.dataset.state === 'done'")
         assert not browser.find_element("id", "error").text
         assert len(browser.find_elements("css selector", "#canvas .cell")) == 6 + 16
