@@ -226,9 +226,9 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     SamplerOptions) change either, so `stream_generate(model, tok, "ROMEO:", steps=16)` works as well; over a
     model's defaults a keyword of the pace (steps, block_steps, threshold) replaces all three, and a drafter
     brings its own draft_length unless given (`options.options_for`). Diffusion models fill max_tokens positions
-    between prompt and suffix (or a template's `[MASK]` placeholders) in `steps` rounds (at most one round per position; with blocks,
-    `block_steps` a block), or by `threshold`. AR models: one step per token after
-    the prompt (no suffix or template). The same seed gives the same output; given text is never changed.
+    between prompt and suffix (or a template's `[MASK]` placeholders) in `steps` rounds (at most one round per
+    position; with blocks, `block_steps` a block), or by `threshold`. AR models: one step per token after the
+    prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
     o = (options.replace(**fields) if options is not None else options_for(model, fields, draft_model)).check()
     if o.seed is None:

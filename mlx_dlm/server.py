@@ -195,11 +195,16 @@ class Handler(BaseHTTPRequestHandler):
             origin = self.headers.get("Origin")
             if origin is not None and origin.lower().partition("://")[2] not in allowed:
                 raise RequestError(f"Origin {origin!r} may not use this server", status=403, kind="forbidden")
-        key = getattr(self.server, "api_key", None)
+        key = self._api_key
         if key is not None and self.path.startswith("/v1/") and not hmac.compare_digest(
                 self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
             raise RequestError("a valid API key is required (Authorization: Bearer KEY)", status=401,
                                kind="authentication_error")
+
+    @property
+    def _api_key(self) -> str | None:
+        """The key /v1/ requires (--api-key), or None."""
+        return getattr(self.server, "api_key", None)
 
     def _send_json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -221,7 +226,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(err)
             return
         if path == "/health":  # open: says whether /v1/ wants a key, so the page asks for one before calling it
-            self._send_json(200, {"status": "ok", "api_key_required": getattr(self.server, "api_key", None) is not None})
+            self._send_json(200, {"status": "ok", "api_key_required": self._api_key is not None})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [{"id": self.app.name, "object": "model",
                                                               "created": 0, "owned_by": "mlx-dlm",
