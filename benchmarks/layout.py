@@ -25,7 +25,7 @@ import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.io import load
 
-from .machine import describe, machine_info, settle, write_results
+from .machine import add_blas_threads_flag, blas_threads, describe, machine_info, settle, write_results
 
 LAYOUTS = ("decode", "row-major")
 
@@ -40,6 +40,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-length", type=int, help="K of the speculative setting (default: the drafter's own)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds")
     p.add_argument("--out", help="write the rows and machine info as JSON")
+    add_blas_threads_flag(p)
     return p
 
 
@@ -104,7 +105,8 @@ def report(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    results = run(args)
+    with blas_threads(args.blas_threads):
+        results = run(args)
     report(results)
     if args.out:
         write_results(args.out, results)

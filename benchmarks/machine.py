@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -11,10 +12,12 @@ import time
 import mlx.core as mx
 
 from mlx_dlm import blas
+from mlx_dlm.errors import UserError
 from mlx_dlm.fileio import atomic_write_text
 
 
 SETTLE_SECONDS = 0.1
+DEFAULT_BLAS_THREADS = 1  # see add_blas_threads_flag
 
 
 def settle() -> None:
@@ -22,6 +25,27 @@ def settle() -> None:
     multi-threaded product, and on a 2-core machine the spinning slows whatever runs next: here an AR generation
     timed right after a DLM one took 1.7x as long as alone (311 against 183 ms); after this pause, as long (180)."""
     time.sleep(SETTLE_SECONDS)
+
+
+def add_blas_threads_flag(parser) -> None:
+    """--blas-threads: OpenBLAS's threads while a benchmark runs (Linux; where MLX has its own BLAS it does nothing).
+
+    One by default: on the 2-core machine of the records, a second OpenBLAS thread competed with MLX's own thread
+    and Python's, and batch-1 AR decoding ran at about half speed (3.0 against 1.4 ms a token) in some runs and not
+    in others, at random, even a second after the last multi-threaded product; with one thread it did not, the DLM's
+    batch-1 rows ran as fast and its batch-8 rows 5% slower (docs/benchmarks.md, "Timing on this machine")."""
+    parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
+                        help="OpenBLAS threads while the benchmark runs (0: the library's own count); 1 keeps "
+                             "batch-1 timings stable on a small machine")
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Run the block with OpenBLAS at n threads (0: unchanged); a UserError for a negative n."""
+    if n < 0:
+        raise UserError(f"--blas-threads must be 0 (OpenBLAS's own count) or more, got {n}")
+    with blas.threads(n or None):
+        yield
 
 
 def backend() -> str:
@@ -42,6 +66,7 @@ def machine_info() -> dict:
         "mlx": mx.__version__,
         "backend": backend(),
         "blas": blas.status,
+        "blas_threads": blas.get_threads(),  # None where MLX does not run on the OpenBLAS mlx_dlm loaded
         "cpu_compile": cpu_compile(),
     }
 
@@ -57,7 +82,11 @@ def cpu_compile() -> str:
 def describe(info: dict) -> str:
     """One line naming the machine."""
     return (f"{info['platform']}, {info['cores']} cores, mlx {info['mlx']} ({info['backend']} backend), "
-            f"BLAS {info['blas']}, CPU compile: {info.get('cpu_compile', '?')}")
+            f"BLAS {info['blas']}{_threads(info.get('blas_threads'))}, CPU compile: {info.get('cpu_compile', '?')}")
+
+
+def _threads(n: int | None) -> str:
+    return "" if n is None else f" at {n} thread{'s' if n != 1 else ''}"
 
 
 def matmul_gflops(m: int = 4096, k: int = 1024, n: int = 1024, trials: int = 5) -> float:

@@ -24,7 +24,7 @@ from mlx_dlm.errors import UserError
 from mlx_dlm.io import load
 from mlx_dlm.model import KVCache
 
-from .machine import describe, machine_info, settle, write_results
+from .machine import add_blas_threads_flag, blas_threads, describe, machine_info, settle, write_results
 from .throughput import _int_list
 
 
@@ -38,6 +38,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-length", type=int, help="K of the verify pass (K + 1 positions; default: B)")
     p.add_argument("--trials", type=int, default=200, help="timed passes per row")
     p.add_argument("--out", help="write the rows and machine info as JSON")
+    add_blas_threads_flag(p)
     return p
 
 
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    results = run(args)
+    with blas_threads(args.blas_threads):
+        results = run(args)
     if args.out:
         write_results(args.out, results)

@@ -50,7 +50,7 @@ from mlx_dlm.speculative import acceptance_by_position, check_drafter, tokens_pe
 from mlx_dlm.tokenizer import CharTokenizer
 
 from .frontier import pareto, speed_at
-from .machine import backend, describe, machine_info, matmul_gflops, settle, write_results
+from .machine import add_blas_threads_flag, backend, blas_threads, describe, machine_info, matmul_gflops, settle, write_results
 
 MEMO_ENTRIES_WHILE_TIMING = 4096  # compiled steps a model keeps while rows are timed in turns (all of them)
 DEFAULT_STEPS = "8,16,32,64,128"
@@ -149,6 +149,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first trial")
     p.add_argument("--out", help="write rows and machine info as JSON")
     p.add_argument("--plot", help="write tokens/s against steps (PNG; needs matplotlib)")
+    add_blas_threads_flag(p)
     return p
 
 
@@ -452,10 +453,14 @@ def _frontier(rows: list[dict], default: dict, judge: str, ppl: float | None) ->
             "dlm_best_gen_ppl": front[0][0] if front else None}
 
 
+BRIEF_SETTING = ("temp", "top_k", "draft_length", "block_size", "threshold", "steps_per_block")  # as rows have them
+
+
 def _brief(r: dict | None, ar: dict) -> dict | None:
+    """A row's setting (all that `_label` names), quality and speed over the AR row's, for the summary."""
     return None if r is None else {
         "model": r["model"], "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"],
-        "temp": r.get("temp"), "top_k": r.get("top_k"), "draft_length": r.get("draft_length"), "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
+        **{k: r.get(k) for k in BRIEF_SETTING}, "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
         "distinct4": r["distinct4"], "tokens_per_sec": r["tokens_per_sec"],
         "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"]}
 
@@ -670,7 +675,8 @@ def _quality_panel(ax, results: dict, judge: str, batch: int, sel: list[dict], f
 def main(argv: list[str] | None = None) -> None:
     """Run the sweep, print the table, write --out and --plot."""
     args = setup_arg_parser().parse_args(argv)
-    results = run(args)
+    with blas_threads(args.blas_threads):
+        results = run(args)
     if args.out:
         write_results(args.out, results)
     if args.plot:

@@ -63,6 +63,28 @@ def test_rows_timed_in_turns_keep_every_compiled_step(monkeypatch, tiny_model_di
     assert model_module.MEMO_MAX_ENTRIES == 2
 
 
+def test_rows_run_at_the_blas_thread_count_asked(monkeypatch, tmp_path):
+    """--blas-threads holds OpenBLAS at that many threads while the rows run, the results record it, and the count
+    from before comes back; where MLX does not run on an OpenBLAS that mlx_dlm loaded there is nothing to set."""
+    from mlx_dlm import blas
+
+    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
+    seen, once = [], throughput._Setting.once
+
+    def counting_once(self, seed, timed=True):
+        seen.append(blas.get_threads())
+        once(self, seed, timed)
+
+    monkeypatch.setattr(throughput._Setting, "once", counting_once)
+    before, out = blas.get_threads(), tmp_path / "r.json"
+    bench.main(["--preset", "tiny", "--trials", "1", "--steps", "4", "--strategies", "confidence", "--batch-size", "1",
+                "--max-tokens", "8", "--blas-threads", "1", "--out", str(out)])
+    recorded = json.loads(out.read_text())["machine"]["blas_threads"]
+    expected = None if before is None else 1
+    assert (recorded, set(seen)) == (expected, {expected})
+    assert blas.get_threads() == before
+
+
 def test_trained_pair_fills_quality(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     bench.main(["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path),
@@ -144,6 +166,20 @@ def test_equal_quality_needs_every_judge_and_the_diversity():
     assert eight["per_ar_setting"][0]["fastest_match"] is None
 
 
+def test_a_matching_block_setting_is_named_in_the_summary(capsys):
+    """A block-diffusion row of the AR's quality is the summary's block match, and the printed line names its
+    setting (blocks of 2, one pass per position, left order) and its speed over the AR's."""
+    from mlx_dlm.benchmark.throughput import _print_summary, equal_quality
+
+    block = {**_row("block", 80.0, {"a": 5.2}), "strategy": "left", "block_size": 2, "steps_per_block": 2.0}
+    fast = {**block, "tokens_per_sec": 150.0, "gen_ppl": {"a": 30.0}, "steps_per_block": 1.0}
+    summary = equal_quality([_row("ar", 100.0, {"a": 5.0}), block, fast])
+    match = summary[0]["per_ar_setting"][0]["block_match"]
+    assert (match["tokens_per_sec"], match["speedup"]) == (80.0, pytest.approx(0.8))
+    _print_summary(summary, 0.10)
+    assert "fastest block match BD2 2/block left T1: 80.0 tok/s = 0.80x" in capsys.readouterr().out
+
+
 def test_frontier_interpolation_against_a_hand_computed_example():
     """DLM settings at (genPPL, tok/s) (4, 50), (8, 200), (16, 800) and a dominated (10, 100); AR at (2, 100) and
     (3, 200). In log-log space, genPPL 4 x sqrt(2) lies halfway from 4 to 8: sqrt(50 x 200) = 100 tok/s."""
@@ -195,6 +231,9 @@ def test_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--preset", "tiny", "--strategies", "fastest"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--preset", "tiny", "--blas-threads", "-1"])
+    assert exc.value.code == 1 and "--blas-threads must be 0" in capsys.readouterr().err
 
 
 def test_train_speed_side_by_side_with_torch(tmp_path):
