@@ -32,7 +32,7 @@ def add_blas_threads_flag(parser) -> None:
 
     One by default: on the 2-core machine of the records, a second OpenBLAS thread competed with MLX's own thread
     and Python's, and batch-1 AR decoding ran at about half speed (3.0 against 1.4 ms a token) in some runs and not
-    in others, at random, even a second after the last multi-threaded product; with one thread it did not, the DLM's
+    in others, at random, even a second after the last multi-threaded product; with one thread it became rare, the DLM's
     batch-1 rows ran as fast and its batch-8 rows 5% slower (docs/benchmarks.md, "Timing on this machine")."""
     parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
                         help="OpenBLAS threads while the benchmark runs (0: the library's own count); 1 keeps "
