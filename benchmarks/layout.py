@@ -19,11 +19,11 @@ import statistics
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 import mlx_dlm
 from mlx_dlm.errors import UserError
 from mlx_dlm.io import load
+from mlx_dlm.model import decode_layout
 
 from .machine import add_blas_threads_flag, blas_threads, describe, machine_info, settle, write_results
 
@@ -44,18 +44,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def row_major(model) -> None:
-    """Lay every dense weight out row-major again, in place (what `load` does on other backends)."""
-    for _, module in model.named_modules():
-        if type(module) is nn.Linear:
-            module.weight = mx.contiguous(module.weight)
-            mx.eval(module.weight)
-
-
 def _pair(name: str) -> tuple[dict, object]:
     decode, tokenizer = load(name)
     standard, _ = load(name)
-    row_major(standard)
+    decode_layout(standard, column_major=False)  # as stored, and as other backends keep them
     return {"decode": decode, "row-major": standard}, tokenizer
 
 

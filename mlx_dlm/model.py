@@ -388,16 +388,18 @@ def initialise(model: Model, scheme: str) -> None:
     _tie_query_key(model)
 
 
-def decode_layout(model: nn.Module) -> None:
+def decode_layout(model: nn.Module, column_major: bool = True) -> None:
     """Store every dense layer's weight column-major, in place: the same values in one copy.
 
     A layer computes x @ W.T; with W column-major that is BLAS's no-transpose product, which OpenBLAS runs about
     twice as fast for the few rows of a cached decode pass (a block, a verify pass) and alike for one row or many
     (docs/models.md, "Model directory"). For MLX's CPU backend; quantized layers keep their own layout. A training
-    update writes the usual row-major layout back."""
+    update writes the usual row-major layout back; column_major=False does so at once (what `benchmark layout`
+    compares against)."""
     for _, module in model.named_modules():
         if type(module) is nn.Linear:
-            module.weight = mx.contiguous(module.weight.T).T
+            weight = module.weight
+            module.weight = mx.contiguous(weight.T).T if column_major else mx.contiguous(weight)
             mx.eval(module.weight)  # one layer at a time: the old copy is freed before the next is made
 
 
