@@ -112,6 +112,14 @@ def without_mask(logits: mx.array, mask_id: int, n_valid: int | None = None) -> 
     return mx.where(banned, -mx.inf, logits.astype(mx.float32))
 
 
+def check_writes_alone(model) -> None:
+    """A one-line UserError for a feature drafter (`ModelArgs.feature_dim`): it reads an AR model's states, so it
+    only drafts for that model and neither writes nor scores text alone."""
+    if model.args.feature_dim:
+        raise UserError("this is a feature drafter: it reads an AR model's hidden states and only drafts for it "
+                        "(pass it as --draft to that model); it does not write or score text alone")
+
+
 def build_canvas(tokenizer, prompt: str = "", max_tokens: int = DEFAULT_MAX_TOKENS, suffix: str = "",
                  template: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, editable) of the canvas: prompt + max_tokens masks + suffix, or a template whose

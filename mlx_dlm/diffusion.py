@@ -23,6 +23,13 @@ block's first position from the clean copy's last position of the block before
 Distillation (a drafter for speculative decoding; `teacher=`): the targets at hidden positions are an AR
 teacher's next-token distributions given the true text (`teacher_targets`) instead of the text itself, so the
 drafter learns what its verifier would say.
+
+A feature drafter (`feature_draft_loss`; block model with `feature_dim`, DFlash-style) has no context of its own:
+for every position j of a window it sees the teacher's last hidden state at j (what the teacher's head reads to
+predict x_{j+1}) and a block of K rows, [x_{j+1}, mask, ..., mask], and learns the teacher's distributions of
+x_{j+2} .. x_{j+K+1} given the true text (with the shift, row i's output predicts row i + 1). It is trained at
+the one mask it drafts with, every drafted position hidden, and the loss is the cross-entropy against the
+teacher's distributions (nats/token, not a likelihood bound).
 """
 
 from __future__ import annotations
@@ -199,3 +206,20 @@ def block_loss(model, tokens: mx.array, mask_id: int, t_per: str = "block", t_sa
     soft = teacher_targets(teacher, tokens) if teacher is not None else None
     weighted = _hidden_ce(block_logits(model, noisy, tokens), tokens, hidden, soft) / mx.maximum(t, T_MIN)
     return (weighted.sum(axis=1) / (L - int(shift))).mean()
+
+
+def feature_draft_loss(model, tokens: mx.array, mask_id: int, teacher, key: mx.array | None = None,
+                       shard: tuple[int, int] = (0, 1)) -> mx.array:
+    """A feature drafter's distillation loss in nats/token (see module docstring): every position j < L - K of
+    each window is one example, its block [x_{j+1}, mask x (K-1)] conditioned on the teacher's hidden state at
+    j, its targets the teacher's next-token distributions at j+1 .. j+K. key and shard: unused (no draws)."""
+    K = model.args.block_size
+    logits, state = teacher(tokens, hidden=model.args.verifier_hidden)
+    logits, state = mx.stop_gradient(logits).astype(mx.float32), mx.stop_gradient(state)
+    B, L = tokens.shape
+    J = L - K
+    first = tokens[:, 1:J + 1].reshape(-1, 1)
+    block = mx.concatenate([first, mx.full((B * J, K - 1), mask_id, dtype=tokens.dtype)], axis=1)
+    targets = mx.stack([mx.softmax(logits[:, k:J + k], axis=-1) for k in range(1, K + 1)], axis=2)
+    logp = nn.log_softmax(model(block, features=state[:, :J].reshape(B * J, -1)).astype(mx.float32), axis=-1)
+    return -(targets.reshape(B * J, K, -1) * logp).sum(axis=-1).mean()

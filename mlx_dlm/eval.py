@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data
+from .decoding import check_writes_alone
 from .diffusion import ar_loss, block_loss, elbo_per_sequence, sample_t
 from .errors import UserError, run_cli
 from .fileio import atomic_write_text
@@ -41,7 +42,8 @@ from .io import load
 from .model import memoize_on_model
 from .ngram import DEFAULT_ORDER, NGramModel
 from .options import MODEL_FIELDS, PACE, SamplerOptions, options_for, own_defaults
-from .sample import fill, generate
+from .sample import fill, stream_generate, texts_of
+from .speculative import acceptance_by_position, check_drafter, tokens_per_round
 
 DEFAULT_DRAWS = 5
 DEFAULT_SEQ_LEN = 128
@@ -329,6 +331,9 @@ class Report:
     distinct4_count: int | None = None  # the 4-grams both distinct-4 figures were counted over
     samples: list[str] | None = None
     sample_options: dict | None = None  # how the samples were decoded (the model's defaults under eval's flags)
+    draft: str | None = None  # the drafter the samples were decoded with (speculative decoding)
+    tokens_per_round: float | None = None  # per sample: its kept drafts and the verifier's own token
+    draft_acceptance: list[float] | None = None  # P(draft i kept) for i = 1..K, over rounds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,13 +345,23 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
              infill_windows: int = DEFAULT_INFILL_WINDOWS, samples: int = DEFAULT_SAMPLES,
              sample_tokens: int = DEFAULT_SAMPLE_TOKENS, sample_steps: int | None = None,
              prompt: str = DEFAULT_PROMPT, seed: int = 0, val_fraction: float = data.DEFAULT_VAL_FRACTION,
-             allow_self_judge: bool = False, reference_windows: int = DEFAULT_REFERENCE_WINDOWS) -> Report:
+             allow_self_judge: bool = False, reference_windows: int = DEFAULT_REFERENCE_WINDOWS,
+             draft: str | None = None) -> Report:
     """Measure a model directory on the validation split of a corpus (Tiny Shakespeare by default); with judges
-    and samples, its samples' genPPL under each judge beside held-out text cut and scored the same way."""
+    and samples, its samples' genPPL under each judge beside held-out text cut and scored the same way. draft: a
+    drafter for this (AR) model; the samples are decoded speculatively and its drafts' acceptance reported."""
     model, tokenizer = load(model_path)
+    check_writes_alone(model)
+    drafter = None
+    if draft is not None:
+        drafter, draft_tokenizer = load(draft)
+        check_drafter(model, drafter, tokenizer, draft_tokenizer)
+        if not samples:
+            raise UserError("--draft is measured on the samples: --samples must be at least 1")
     text = data.read_corpus(data_path)
     judged = load_judges(list(judges), text, val_fraction) if judges and samples else []
-    check_independent(judged, {str(model_path): model}, allow_self_judge)
+    check_independent(judged, {str(model_path): model, **({str(draft): drafter} if drafter else {})},
+                      allow_self_judge)
     tokens = tokenizer.encode_array(text)
     seq_len = min(seq_len, model.args.max_seq_len)
     windows = val_windows(tokens, seq_len, val_fraction, max_windows)
@@ -364,23 +379,37 @@ def evaluate(model_path: str, data_path: str | None = None, judges: list[str] | 
         report.infill_accuracy = infill_accuracy(model, tokenizer.mask_id, windows[:infill_windows], infill_span,
                                                  seed=seed)
         report.infill_span = infill_span
+    if judged or drafter:
+        options = _sample_options(model, sample_tokens, sample_steps, seed, samples, drafter)
+        texts = _decode_samples(report, model, tokenizer, prompt, options, drafter, draft)
     if judged:
-        options = _sample_options(model, sample_tokens, sample_steps, seed, samples)
-        texts = generate(model, tokenizer, prompt, options)
-        texts = texts if isinstance(texts, list) else [texts]
-        report.sample_options = {name: getattr(options, name) for name in MODEL_FIELDS}
         completion = min(len(t) for t in texts) - len(prompt)
         reference = reference_texts(text, len(prompt), completion, reference_windows, val_fraction)
         _judge_report(report, judged, texts, reference, prompt)
     return report
 
 
-def _sample_options(model, tokens: int, steps: int | None, seed: int, samples: int) -> SamplerOptions:
+def _decode_samples(report: Report, model, tokenizer, prompt: str, options: SamplerOptions, drafter=None,
+                    draft: str | None = None) -> list[str]:
+    """The samples eval judges, into report with their options; with a drafter (named draft) decoded
+    speculatively, and how many of its drafts were kept."""
+    kept, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, options, drafter):
+        kept += last.draft_kept
+    report.samples = texts_of(tokenizer, last)
+    report.sample_options = {name: getattr(options, name) for name in MODEL_FIELDS}
+    if drafter is not None:
+        report.draft, report.tokens_per_round = str(draft), tokens_per_round(kept)
+        report.draft_acceptance = acceptance_by_position(kept, options.draft_length)
+    return report.samples
+
+
+def _sample_options(model, tokens: int, steps: int | None, seed: int, samples: int, drafter=None) -> SamplerOptions:
     """The judged samples' options: the model's defaults, with eval's length, seed and count, and steps when given
-    (else the model's own pace, or DEFAULT_SAMPLE_STEPS for a model without one)."""
+    (else the model's own pace, or DEFAULT_SAMPLE_STEPS for a model without one); a drafter's draft_length."""
     pace = {"steps": steps} if steps is not None else (
         {} if set(own_defaults(model)) & set(PACE) else {"steps": DEFAULT_SAMPLE_STEPS})
-    return options_for(model, dict(max_tokens=tokens, seed=seed, num_samples=samples, **pace))
+    return options_for(model, dict(max_tokens=tokens, seed=seed, num_samples=samples, **pace), drafter)
 
 
 def _judge_report(report: Report, judges: list[Judge], texts: list[str], reference: list[str], prompt: str) -> None:
@@ -416,6 +445,10 @@ def format_report(r: Report) -> list[str]:
                 f"{o.block_steps} steps a block" if o.block_paced(r.model_type)
                 else f"{o.steps} steps")
         lines.append(f"Samples decoded with: {pace}, strategy {o.strategy}, temperature {o.temp}")
+    if r.draft is not None:
+        by_position = ", ".join(f"{a:.3f}" for a in r.draft_acceptance)
+        lines.append(f"Drafts by {r.draft} over the {len(r.samples)} samples: {r.tokens_per_round:.3f} tokens per "
+                     f"round; P(draft 1..{len(r.draft_acceptance)} kept): {by_position}")
     if r.judges:
         lines.append(f"Diversity of {len(r.samples)} samples (held-out text): character entropy "
                      f"{r.sample_entropy_bits:.3f} ({r.reference_entropy_bits:.3f}) bits, distinct-4 "
@@ -451,6 +484,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"denoising steps per judged sample (default: the model's sampling.json, else "
                         f"{DEFAULT_SAMPLE_STEPS}); the sampler's other options are the model's defaults")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the judged samples")
+    p.add_argument("--draft", metavar="DRAFTER", help="decode the samples speculatively with this drafter for "
+                   "--model (an AR model) and report how many of its drafts are kept")
     p.add_argument("--seed", type=int, default=0, help="seed of masks and samples")
     return p
 
@@ -467,7 +502,7 @@ def _main(argv: list[str] | None) -> None:
     report = evaluate(args.model, args.data, args.judge or DEFAULT_JUDGES, args.seq_len, args.draws,
                       args.max_windows, args.batch_size, args.infill_span, args.infill_windows, args.samples,
                       args.sample_tokens, args.sample_steps, args.prompt, args.seed, args.val_fraction,
-                      args.allow_self_judge, args.reference_windows)
+                      args.allow_self_judge, args.reference_windows, args.draft)
     for line in format_report(report):
         print(line, flush=True)
     if args.json:

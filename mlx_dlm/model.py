@@ -53,6 +53,10 @@ class ModelArgs:
     logit_shift: bool = False  # Dream: position i's logits come from hidden state i-1 (position 0 from its own);
     # block models: applied by diffusion.shifted_block_logits (a block's first position from the clean copy)
     block_size: int = 0  # block models: positions denoised together (B); 0 for the others
+    feature_dim: int = 0  # a drafter that reads its verifier's state (DFlash-style): Linear(feature_dim, dim) of
+    # the AR model's hidden states is added to every position, as t is; 0 for the others
+    feature_layers: tuple[int, ...] = ()  # a feature drafter: the verifier's layers whose outputs it reads, side by
+    # side (the last one's as its head reads it); () for the last alone
     dropout: float = 0.0  # residual dropout on the embeddings and each block's outputs while training
     subs_mask_id: int | None = None  # MDLM's SUBS: this (mask) id gets logit -inf, never probability
 
@@ -74,9 +78,18 @@ class ModelArgs:
             raise UserError(f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        self.feature_layers = tuple(self.feature_layers)  # JSON gives a list
+        if self.feature_dim < 0 or (self.feature_dim and self.model_type != "block"):
+            raise UserError(f"model config: feature_dim must be 0, or positive for a block model (a drafter), got "
+                            f"{self.feature_dim} for model_type {self.model_type!r}")
         if self.subs_mask_id is not None and not 0 <= self.subs_mask_id < self.vocab_size:
             raise UserError(f"model config: subs_mask_id {self.subs_mask_id} is not a token id of the vocabulary "
                             f"of {self.vocab_size}")
+
+    @property
+    def verifier_hidden(self) -> bool | tuple[int, ...]:
+        """A feature drafter's reading of its verifier: the `hidden=` of the verifier's call."""
+        return self.feature_layers or True
 
     @property
     def kv_heads(self) -> int:
@@ -269,6 +282,10 @@ class Model(nn.Module):
     AR models: `model(tokens, cache=KVCache(...))` continues from the cache's offset and advances it.
     attn_mask (L, L) or, with a cache, (L, cache size) boolean (True: attend) replaces the model's own mask;
     copies: tokens are that many copies of one window, each at the window's positions (see module docstring).
+    features (B, feature_dim): a feature drafter's conditioning, its verifier's state (`ModelArgs.feature_dim`);
+    hidden=True: (logits, the last hidden states (B, L, dim) the output head reads: a verifier's features);
+    hidden=(i, j, ...): the outputs of those layers side by side (B, L, k * dim), the last layer's as the head
+    reads it (`ModelArgs.feature_layers`).
     """
 
     def __init__(self, args: ModelArgs):
@@ -279,6 +296,8 @@ class Model(nn.Module):
             self.pos_emb = mx.random.normal((args.max_seq_len, args.dim)) * 0.02
         if args.time_cond:
             self.t_proj = nn.Linear(1, args.dim)
+        if args.feature_dim:
+            self.feature_proj = nn.Linear(args.feature_dim, args.dim)
         self.emb_drop = nn.Dropout(args.dropout)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         if args.final_norm:
@@ -287,7 +306,9 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=args.output_bias)
 
     def __call__(self, tokens: mx.array, t: mx.array | None = None, cache: KVCache | None = None,
-                 attn_mask: mx.array | None = None, copies: int = 1, advance: int | None = None) -> mx.array:
+                 attn_mask: mx.array | None = None, copies: int = 1, advance: int | None = None,
+                 features: mx.array | None = None, hidden: bool | tuple[int, ...] = False
+                 ) -> mx.array | tuple[mx.array, mx.array]:
         """advance: positions the cache's offset moves on by (default all L; block decoding writes a noisy
         block's keys without keeping them)."""
         args = self.args
@@ -300,20 +321,29 @@ class Model(nn.Module):
             if t is None:
                 raise ValueError("this diffusion model needs the mask ratio t (B,)")
             x = x + self.t_proj(t.astype(x.dtype).reshape(-1, 1, 1))
+        if "feature_proj" in self:
+            if features is None:
+                raise ValueError("this drafter needs its verifier's features (B, feature_dim)")
+            x = x + self.feature_proj(features.astype(x.dtype))[:, None]
         x = self.emb_drop(x)
+        read = hidden if isinstance(hidden, tuple) else (args.n_layers - 1,)
+        outputs = {}
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, attn_mask, copies)
+            outputs[i] = x
         if cache is not None:
             cache.advance(L if advance is None else advance)
         if args.final_norm:
             x = self.norm(x)
+        outputs[args.n_layers - 1] = x
+        state = mx.concatenate([outputs[i] for i in read], axis=-1) if hidden else None
         logits = self.tok_emb.as_linear(x) if args.tie_embeddings else self.lm_head(x)
         if args.logit_shift and args.model_type != "block":  # predictions for position i sit at i-1: move them home
             logits = mx.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
         if args.subs_mask_id is not None:
             banned = mx.arange(logits.shape[-1]) == args.subs_mask_id
             logits = mx.where(banned, mx.array(-mx.inf, dtype=logits.dtype), logits)
-        return logits
+        return (logits, state) if hidden else logits
 
     def num_params(self) -> int:
         """Number of parameters (learned position table included)."""

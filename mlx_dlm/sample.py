@@ -39,9 +39,9 @@ import mlx.core as mx
 import numpy as np
 
 from .block_decode import check_block_options, decode_blocks
-from .decoding import (GenerationStep, all_stopped, build_canvas, commit_rule, commit_schedule,  # noqa: F401
-                       commit_targets, filter_logits, numbers, numbers_key, sample_tokens, sampling_numbers,
-                       without_mask)
+from .decoding import (GenerationStep, all_stopped, build_canvas, check_writes_alone, commit_rule,  # noqa: F401
+                       commit_schedule, commit_targets, filter_logits, numbers, numbers_key, sample_tokens,
+                       sampling_numbers, without_mask)
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import (DEFAULT_MAX_TOKENS, DEFAULT_STEPS, DEFAULT_TEMP, SCHEDULES, STRATEGIES,  # noqa: F401
@@ -230,6 +230,7 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     position; with blocks, `block_steps` a block), or by `threshold`. AR models: one step per token after the
     prompt (no suffix or template). The same seed gives the same output; given text is never changed.
     """
+    check_writes_alone(model)
     o = (options.replace(**fields) if options is not None else options_for(model, fields, draft_model)).check()
     if o.seed is None:
         o = o.replace(seed=int.from_bytes(os.urandom(4), "little"))
@@ -302,6 +303,11 @@ def generate(model, tokenizer, prompt: str = "", options: SamplerOptions | None 
     last = None
     for last in stream_generate(model, tokenizer, prompt, options, draft_model, **fields):
         pass
-    stops = getattr(tokenizer, "stop_ids", ())
-    texts = [tokenizer.decode(cut_at_stop(row, last.editable, stops)) for row in last.tokens]
+    texts = texts_of(tokenizer, last)
     return texts[0] if len(texts) == 1 else texts
+
+
+def texts_of(tokenizer, step: GenerationStep) -> list[str]:
+    """Every sample's whole text after a step (given text included), cut at its first eos/eot token."""
+    stops = getattr(tokenizer, "stop_ids", ())
+    return [tokenizer.decode(cut_at_stop(row, step.editable, stops)) for row in step.tokens]

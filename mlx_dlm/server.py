@@ -30,6 +30,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .decoding import check_writes_alone
 from .errors import UserError, run_cli, warn
 from .io import load
 from .options import MODEL_FIELDS, SamplerOptions, options_for
@@ -97,6 +98,7 @@ class ModelServer:
     def __init__(self, model_path: str, max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
                  draft_path: str | None = None):
         self.model, self.tokenizer = load(model_path)
+        check_writes_alone(self.model)
         self.draft = None  # a diffusion drafter: every request is decoded speculatively (`speculative.py`)
         if draft_path is not None:
             self.draft, draft_tokenizer = load(draft_path)

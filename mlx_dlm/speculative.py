@@ -10,7 +10,8 @@ Each round, with n tokens known:
 - the AR cache rolls back to the kept length (its offset; later writes overwrite what was rejected).
 Several samples (num_samples) run as rows of one batch, each at its own length: the caches keep one offset per row
 (`KVCache(per_row=True)`), so a row that kept more drafts is not held back, and a finished row idles until the
-last is done. Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both
+last is done; a single sample's verifier cache keeps one offset, as the AR decoder's does (its writes are slices,
+not scatters). Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both
 are one-hot at their argmax, and the output is the AR model's greedy text. One compiled function does a round on
 the device.
 
@@ -20,7 +21,11 @@ Drafters:
   of B positions over its own exact KV cache (`block_decode.cached_pass`); when the verified text has finished a
   block, that pass also writes the block to the drafter's cache as clean text (2B positions; in a batch, rows
   that finished no block run their noisy block first and ignore the rest). Draft positions past
-  the block are not drafted: the rule treats them as rejected, and the AR's token there comes from p itself.
+  the block are not drafted: the rule treats them as rejected, and the AR's token there comes from p itself;
+- a feature drafter (a block model with `feature_dim`, DFlash-style) keeps no context of its own: at the end of
+  a round it reads the verifier's last hidden state at the row that produced the round's final token, and drafts
+  the next round's K tokens in one pass of B rows, [that token, mask x (B-1)], inside the same compiled round.
+  Its drafts and their q carry over to the next round (the first round has none: the AR draws its token alone).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
                         f"(this one is {model.args.model_type})")
     if draft_model.args.model_type not in ("dlm", "block"):
         raise UserError(f"the drafter must be a diffusion model (this one is {draft_model.args.model_type})")
+    layers = draft_model.args.feature_layers or (model.args.n_layers - 1,)
+    if draft_model.args.feature_dim and (draft_model.args.feature_dim != model.args.dim * len(layers)
+                                         or max(layers) >= model.args.n_layers):
+        raise UserError(f"this feature drafter reads states of width {draft_model.args.feature_dim} from layers "
+                        f"{', '.join(map(str, layers))}; the model has {model.args.n_layers} layers of width "
+                        f"{model.args.dim}: it was trained for another AR model")
     if draft_model.args.vocab_size != model.args.vocab_size or (
             draft_tokenizer is not None and _vocabulary(draft_tokenizer) != _vocabulary(tokenizer)):
         raise UserError(f"the drafter's vocabulary ({draft_model.args.vocab_size} ids) is not the model's "
@@ -94,7 +105,8 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: m
 def _dlm_drafter(draft_model, mask_id: int, K: int):
     """draft(x, n, first, folded) -> (logits of the K positions after each row's n (B, K, V), which of them are
     drafted (B, K), first) for a full-sequence diffusion drafter: one pass over the whole canvas (first and folded
-    are unused)."""
+    are unused). Drafters of this form run at the start of a round; a feature drafter runs at its end
+    (`_feature_drafter`)."""
     positions = mx.arange(K)
 
     def draft(x, n, first, folded):
@@ -128,34 +140,70 @@ def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
     return draft
 
 
+def _feature_drafter(draft_model, mask_id: int, K: int):
+    """draft(token (S,), state (S, D)) -> logits of the K positions after token (S, K, V): a feature drafter's
+    pass over its block [token, mask x (B-1)] conditioned on the verifier's state."""
+    B = draft_model.args.block_size
+
+    def draft(token, state):
+        block = mx.concatenate([token[:, None], mx.full((token.shape[0], B - 1), mask_id, dtype=token.dtype)], axis=1)
+        return draft_model(block, features=state)[:, :K]
+
+    return draft
+
+
+def first_carry(S: int, K: int, V: int) -> tuple[mx.array, mx.array, mx.array]:
+    """A feature drafter's carry before the first round: no drafts (drafts, q, drafted), so the AR draws alone."""
+    return mx.zeros((S, K), dtype=mx.int32), mx.zeros((S, K, V)), mx.zeros((S, K), dtype=mx.bool_)
+
+
+def _draw(q_logits: mx.array, key: mx.array, nums: dict, mask_id: int, n_valid: int | None, top_k: int
+          ) -> tuple[mx.array, mx.array]:
+    """(drafts, q): the drafter's filtered distribution at each drafted position and a draw from it."""
+    temp, top_p = sampling_numbers(nums)
+    q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
+    drafts = mx.random.categorical(mx.log(q), key=key) if "temp" in nums else mx.argmax(q, axis=-1)
+    return drafts.astype(mx.int32), q
+
+
 def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, top_k: int, K: int, total: int,
                 cache: KVCache, draft_cache: KVCache | None):
-    """Compiled: (x (S, L), n (S,), key, nums, first, folded (S,)) -> (x, n, kept (S,), first). Row i holds its known
+    """Compiled: (x (S, L), n (S,), key, nums, carry, folded (S,)) -> (x, n, kept (S,), carry). Row i holds its known
     tokens before n[i] and masks after; rows that reached `total` stay as they are (their pass reruns from the end,
-    its result unused); nums: `decoding.numbers`
-    (temperature, top_p); first, folded: the block drafter's carried state and which rows fold a block."""
+    its result unused); nums: `decoding.numbers` (temperature, top_p); carry: the block drafter's first-position
+    logits, or a feature drafter's next drafts (`first_carry`); folded: which rows fold a block (block drafter)."""
+    features = bool(draft_model.args.feature_dim)
+    reads = draft_model.args.verifier_hidden if features else True
 
-    def round_(x, n, key, nums, first, folded):
+    def round_(x, n, key, nums, carry, folded):
         temp, top_p = sampling_numbers(nums)
         draft_key, accept_key = mx.random.split(key)
         L = x.shape[1]
         live = (n < total)[:, None]
         n = mx.minimum(n, total)  # a finished row reruns from the end: every pass stays inside the canvas
-        q_logits, drafted, first = draft(x, n, first, folded)
-        q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
-        drafts = mx.random.categorical(mx.log(q), key=draft_key) if "temp" in nums else mx.argmax(q, axis=-1)
+        if features:  # drafted at the end of the round before
+            drafts, q, drafted = carry
+        else:
+            q_logits, drafted, carry = draft(x, n, carry, folded)
+            drafts, q = _draw(q_logits, draft_key, nums, mask_id, n_valid, top_k)
         drafts = drafts.astype(x.dtype)
-        cache.state["offset"] = n - 1  # roll back to the known text; the last known token goes in first
+        cache.state["offset"] = (n - 1).reshape(cache.offset.shape)  # roll back to the known text; the last known
+        # token goes in first
         last = mx.take_along_axis(x, (n - 1)[:, None], axis=1)
-        p_logits = without_mask(model(mx.concatenate([last, drafts], axis=1), cache=cache), mask_id, n_valid)
-        p = probabilities(p_logits, temp, top_k, top_p)
+        p_logits, state = model(mx.concatenate([last, drafts], axis=1), cache=cache, hidden=reads)
+        p = probabilities(without_mask(p_logits, mask_id, n_valid), temp, top_k, top_p)
         kept, token = accept(p, q, drafts, accept_key, drafted)
+        token = token.astype(x.dtype)
         written = mx.arange(L)[None] - n[:, None]  # each canvas position's index in the round
         x = mx.where(live & (written >= 0) & (written < kept[:, None]),
                      mx.take_along_axis(drafts, mx.clip(written, 0, K - 1), axis=1), x)
-        x = mx.where(live & (written == kept[:, None]), token[:, None].astype(x.dtype), x)
-        cache.state["offset"] = n + kept  # what is cached now: every token before the new one
-        return x, mx.where(live[:, 0], n + kept + 1, n), kept, first
+        x = mx.where(live & (written == kept[:, None]), token[:, None], x)
+        cache.state["offset"] = (n + kept).reshape(cache.offset.shape)  # cached now: every token before the new one
+        if features:  # the state that drew `token` (row kept) and the token itself draft the next round
+            state = mx.take_along_axis(state, kept[:, None, None], axis=1)[:, 0]
+            drafts, q = _draw(draft(token, state), draft_key, nums, mask_id, n_valid, top_k)
+            carry = (drafts, q, mx.ones(drafts.shape, dtype=mx.bool_))
+        return x, mx.where(live[:, 0], n + kept + 1, n), kept, carry
 
     states = [cache.state] + ([draft_cache.state] if draft_cache is not None else [])
     return mx.compile(round_, inputs=[model.state, draft_model.state, *states], outputs=states)
@@ -174,7 +222,11 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     K, mask_id, S = o.draft_length, tokenizer.mask_id, o.num_samples
     ids, editable = build_canvas(tokenizer, prompt or "\n", o.max_tokens)
     P, total = int((~editable).sum()), len(ids)
-    block = draft_model.args.block_size if draft_model.args.model_type == "block" else 0
+    features = bool(draft_model.args.feature_dim)
+    if features and K > draft_model.args.block_size:
+        raise UserError(f"this feature drafter drafts at most {draft_model.args.block_size} tokens a round (its "
+                        f"block); got --draft-length {K}")
+    block = draft_model.args.block_size if draft_model.args.model_type == "block" and not features else 0
     context = min(model.args.max_seq_len, draft_model.args.max_seq_len)
     reach = max(K, block * (2 if S > 1 else 1))  # positions a pass may touch past the text's end
     if total + reach > context:
@@ -185,12 +237,13 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     nums = numbers(o)
     cache, draft_cache, rounds = memoize_on_model(
         model, ("speculative", id(draft_model), mask_id, n_valid, numbers_key(nums), o.top_k, K, total, S),
-        lambda: (KVCache(model.args, S, length, per_row=True),
+        lambda: (KVCache(model.args, S, length, per_row=S > 1),
                  KVCache(draft_model.args, S, length, per_row=True) if block else None, {}))
 
     def round_fn(fold: bool):  # compiled once per model, options and pass kind
         if fold not in rounds:
-            draft = (_block_drafter(draft_model, draft_cache, K, fold) if block
+            draft = (_feature_drafter(draft_model, mask_id, K) if features
+                     else _block_drafter(draft_model, draft_cache, K, fold) if block
                      else _dlm_drafter(draft_model, mask_id, K))
             rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, total, cache,
                                        draft_cache)
@@ -201,23 +254,26 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     cache.reset()
     if P > 1:
         model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
-    first, prefilled = mx.zeros((S, draft_model.args.vocab_size)), (P // block) * block if block else 0
+    V = draft_model.args.vocab_size
+    carry = first_carry(S, K, V) if features else mx.zeros((S, V))
+    prefilled = (P // block) * block if block else 0
     if prefilled:
-        first = prefill_blocks(draft_model, draft_cache, x, prefilled)  # the drafter's clean blocks of the prompt
-    mx.eval(cache.state, first)
+        carry = prefill_blocks(draft_model, draft_cache, x, prefilled)  # the drafter's clean blocks of the prompt
+    mx.eval(cache.state, carry)
     prompt_seconds = time.perf_counter() - tic
     n, key, k, forwarded = mx.full((S,), P, dtype=mx.int32), mx.random.key(o.seed), 0, S * (P - 1 + prefilled)
-    done, cached = np.full(S, P), np.full(S, prefilled)
+    done, cached, no_fold = np.full(S, P), np.full(S, prefilled), mx.zeros((S,), dtype=mx.bool_)
     while (done < total).any():
         key, round_key = mx.random.split(key)
         ended = np.minimum(done, total)  # where each row's pass runs (a finished row: from the end)
         folded = (ended // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
         fold = bool(folded.any())
-        x, n, kept, first = round_fn(fold)(x, n, round_key, nums, first, mx.array(folded))
+        x, n, kept, carry = round_fn(fold)(x, n, round_key, nums, carry, mx.array(folded) if fold else no_fold)
         tokens, before, done, live = np.array(x), done, np.array(n), done < total
         cached = (ended // block) * block if block else cached
         k += 1
-        forwarded += S * ((block * (2 if fold else 1) if block else length) + K + 1)  # drafter's pass, verifier's
+        drafter_rows = draft_model.args.block_size if features else block * (2 if fold else 1) if block else length
+        forwarded += S * (drafter_rows + K + 1)  # the drafter's pass, the verifier's
         position = np.arange(total)[None]
         committed = (position >= before[:, None]) & (position < np.minimum(done, total)[:, None])
         row = tokens[:, :total]

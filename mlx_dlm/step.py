@@ -25,7 +25,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import blas
-from .diffusion import ar_loss, block_loss, diffusion_loss
+from .diffusion import ar_loss, block_loss, diffusion_loss, feature_draft_loss
+from .errors import UserError
 from .model import Model
 
 DEFAULT_LR = 1e-3
@@ -156,7 +157,12 @@ def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: st
     """loss_fn(model, batch, key=None) of the model's objective: diffusion loss, the block NELBO for block
     models (mask ratios per block or per window: t_per; clipped to t_range; complementary masks), or next-token
     NLL for AR. teacher: a diffusion or block model learns that AR model's predictions instead of the data (a
-    drafter for it)."""
+    drafter for it; a feature drafter (feature_dim) learns it from the teacher's hidden states, and needs one)."""
+    if model.args.feature_dim:
+        if teacher is None:
+            raise UserError("a feature drafter (feature_dim) is trained and validated against its AR model: "
+                            "pass --draft-for")
+        return partial(feature_draft_loss, mask_id=mask_id, teacher=teacher)
     if model.args.model_type == "ar":
         return lambda model, batch, key=None, shard=(0, 1): ar_loss(model, batch)
     if model.args.model_type == "block":
@@ -166,14 +172,16 @@ def training_loss(model: Model, mask_id: int, loss: str = "elbo", t_sampling: st
 
 
 def make_evaluator(model: Model, windows: np.ndarray, mask_id: int, batch_size: int,
-                   shard: tuple[int, int] = (0, 1)) -> Callable[[], float]:
+                   shard: tuple[int, int] = (0, 1), teacher: Model | None = None) -> Callable[[], float]:
     """Validation loss in nats/token over fixed windows (and fixed masks), comparable across steps:
     the ELBO for diffusion models, the exact next-token NLL for AR models. With shard=(rank, size)
-    each process takes every size-th batch and the totals are summed over processes."""
+    each process takes every size-th batch and the totals are summed over processes. teacher: a feature drafter's
+    AR model (its loss is the distillation cross-entropy)."""
     rank, size = shard
     batches = [(i, mx.array(windows[i:i + batch_size])) for i in range(0, len(windows), batch_size)]
     mine = batches[rank::size]
-    loss = mx.compile(partial(training_loss(model, mask_id), model), inputs=model.state)
+    state = [model.state] + ([teacher.state] if teacher is not None else [])
+    loss = mx.compile(partial(training_loss(model, mask_id, teacher=teacher), model), inputs=state)
 
     def evaluate() -> float:
         total = mx.array(0.0)

@@ -58,13 +58,14 @@ DEFAULT_EVAL_EVERY = 200
 DEFAULT_EVAL_BATCHES = 8
 DEFAULT_BLOCK_SIZE = 4
 BOUNDS = {"dlm": "ELBO", "block": "block NELBO", "ar": "NLL"}  # what validation reports, per objective
+FEATURE_BOUND = "distillation cross-entropy against the AR model"  # what a feature drafter's validation reports
 ADAPTABLE_FIELDS = {"dropout", "logit_shift", "n_layers"}  # --arch fields --init-from may change (n_layers: lower)
 
 # What defines a run: --resume takes these from the checkpoint, and refuses a flag that contradicts it.
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
                 "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed", "block_size", "t_per",
-                "init_from", "draft_for", "t_range", "complementary")
+                "init_from", "draft_for", "t_range", "complementary", "feature_drafter", "feature_layers")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -105,6 +106,11 @@ HELP = {
         "every token is a target once per window",
     "draft_for": "train a drafter for this AR model (speculative decoding): the targets at masked positions are "
         "its next-token distributions, not the text (distillation); with --objective dlm or block",
+    "feature_drafter": "with --draft-for and --objective block: a drafter that reads the AR model's last hidden "
+        "state (DFlash-style) instead of keeping context of its own; each round it drafts --block-size tokens in "
+        "one pass of that many rows, run inside the verifier's round",
+    "feature_layers": "with --feature-drafter: the AR model's layers (0-based) whose outputs the drafter reads, side "
+        "by side, e.g. 1,3,5 (default: the last alone)",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
         "--objective block or dlm); its architecture is kept (--arch may change dropout and logit_shift, and lower "
         "n_layers: a shallower model, e.g. a drafter, keeps evenly spaced layers, the first and last among them)",
@@ -160,6 +166,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--complementary", action="store_true", help=HELP["complementary"])
     p.add_argument("--init-from", metavar="DIR", help=HELP["init_from"])
     p.add_argument("--draft-for", metavar="AR_DIR", help=HELP["draft_for"])
+    p.add_argument("--feature-drafter", action="store_true", help=HELP["feature_drafter"])
+    p.add_argument("--feature-layers", default="", metavar="I,J,...", help=HELP["feature_layers"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
     p.add_argument("--t-sampling", choices=T_SAMPLING, default="stratified", help=HELP["t_sampling"])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=HELP["dtype"])
@@ -179,9 +187,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """--feature-layers: comma-separated layer indices (none for "")."""
+    try:
+        return tuple(int(item) for item in text.split(",")) if text else ()
+    except ValueError:
+        raise UserError(f"--feature-layers: expected comma-separated layer numbers, got {text!r}") from None
+
+
 def parse_arch(items: list[str]) -> dict:
     """--arch KEY=VALUE items as ModelArgs overrides (values read as JSON: numbers, true/false, or strings)."""
-    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size", "block_size"}
+    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size", "block_size", "feature_dim",
+                                                        "feature_layers"}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -249,6 +266,11 @@ def _check_args(args: argparse.Namespace) -> None:
                         f"got {args.block_size}{objective}")
     if args.draft_for and args.objective == "ar":
         raise UserError("--draft-for trains a diffusion drafter: use --objective dlm or block")
+    if args.feature_drafter and not (args.draft_for and args.objective == "block" and args.block_size < args.seq_len):
+        raise UserError("--feature-drafter needs --draft-for AR_DIR, --objective block and a --block-size below "
+                        "--seq-len")
+    if args.feature_layers and not args.feature_drafter:
+        raise UserError("--feature-layers applies to --feature-drafter")
     if (args.t_range != [0.0, 1.0] or args.complementary) and args.objective != "block":
         raise UserError("--t-range and --complementary apply to --objective block")
     if not 0.0 <= args.t_range[0] < args.t_range[1] <= 1.0:
@@ -358,6 +380,7 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     config.update(parse_arch(args.arch))
     if args.dropout:
         config["dropout"] = args.dropout
+    config.update(_feature_reading(args))
     if not 1 <= config["n_layers"] <= source.args.n_layers:
         raise UserError(f"--init-from {args.init_from} has {source.args.n_layers} layers: --arch n_layers may be "
                         f"1 to {source.args.n_layers}, got {config['n_layers']}")
@@ -365,8 +388,22 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     weights = source.parameters()
     weights["layers"] = [weights["layers"][i] for i in kept_layers(source.args.n_layers, config["n_layers"])]
     model.update(tree_map(lambda p: p.astype(mx.float32), weights))
+    if config["feature_dim"]:  # the AR's state starts unread: at first the drafter is the source model on its block
+        model.feature_proj.update(tree_map(mx.zeros_like, model.feature_proj.parameters()))
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _feature_reading(args: argparse.Namespace) -> dict:
+    """--feature-drafter: what it reads of the --draft-for model (feature_dim, feature_layers); none otherwise."""
+    if not args.feature_drafter:
+        return {"feature_dim": 0, "feature_layers": ()}
+    verifier = load(args.draft_for)[0].args
+    layers = _layer_list(args.feature_layers)
+    if any(not 0 <= i < verifier.n_layers for i in layers) or len(set(layers)) < len(layers):
+        raise UserError(f"--feature-layers must name distinct layers of {args.draft_for}'s {verifier.n_layers} "
+                        f"(0 to {verifier.n_layers - 1}), got {','.join(map(str, layers))}")
+    return {"feature_dim": verifier.dim * max(len(layers), 1), "feature_layers": layers}
 
 
 def kept_layers(n_source: int, n: int) -> list[int]:
@@ -393,6 +430,7 @@ def _new_model(args: argparse.Namespace, tokenizer) -> Model:
         overrides["subs_mask_id"] = tokenizer.mask_id
     if args.objective == "block":
         overrides["block_size"] = args.block_size
+        overrides.update(_feature_reading(args))
     model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective, **overrides)
     return init_model(model_args, seed=args.seed, init=args.init)
 
@@ -441,15 +479,16 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     tokens = tokenizer.encode_array(text)
     train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction)
     data.check_window(train_tokens, args.seq_len, "training")
+    teacher = _teacher(args, model, tokenizer) if args.draft_for else None
     evaluate, chars_per_token = None, 1.0
     if len(val_tokens) >= args.seq_len:
         val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, args.seq_len)
-        evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size, (rank, size))
+        evaluate = make_evaluator(model, val_windows, tokenizer.mask_id, args.batch_size, (rank, size),
+                                  teacher if model.args.feature_dim else None)
         chars_per_token = len(tokenizer.decode(val_tokens)) / len(val_tokens)
     elif rank == 0:
         print(f"note: validation split has fewer than {args.seq_len} tokens; skipping validation", file=sys.stderr)
 
-    teacher = _teacher(args, model, tokenizer) if args.draft_for else None
     optimizer = optimizer_of(args)
     rng = np.random.default_rng(args.seed)  # every process draws the same global batch and keeps its rows
     progress = Progress()
@@ -482,7 +521,7 @@ def _banner(run: Run) -> str:
     origin = f"from {a.init_from}{arch}" if a.init_from else f"{a.preset} preset{arch}, {a.init} init"
     block = f", blocks of {m.args.block_size}" + (", shifted" if m.args.logit_shift else "") \
         if m.args.model_type == "block" else ""
-    block += f", a drafter for {a.draft_for}" if a.draft_for else ""
+    block += (f", a {'feature ' if m.args.feature_dim else ''}drafter for {a.draft_for}" if a.draft_for else "")
     return (f"mlx_dlm.train: {m.args.model_type} model ({origin}{block}), "
             f"{m.num_params() / 1e6:.2f}M parameters, vocab {run.tokenizer.vocab_size} ({run.tokenizer.kind}), "
             f"{len(run.train_tokens):,} train tokens, batch {a.batch_size} x {a.seq_len}"
@@ -545,14 +584,15 @@ def _validate(run: Run, log: _Logger) -> float:
     p = run.progress
     with _inference_weights(run):
         val = run.evaluate()
-        bound = BOUNDS[run.model.args.model_type] + (", EMA weights" if run.ema else "")
+        bound = (FEATURE_BOUND if run.model.args.feature_dim else BOUNDS[run.model.args.model_type]) + (
+            ", EMA weights" if run.ema else "")
         row = {"step": p.step, "val_loss": val, "val_bpc": val / math.log(2) / run.chars_per_token,
                "train_seconds": p.train_seconds, "flops": p.flops}
         log.line(f"Iter {p.step}: Val loss {val:.3f} nats/token, {row['val_bpc']:.3f} bits/char ({bound}), "
                  f"Val took {time.perf_counter() - t0:.2f}s")
         log.row(row)
         n = min(run.args.sample_tokens, run.args.seq_len)
-        if n > 0 and p.step > 0 and run.main_rank:
+        if n > 0 and p.step > 0 and run.main_rank and not run.model.args.feature_dim:  # a drafter alone: no text
             args = run.model.args
             pace = block_defaults(args) if args.model_type == "block" else {"steps": max(1, n // 4)}
             text = generate(run.model, run.tokenizer, '', max_tokens=n, seed=p.step, **pace)

@@ -342,6 +342,87 @@ def test_draft_for_trains_a_drafter_of_the_ar_model(tmp_path, small_text_path, t
     assert "autoregressive" in cli_error(capsys, train.main, [*base, "--draft-for", str(out)])
 
 
+def _feature_drafter(teacher, block_size=3, seed=9, layers=()):
+    """An untrained feature drafter (blocks of block_size, reading teacher's states), with a random reading."""
+    model, _ = untrained(TEXT, 64, seed=seed)
+    config = model.args.to_dict() | {"model_type": "block", "block_size": block_size, "logit_shift": True,
+                                     "feature_dim": teacher.args.dim * max(len(layers), 1), "feature_layers": layers}
+    drafter = Model(ModelArgs(**config))
+    drafter.update({k: v for k, v in model.parameters().items() if k != "t_proj"})
+    return drafter
+
+
+@pytest.mark.parametrize("layers", [(), (0, 1)])
+def test_the_feature_drafter_loss_against_numpy(layers):
+    """A feature drafter's loss: for each window position j, one pass over [x_{j+1}, mask, mask] reading the
+    teacher's hidden state at j (its last layer's output, or the outputs of the layers it names side by side); its
+    row k predicts x_{j+2+k}, scored by cross-entropy against the teacher's prediction of that token from the true
+    text before it (the teacher's output at j+1+k); the mean over every j whose whole block lies in the window and
+    every row."""
+    from mlx_dlm.diffusion import feature_draft_loss
+
+    teacher, tok = untrained(TEXT, 64, model_type="ar", seed=8)
+    drafter = _feature_drafter(teacher, layers=layers)
+    tokens = np.random.default_rng(2).integers(1, tok.vocab_size, (2, 12)).astype(np.int32)
+    got = feature_draft_loss(drafter, mx.array(tokens), tok.mask_id, teacher).item()
+    x, outputs = teacher.tok_emb(mx.array(tokens)) + teacher.pos_emb[:12], []  # (its learned position table)
+    for i, layer in enumerate(teacher.layers):  # the teacher's layers one by one, causal
+        x = layer(x, None, i)
+        outputs.append(x)
+    state = mx.concatenate([outputs[i] for i in (layers or (1,))], axis=-1)
+    teach = np.array(teacher.lm_head(x), dtype=np.float64)
+    ces = []
+    for b in range(2):
+        for j in range(12 - 3):
+            block = mx.array([[int(tokens[b, j + 1]), tok.mask_id, tok.mask_id]])
+            q = np.array(drafter(block, features=state[b:b + 1, j]), dtype=np.float64)[0]
+            for k in range(3):
+                logq = q[k] - np.log(np.exp(q[k]).sum())
+                p = np.exp(teach[b, j + 1 + k] - teach[b, j + 1 + k].max())
+                ces.append(-(p / p.sum() * logq).sum())
+    assert got == pytest.approx(np.mean(ces), rel=1e-4)
+    with pytest.raises(ValueError, match="verifier's features"):
+        drafter(mx.array(tokens))
+
+
+def test_feature_drafter_trains_and_drafts_for_its_ar_model(tmp_path, small_text_path, tiny_ar_dir, capsys):
+    """--feature-drafter: a drafter reading the AR's states, validated by its distillation loss, that drafts for
+    that AR model (greedy text unchanged) and refuses every use that would need it to write alone."""
+    out = tmp_path / "feature"
+    train.main(["--data", str(small_text_path), "--out", str(out), "--iters", "3", "--eval-every", "3", *TINY_TRAIN,
+                "--objective", "block", "--block-size", "3", "--init-from", str(tiny_ar_dir), "--draft-for",
+                str(tiny_ar_dir), "--feature-drafter", "--arch", "n_layers=1"])
+    printed = capsys.readouterr().out
+    assert "a feature drafter for" in printed and "distillation cross-entropy" in printed
+    drafter, tok = load(out)
+    ar, _ = load(tiny_ar_dir)
+    assert drafter.args.feature_dim == ar.args.dim and drafter.args.n_layers == 1
+    assert generate(ar, tok, "AB", max_tokens=8, temp=0, draft_model=drafter, draft_length=3) == \
+        generate(ar, tok, "AB", max_tokens=8, temp=0)
+    assert "at most 3 tokens a round" in user_error(generate, ar, tok, "AB", draft_model=drafter, draft_length=4)
+    assert "feature drafter" in user_error(generate, drafter, tok, "AB")
+    assert "feature drafter" in user_error(mlx_dlm.eval.evaluate, str(out), str(small_text_path), judges=())
+    from mlx_dlm.server import make_server
+
+    assert "feature drafter" in user_error(make_server, str(out), port=0, quiet=True)
+    wide = _feature_drafter(untrained(TEXT, 64, model_type="ar", seed=8)[0])
+    wide = Model(ModelArgs(**(wide.args.to_dict() | {"feature_dim": ar.args.dim + 1})))
+    assert "trained for another AR model" in user_error(generate, ar, tok, "AB", draft_model=wide)
+    base = ["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--iters", "1", *TINY_TRAIN]
+    assert "--feature-drafter needs --draft-for" in cli_error(capsys, train.main, [*base, "--feature-drafter"])
+    assert "applies to --feature-drafter" in cli_error(capsys, train.main, [*base, "--feature-layers", "0"])
+    feature = [*base, "--objective", "block", "--init-from", str(tiny_ar_dir), "--draft-for", str(tiny_ar_dir),
+               "--feature-drafter"]
+    assert "distinct layers of" in cli_error(capsys, train.main, [*feature, "--feature-layers", "0,2"])
+    assert "distinct layers of" in cli_error(capsys, train.main, [*feature, "--feature-layers", "1,1"])
+    assert "comma-separated layer numbers" in cli_error(capsys, train.main, [*feature, "--feature-layers", "a"])
+    train.main([*feature, "--feature-layers", "0,1", "--eval-every", "1"])
+    two, _ = load(tmp_path / "x")
+    assert two.args.feature_layers == (0, 1) and two.args.feature_dim == 2 * ar.args.dim
+    assert generate(ar, tok, "AB", max_tokens=8, temp=0, draft_model=two) == generate(ar, tok, "AB", max_tokens=8,
+                                                                                        temp=0)
+
+
 @pytest.mark.parametrize("kind", ["block", "dlm"])
 def test_left_strategy_commits_the_leftmost_masked_position_first(kind):
     """--strategy left: one position a pass, always the leftmost still masked (with a threshold, that one and any

@@ -11,6 +11,7 @@ import mlx_dlm
 from mlx_dlm import eval as ev
 from mlx_dlm.model import init_model, preset_args
 
+from conftest import cli_error
 from reference import forward, log_softmax
 
 
@@ -150,6 +151,33 @@ def test_eval_command(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, ca
     ev.main(["--model", str(tiny_ar_dir), "--data", str(small_text_path), "--seq-len", "64", "--max-windows", "4",
              "--samples", "0"])
     assert "Val NLL (exact)" in capsys.readouterr().out
+
+
+def test_eval_measures_a_drafter_on_its_samples(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
+    """--draft: the samples are decoded speculatively, and the drafts' acceptance is what the decoder's rounds kept
+    with the same options."""
+    import mlx_dlm
+    from mlx_dlm.speculative import acceptance_by_position, tokens_per_round
+
+    out = tmp_path / "d.json"
+    argv = ["--model", str(tiny_ar_dir), "--data", str(small_text_path), "--seq-len", "64", "--max-windows", "2",
+            "--samples", "3", "--sample-tokens", "20", "--judge", "ngram", "--seed", "4"]
+    ev.main([*argv, "--draft", str(tiny_model_dir), "--json", str(out)])
+    r = json.loads(out.read_text())
+    ar, tok = mlx_dlm.load(tiny_ar_dir)
+    drafter, _ = mlx_dlm.load(tiny_model_dir)
+    kept = [k for s in mlx_dlm.stream_generate(ar, tok, "ROMEO:", draft_model=drafter, max_tokens=20, seed=4,
+                                               num_samples=3) for k in s.draft_kept]
+    assert r["draft"] == str(tiny_model_dir) and r["tokens_per_round"] == pytest.approx(tokens_per_round(kept))
+    assert r["draft_acceptance"] == pytest.approx(acceptance_by_position(kept, len(r["draft_acceptance"])))
+    assert r["samples"] == mlx_dlm.generate(ar, tok, "ROMEO:", draft_model=drafter, max_tokens=20, seed=4,
+                                            num_samples=3)
+    assert "tokens per round; P(draft 1.." in capsys.readouterr().out
+    assert "--samples must be at least 1" in cli_error(capsys, ev.main, [*argv[:-6], "--samples", "0", "--draft",
+                                                                          str(tiny_model_dir)])
+    assert "verifies with an autoregressive model" in cli_error(
+        capsys, ev.main, ["--model", str(tiny_model_dir), "--data", str(small_text_path), "--max-windows", "2",
+                          "--draft", str(tiny_model_dir)])
 
 
 @pytest.mark.parametrize("case, message", [

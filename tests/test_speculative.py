@@ -35,12 +35,31 @@ def as_block(model, block_size=4):
     return block
 
 
-@pytest.mark.parametrize("drafter", ["dlm", "block"])
+def as_feature(model, feature_dim, block_size=4, seed=0):
+    """A feature drafter with model's weights and a random reading of the verifier's states (untrained, so what
+    it drafts depends on them)."""
+    config = model.args.to_dict() | {"model_type": "block", "block_size": block_size, "logit_shift": True,
+                                     "feature_dim": feature_dim}
+    mx.random.seed(seed)
+    drafter = Model(ModelArgs(**config))
+    drafter.update({k: v for k, v in model.parameters().items() if k != "t_proj"})
+    return drafter
+
+
+def drafter_of(kind, dlm, ar):
+    """The drafter a test parametrised by kind runs: the DLM itself, its weights in blocks of 4, or as a feature
+    drafter reading ar's states."""
+    return {"dlm": lambda: dlm, "block": lambda: as_block(dlm), "feature": lambda: as_feature(dlm, ar.args.dim)}[kind]()
+
+
+@pytest.mark.parametrize("drafter", ["dlm", "block", "feature"])
 @pytest.mark.parametrize("prompt", ["ROMEO:", "\n", "First Citizen:\nWe are"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_output_is_the_ar_models_own(pair, prompt, k, drafter):
     ar, dlm, tok = pair
-    draft = dlm if drafter == "dlm" else as_block(dlm)  # the block drafter: the DLM's weights in blocks of 4
+    if drafter == "feature" and k == 5:
+        k = 4  # a feature drafter drafts at most its block
+    draft = drafter_of(drafter, dlm, ar)
     alone = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0)
     assert mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=draft, draft_length=k) == alone
     batch = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0, draft_model=draft, draft_length=k,
@@ -58,13 +77,13 @@ def _nll_per_token(ar, tok, texts: list[str], prompt: str) -> np.ndarray:
     return np.array(nll[:, len(tok.encode(prompt)) - 1:].mean(axis=1))
 
 
-@pytest.mark.parametrize("drafter", ["dlm", "block"])
+@pytest.mark.parametrize("drafter", ["dlm", "block", "feature"])
 def test_long_samples_score_under_the_ar_as_its_own_samples_do(pair, drafter):
     """Beyond the first two tokens: 600 samples of 24 tokens each (a batch, each row at its own length; the block
     drafter crosses several blocks), scored by the AR itself. Exact sampling gives the same mean NLL as the AR's
     own samples: a two-sample z-test at a 0.1% false-alarm rate (|z| < 3.29)."""
     ar, dlm, tok = pair
-    draft = dlm if drafter == "dlm" else as_block(dlm)
+    draft = drafter_of(drafter, dlm, ar)
     options = dict(max_tokens=24, temp=1.0, num_samples=600)
     alone = _nll_per_token(ar, tok, mlx_dlm.generate(ar, tok, "ROMEO:", seed=1, **options), "ROMEO:")
     spec = _nll_per_token(ar, tok, mlx_dlm.generate(ar, tok, "ROMEO:", seed=2, draft_model=draft, draft_length=3,
@@ -93,16 +112,19 @@ def test_the_acceptance_rule_yields_p_whatever_q():
 
 
 @pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("drafter", ["dlm", "block"])
+@pytest.mark.parametrize("drafter", ["dlm", "block", "feature"])
 def test_sampled_output_follows_the_ar_models_exact_distribution(drafter, batched):
     """The first two tokens after a prompt, over 1,200 seeds (or 1,200 rows of one batch, each row at its own
     length), against the AR model's exact p(a) p(b | a). The block drafter (blocks of 4, prompt of 3) drafts one
-    position and leaves the second to the verifier's rule."""
+    position and leaves the second to the verifier's rule; the feature drafter has no draft in its first round
+    (the AR draws a alone) and drafts b from the AR's state and a."""
     text = "abcd" * 8
     ar, tok = untrained(text, 16, model_type="ar", seed=5)
     dlm, _ = untrained(text, 16, seed=6)
     if drafter == "block":
         dlm = as_block(untrained(text, 16, model_type="ar", seed=6)[0])
+    if drafter == "feature":
+        dlm = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim)
     prompt = "abc" if drafter == "block" else "ab"
 
     def next_token(context: str) -> np.ndarray:  # the AR's distribution; the mask token is never drawn
@@ -132,12 +154,14 @@ def _speculative_caches(ar):
     return next(v[:2] for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
 
 
+@pytest.mark.parametrize("drafter", ["dlm", "feature"])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples):
+def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples, drafter):
     """After each round the verifier's cache holds, for every known position of every row, the keys and values a
     fresh prefill of that row's kept text gives: rejected drafts leave no trace, and rows of one batch (each at its
     own length) do not disturb each other. Rounds with 0 .. K drafts kept all occur."""
     ar, dlm, tok = pair
+    dlm = drafter_of(drafter, dlm, ar)
     K, seen = 3, set()
     ar.__dict__.pop(MEMO_ATTRIBUTE, None)  # the one speculative cache left is this test's
     for seed in range(6 // num_samples):
@@ -146,7 +170,7 @@ def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, 
             seen.update(state.draft_kept)
             cache, _ = _speculative_caches(ar)
             for row in range(num_samples):
-                known = min(int(cache.offset[row].item()), state.tokens.shape[1])
+                known = min(int(np.atleast_1d(np.array(cache.offset))[row]), state.tokens.shape[1])
                 fresh = KVCache(ar.args, 1, cache.size)
                 ar(mx.array(state.tokens[row:row + 1, :known]), cache=fresh)
                 for name in ("keys", "values"):
