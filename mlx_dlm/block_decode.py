@@ -36,7 +36,10 @@ def block_defaults(args) -> dict:
     """The decoding defaults of a block model trained here (ModelArgs args; the trainer writes them to its
     sampling.json): one position a pass, and with a next-token head (logit_shift) left to right, the leftmost
     being the AR's own step: the setting that wrote best in the benchmark (docs/block-diffusion.md). As a
-    drafter it drafts at most the rest of its block, so a longer draft_length only lengthens the verify pass."""
+    drafter it drafts at most the rest of its block, so a longer draft_length only lengthens the verify pass. A
+    feature drafter only drafts (its whole block)."""
+    if args.feature_dim:
+        return {"draft_length": args.block_size}
     return {"block_steps": args.block_size, **({"strategy": "left"} if args.logit_shift else {}),
             "draft_length": args.block_size}
 

@@ -397,6 +397,7 @@ def test_feature_drafter_trains_and_drafts_for_its_ar_model(tmp_path, small_text
     drafter, tok = load(out)
     ar, _ = load(tiny_ar_dir)
     assert drafter.args.feature_dim == ar.args.dim and drafter.args.n_layers == 1
+    assert json.loads((out / "sampling.json").read_text()) == {"draft_length": 3}  # it only drafts: its block
     assert generate(ar, tok, "AB", max_tokens=8, temp=0, draft_model=drafter, draft_length=3) == \
         generate(ar, tok, "AB", max_tokens=8, temp=0)
     assert "at most 3 tokens a round" in user_error(generate, ar, tok, "AB", draft_model=drafter, draft_length=4)

@@ -209,19 +209,19 @@ def test_the_server_lists_and_applies_the_models_defaults(tmp_path):
 def test_eval_samples_with_the_models_pace_unless_told(tmp_path, monkeypatch):
     from mlx_dlm import eval as eval_module
 
-    calls = []
+    calls, real = [], eval_module.stream_generate
 
-    def record(model, tokenizer, prompt, options):
+    def record(model, tokenizer, prompt, options, draft_model=None):
         calls.append(options)
-        return [prompt + "Speak, speak."[:options.max_tokens]] * options.num_samples
+        yield from real(model, tokenizer, prompt, options, draft_model)
 
-    monkeypatch.setattr(eval_module, "generate", record)
+    monkeypatch.setattr(eval_module, "stream_generate", record)
     paced = _block_dir(tmp_path / "paced", {"strategy": "left", "block_steps": 4})
     unpaced = _block_dir(tmp_path / "unpaced", {"strategy": "left"})
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 40)
     common = dict(data_path=str(corpus), judges=["ngram"], seq_len=32, max_windows=2, samples=2, sample_tokens=7,
-                  reference_windows=4)
+                  prompt="First", reference_windows=4)
     run = dict(max_tokens=7, seed=0, num_samples=2, strategy="left")
     for directory, steps, want, line in (
             (paced, None, SamplerOptions(block_steps=4, **run), "4 steps a block, strategy left"),
