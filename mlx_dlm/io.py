@@ -27,7 +27,8 @@ SAMPLING_FILE = "sampling.json"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # reference models trained here, in ASSETS_DIR: the diffusion model, its matched AR, the independent judge and the
 # AR adapted to block diffusion (blocks of 4 and 2)
-SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge", "shakespeare-block", "shakespeare-block2")
+SHIPPED_MODELS = ("shakespeare-dlm", "shakespeare-ar", "shakespeare-judge", "shakespeare-block", "shakespeare-block2",
+                  "shakespeare-ar-drafter")
 
 
 def save_weights(path: str | os.PathLike, model: Model, metadata: dict[str, str] | None = None) -> None:

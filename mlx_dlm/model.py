@@ -357,7 +357,7 @@ class Model(nn.Module):
         n_mlp = 3 if a.mlp == "swiglu" else 2
         qkv_out = a.dim + 2 * a.kv_heads * a.head_dim
         weights = a.n_layers * (qkv_out + a.dim * int(a.attn_out_proj)) * a.dim
-        weights += a.n_layers * n_mlp * a.dim * a.hidden_dim + a.dim * a.vocab_size
+        weights += a.n_layers * n_mlp * a.dim * a.hidden_dim + a.dim * a.vocab_size + a.feature_dim * a.dim
         return 2.0 * weights + 4.0 * a.n_layers * seq_len * a.dim
 
 

@@ -349,13 +349,19 @@ class Run:
 
     @property
     def flops_per_step(self) -> float:
-        """Forward + backward (~3x forward) FLOPs of one step over the global batch."""
+        """Forward + backward (~3x forward) FLOPs of one step over the global batch, and a drafter's teacher's
+        forward pass."""
         a = self.args
+        windows = a.batch_size * self.size
+        teacher = self.teacher.flops_per_token(a.seq_len) * windows * a.seq_len if self.teacher is not None else 0.0
+        if self.model.args.feature_dim:  # one block of B rows for each of the window's L - B positions
+            B = self.model.args.block_size
+            return 3 * self.model.flops_per_token(B) * windows * (a.seq_len - B) * B + teacher
         kind = self.model.args.model_type
         forwarded = a.seq_len * (2 if kind == "block" else 1)  # block: the noisy and the clean copy
         forwarded *= 2 if a.complementary else 1  # and each window twice, complementary
         predicted = a.seq_len - (kind == "ar")
-        return 3 * self.model.flops_per_token(forwarded) * a.batch_size * self.size * forwarded * predicted / a.seq_len
+        return 3 * self.model.flops_per_token(forwarded) * windows * forwarded * predicted / a.seq_len + teacher
 
 
 def _restore(out: Path, rank: int, size: int) -> dict:

@@ -8,7 +8,7 @@ import mlx_dlm  # noqa: F401  (OpenBLAS under MLX)
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_TRAIN, cli_error, untrained, user_error
+from conftest import TINY_TRAIN, cli_error, metrics_rows, untrained, user_error
 
 from mlx.utils import tree_flatten
 
@@ -398,6 +398,10 @@ def test_feature_drafter_trains_and_drafts_for_its_ar_model(tmp_path, small_text
     ar, _ = load(tiny_ar_dir)
     assert drafter.args.feature_dim == ar.args.dim and drafter.args.n_layers == 1
     assert json.loads((out / "sampling.json").read_text()) == {"draft_length": 3}  # it only drafts: its block
+    # FLOPs: forward + backward of one 3-row block for each of the 64 - 3 positions of 8 windows a step, and the
+    # AR's forward over the windows
+    per_step = 3 * drafter.flops_per_token(3) * 8 * 61 * 3 + ar.flops_per_token(64) * 8 * 64
+    assert metrics_rows(out)[-1]["flops"] == pytest.approx(3 * per_step)
     assert generate(ar, tok, "AB", max_tokens=8, temp=0, draft_model=drafter, draft_length=3) == \
         generate(ar, tok, "AB", max_tokens=8, temp=0)
     assert "at most 3 tokens a round" in user_error(generate, ar, tok, "AB", draft_model=drafter, draft_length=4)
