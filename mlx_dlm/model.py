@@ -79,6 +79,8 @@ class ModelArgs:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         self.feature_layers = tuple(self.feature_layers)  # JSON gives a list
+        if self.feature_layers and not self.feature_dim:
+            raise UserError("model config: feature_layers names what a feature drafter reads; feature_dim is 0")
         if self.feature_dim < 0 or (self.feature_dim and self.model_type != "block"):
             raise UserError(f"model config: feature_dim must be 0, or positive for a block model (a drafter), got "
                             f"{self.feature_dim} for model_type {self.model_type!r}")

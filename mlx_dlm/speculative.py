@@ -23,7 +23,8 @@ Drafters:
   that finished no block run their noisy block first and ignore the rest). Draft positions past
   the block are not drafted: the rule treats them as rejected, and the AR's token there comes from p itself;
 - a feature drafter (a block model with `feature_dim`, DFlash-style) keeps no context of its own: at the end of
-  a round it reads the verifier's last hidden state at the row that produced the round's final token, and drafts
+  a round it reads the verifier's hidden states (its last layer's output, or the layers the drafter names:
+  `ModelArgs.feature_layers`) at the row that produced the round's final token, and drafts
   the next round's K tokens in one pass of B rows, [that token, mask x (B-1)], inside the same compiled round.
   Its drafts and their q carry over to the next round (the first round has none: the AR draws its token alone).
 """

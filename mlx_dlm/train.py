@@ -106,9 +106,9 @@ HELP = {
         "every token is a target once per window",
     "draft_for": "train a drafter for this AR model (speculative decoding): the targets at masked positions are "
         "its next-token distributions, not the text (distillation); with --objective dlm or block",
-    "feature_drafter": "with --draft-for and --objective block: a drafter that reads the AR model's last hidden "
-        "state (DFlash-style) instead of keeping context of its own; each round it drafts --block-size tokens in "
-        "one pass of that many rows, run inside the verifier's round",
+    "feature_drafter": "with --draft-for and --objective block: a drafter that reads the AR model's hidden states "
+        "(DFlash-style; the last layer's, or --feature-layers) instead of keeping context of its own; each round it "
+        "drafts --block-size tokens in one pass of that many rows, run inside the verifier's round",
     "feature_layers": "with --feature-drafter: the AR model's layers (0-based) whose outputs the drafter reads, side "
         "by side, e.g. 1,3,5 (default: the last alone)",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "

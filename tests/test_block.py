@@ -413,6 +413,8 @@ def test_feature_drafter_trains_and_drafts_for_its_ar_model(tmp_path, small_text
     wide = _feature_drafter(untrained(TEXT, 64, model_type="ar", seed=8)[0])
     wide = Model(ModelArgs(**(wide.args.to_dict() | {"feature_dim": ar.args.dim + 1})))
     assert "trained for another AR model" in user_error(generate, ar, tok, "AB", draft_model=wide)
+    assert "feature_dim is 0" in user_error(ModelArgs, model_type="block", block_size=2, feature_layers=(1,))
+    assert "positive for a block model" in user_error(ModelArgs, model_type="dlm", feature_dim=8)
     base = ["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--iters", "1", *TINY_TRAIN]
     assert "--feature-drafter needs --draft-for" in cli_error(capsys, train.main, [*base, "--feature-drafter"])
     assert "applies to --feature-drafter" in cli_error(capsys, train.main, [*base, "--feature-layers", "0"])
