@@ -26,10 +26,11 @@ drafter learns what its verifier would say.
 
 A feature drafter (`feature_draft_loss`; block model with `feature_dim`, DFlash-style) has no context of its own:
 for every position j of a window it sees the teacher's hidden state at j (its last layer's output, what the
-teacher's head reads to predict x_{j+1}, or the outputs of the layers the drafter names) and a block of K rows, [x_{j+1}, mask, ..., mask], and learns the teacher's distributions of
-x_{j+2} .. x_{j+K+1} given the true text (with the shift, row i's output predicts row i + 1). It is trained at
-the one mask it drafts with, every drafted position hidden, and the loss is the cross-entropy against the
-teacher's distributions (nats/token, not a likelihood bound).
+teacher's head reads to predict x_{j+1}, or the outputs of the layers the drafter names) and a block of K rows,
+[x_{j+1}, mask, ..., mask], and learns the teacher's distributions of x_{j+2} .. x_{j+K+1} given the true text
+(with the shift, row i's output predicts row i + 1). It is trained at the one mask it drafts with, every drafted
+position hidden, and the loss is the cross-entropy against the teacher's distributions (nats/token, not a
+likelihood bound).
 """
 
 from __future__ import annotations

@@ -329,10 +329,11 @@ class Model(nn.Module):
             x = x + self.feature_proj(features.astype(x.dtype))[:, None]
         x = self.emb_drop(x)
         read = hidden if isinstance(hidden, tuple) else (args.n_layers - 1,)
-        outputs = {}
+        outputs = {}  # the layer outputs `hidden` reads
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, attn_mask, copies)
-            outputs[i] = x
+            if hidden and i in read:
+                outputs[i] = x
         if cache is not None:
             cache.advance(L if advance is None else advance)
         if args.final_norm:

@@ -372,10 +372,10 @@ def _restore(out: Path, rank: int, size: int) -> dict:
     return state if state is not None else checkpoint.restore(out)
 
 
-def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
+def _adapted_model(args: argparse.Namespace, verifier: ModelArgs | None = None) -> tuple[Model, object]:
     """--init-from's weights and tokenizer as a model of --objective. A model started from an AR one keeps its
     next-token head's meaning (logit_shift: a position is predicted from the output to its left) unless
-    --arch logit_shift=false (the SDAR choice)."""
+    --arch logit_shift=false (the SDAR choice). verifier: the --draft-for model's architecture."""
     source, tokenizer = load(args.init_from)
     if any(name.endswith(".scales") for name, _ in tree_flatten(source.parameters())):
         raise UserError(f"--init-from {args.init_from} is quantized; start from a float model")
@@ -386,7 +386,7 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     config.update(parse_arch(args.arch))
     if args.dropout:
         config["dropout"] = args.dropout
-    config.update(_feature_reading(args))
+    config.update(_feature_reading(args, verifier))
     if not 1 <= config["n_layers"] <= source.args.n_layers:
         raise UserError(f"--init-from {args.init_from} has {source.args.n_layers} layers: --arch n_layers may be "
                         f"1 to {source.args.n_layers}, got {config['n_layers']}")
@@ -400,11 +400,11 @@ def _adapted_model(args: argparse.Namespace) -> tuple[Model, object]:
     return model, tokenizer
 
 
-def _feature_reading(args: argparse.Namespace) -> dict:
-    """--feature-drafter: what it reads of the --draft-for model (feature_dim, feature_layers); none otherwise."""
+def _feature_reading(args: argparse.Namespace, verifier: ModelArgs | None) -> dict:
+    """--feature-drafter: what it reads of the --draft-for model, whose architecture is verifier (feature_dim,
+    feature_layers); none otherwise."""
     if not args.feature_drafter:
         return {"feature_dim": 0, "feature_layers": ()}
-    verifier = load(args.draft_for)[0].args
     layers = _layer_list(args.feature_layers)
     if any(not 0 <= i < verifier.n_layers for i in layers) or len(set(layers)) < len(layers):
         raise UserError(f"--feature-layers must name distinct layers of {args.draft_for}'s {verifier.n_layers} "
@@ -417,18 +417,24 @@ def kept_layers(n_source: int, n: int) -> list[int]:
     return [round(i * (n_source - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
 
 
-def _teacher(args: argparse.Namespace, model: Model, tokenizer) -> Model:
-    """--draft-for's AR model, frozen, checked to share the drafter's vocabulary."""
+def _load_teacher(args: argparse.Namespace) -> tuple[Model, object]:
+    """--draft-for's model and tokenizer, refused unless autoregressive."""
     teacher, teacher_tokenizer = load(args.draft_for)
     if teacher.args.model_type != "ar":
         raise UserError(f"--draft-for {args.draft_for} is a {teacher.args.model_type} model: a drafter is trained "
                         "for an autoregressive one")
+    return teacher, teacher_tokenizer
+
+
+def _teacher(loaded: tuple[Model, object], model: Model, tokenizer) -> Model:
+    """The loaded --draft-for model, frozen, checked to be one the drafter can draft for (vocabulary, states)."""
+    teacher, teacher_tokenizer = loaded
     check_drafter(teacher, model, teacher_tokenizer, tokenizer)
     teacher.freeze()
     return teacher
 
 
-def _new_model(args: argparse.Namespace, tokenizer) -> Model:
+def _new_model(args: argparse.Namespace, tokenizer, verifier: ModelArgs | None = None) -> Model:
     overrides = parse_arch(args.arch)
     if args.dropout:
         overrides["dropout"] = args.dropout
@@ -436,7 +442,7 @@ def _new_model(args: argparse.Namespace, tokenizer) -> Model:
         overrides["subs_mask_id"] = tokenizer.mask_id
     if args.objective == "block":
         overrides["block_size"] = args.block_size
-        overrides.update(_feature_reading(args))
+        overrides.update(_feature_reading(args, verifier))
     model_args = preset_args(args.preset, vocab_size=tokenizer.vocab_size, model_type=args.objective, **overrides)
     return init_model(model_args, seed=args.seed, init=args.init)
 
@@ -460,10 +466,12 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     elif (out / checkpoint.STATE_FILE).exists() or (out / CONFIG_FILE).exists():
         raise UserError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
     text = data.read_corpus(args.data)  # a missing corpus leaves no empty --out behind
+    loaded_teacher = _load_teacher(args) if args.draft_for else None  # so does a teacher that is not AR
+    verifier = loaded_teacher[0].args if loaded_teacher else None
     adapted = None
     if resume_state is None and args.init_from:  # so does a source that cannot be adapted
         mx.random.seed(args.seed)  # dropout and the model's other draws
-        adapted = _adapted_model(args)
+        adapted = _adapted_model(args, verifier)
     if resume_state is None and rank == 0:
         ensure_dir(out, "--out")  # fail before any work, not at the first checkpoint
     data_sha = hashlib.sha256(text.encode()).hexdigest()
@@ -476,7 +484,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
         model, tokenizer = adapted
     else:
         tokenizer = _build_tokenizer(args, text)
-        model = _new_model(args, tokenizer)
+        model = _new_model(args, tokenizer, verifier)
     if args.seq_len > model.args.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
     if args.dtype == "bfloat16":
@@ -485,7 +493,7 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
     tokens = tokenizer.encode_array(text)
     train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction)
     data.check_window(train_tokens, args.seq_len, "training")
-    teacher = _teacher(args, model, tokenizer) if args.draft_for else None
+    teacher = _teacher(loaded_teacher, model, tokenizer) if loaded_teacher else None
     evaluate, chars_per_token = None, 1.0
     if len(val_tokens) >= args.seq_len:
         val_windows = data.eval_windows(val_tokens, args.eval_batches * args.batch_size, args.seq_len)
