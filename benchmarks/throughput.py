@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import asdict
 
 import mlx.core as mx
 
@@ -39,9 +40,8 @@ from mlx_dlm import data
 from mlx_dlm import model as model_module
 from mlx_dlm.errors import UserError
 from mlx_dlm.eval import (DEFAULT_JUDGES, DEFAULT_REFERENCE_WINDOWS, ar_nll, block_nelbo, char_entropy,
-                          check_independent,
-                          distinct_ngrams, dlm_elbo, generative_perplexity, infill_accuracy, load_judges, ngram_count,
-                          reference_texts, val_windows)
+                          check_independent, distinct_ngrams, dlm_elbo, generative_perplexity, infill_accuracy,
+                          load_judges, median_interval, ngram_count, reference_texts, val_windows)
 from mlx_dlm.io import load
 from mlx_dlm.model import PRESETS, init_model, preset_args
 from mlx_dlm.options import model_defaults
@@ -230,7 +230,8 @@ class _Setting:
         passes = max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1)
         stats = {"forward_tokens": last.forward_tokens,
                  "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
-                 "tokens_per_sec_max": max(rates), "nfe": last.nfe, "tokens_per_forward": n / last.nfe,
+                 "tokens_per_sec_max": max(rates), "tokens_per_sec_runs": rates, "nfe": last.nfe,
+                 "tokens_per_forward": n / last.nfe,
                  "ms_per_forward": statistics.median(decode) / passes * 1e3,
                  "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
                  "decode_ms": statistics.median(decode) * 1e3}
@@ -457,12 +458,23 @@ BRIEF_SETTING = ("temp", "top_k", "draft_length", "block_size", "threshold", "st
 
 
 def _brief(r: dict | None, ar: dict) -> dict | None:
-    """A row's setting (all that `_label` names), quality and speed over the AR row's, for the summary."""
+    """A row's setting (all that `_label` names), quality and speed over the AR row's, for the summary: the
+    ratio of the medians, and the paired one (`paired_speedup`)."""
     return None if r is None else {
         "model": r["model"], "variant": r["variant"], "strategy": r["strategy"], "steps": r["steps"],
         **{k: r.get(k) for k in BRIEF_SETTING}, "gen_ppl": r["gen_ppl"], "entropy_bits": r["entropy_bits"],
         "distinct4": r["distinct4"], "tokens_per_sec": r["tokens_per_sec"],
-        "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"]}
+        "speedup": r["tokens_per_sec"] / ar["tokens_per_sec"], "paired_speedup": paired_speedup(r, ar)}
+
+
+def paired_speedup(row: dict, ar: dict) -> dict | None:
+    """The row's speed over the AR's trial by trial (the two ran within one round of `_time_in_turns`, so a drift
+    in the machine's speed falls on both): the median ratio and its distribution-free 95% interval
+    (`eval.median_interval`). None for rows without per-trial rates (records written before they were kept)."""
+    runs, base = row.get("tokens_per_sec_runs"), ar.get("tokens_per_sec_runs")
+    if not runs or not base or len(runs) != len(base):
+        return None
+    return asdict(median_interval([a / b for a, b in zip(runs, base)]))
 
 
 def _label(r: dict) -> str:
@@ -494,22 +506,30 @@ def _print_quality(rows: list[dict], reference: dict, judges: list) -> None:
         line(_label(r)[:34], r["batch_size"], f"{r['tokens_per_sec']:.1f}", r)
 
 
+def _paired(brief: dict) -> str:
+    pair = brief.get("paired_speedup")
+    if not pair:
+        return ""
+    return (f" (paired by trial: median {pair['median']:.2f}x, {pair['coverage']:.0%} interval "
+            f"{pair['low']:.2f}-{pair['high']:.2f}x over {pair['count']} trials)")
+
+
 def _print_summary(summary: list[dict], tolerance: float) -> None:
     print(f"\nEqual quality (under every judge genPPL within {tolerance:.0%} of the AR's, distinct-4 >= "
           f"{DISTINCT_RATIO}x, entropy >= AR - {ENTROPY_MARGIN} bits):")
     for s in summary:
         for item in s["per_ar_setting"]:
             ar, m = item["ar"], item["fastest_match"]
-            found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x"
+            found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x{_paired(m)}"
                      if m else "no DLM setting matches")
             blk = item["block_match"]
             if blk:
                 found += (f"; fastest block match {_label(blk)}: {blk['tokens_per_sec']:.1f} tok/s = "
-                          f"{blk['speedup']:.2f}x")
+                          f"{blk['speedup']:.2f}x{_paired(blk)}")
             spec = item["speculative"]
             if spec:
                 found += (f"; speculative {_label(spec)} (the AR's own distribution): "
-                          f"{spec['tokens_per_sec']:.1f} tok/s = {spec['speedup']:.2f}x")
+                          f"{spec['tokens_per_sec']:.1f} tok/s = {spec['speedup']:.2f}x{_paired(spec)}")
             print(f"  batch {s['batch_size']}, {_label(ar)} ({ar['tokens_per_sec']:.1f} tok/s): {found}")
         for judge, f in s["frontier"].items():
             if f["speed_ratio"]:

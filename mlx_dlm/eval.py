@@ -14,6 +14,7 @@
   like samples (the prompt's length, then the completion's), the real-text level every judge is read against;
 - diversity beside it, so low temperature or repetition cannot buy quality: `char_entropy` (bits) and
   `distinct_ngrams` (the share of distinct 4-grams, counted over an equal number of 4-grams per source).
+- `median_interval`: a median with a distribution-free interval (benchmarks' paired speed ratios).
 - `infill_accuracy`: hide a span in the middle of held-out windows, fill it greedily, count the tokens
   recovered exactly.
 - `evaluate`: all of the above for one model directory; `main`: the command.
@@ -85,6 +86,30 @@ def interval(values: list[float]) -> Estimate:
         return Estimate(float(values[0]), 0.0, n)
     q = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     return Estimate(statistics.fmean(values), q * statistics.stdev(values) / math.sqrt(n), n)
+
+
+@dataclass
+class MedianInterval:
+    """A median with a distribution-free interval: order statistics low..high that hold the true median with
+    probability `coverage` (exact, from the binomial; at least 95% from 6 values on)."""
+
+    median: float
+    low: float
+    high: float
+    coverage: float
+    count: int
+
+
+def median_interval(values: list[float], level: float = 0.95) -> MedianInterval:
+    """The median of independent draws and the narrowest symmetric order-statistic interval [x_(j), x_(n+1-j)]
+    whose coverage of the true median, 1 - 2 P(Binomial(n, 1/2) < j), is at least `level` ([min, max] when no
+    interval reaches it: fewer than 6 draws at 95%)."""
+    ordered, n = sorted(values), len(values)
+    below, j = 0.5 ** n, 1  # below: P(Binomial(n, 1/2) < j)
+    while j + 1 <= (n + 1) // 2 and 1 - 2 * (below + math.comb(n, j) * 0.5 ** n) >= level:
+        below += math.comb(n, j) * 0.5 ** n
+        j += 1
+    return MedianInterval(statistics.median(ordered), ordered[j - 1], ordered[n - j], 1 - 2 * below, n)
 
 
 def val_windows(tokens: np.ndarray, seq_len: int, val_fraction: float = data.DEFAULT_VAL_FRACTION,

@@ -180,6 +180,31 @@ def test_a_matching_block_setting_is_named_in_the_summary(capsys):
     assert "fastest block match BD2 2/block left T1: 80.0 tok/s = 0.80x" in capsys.readouterr().out
 
 
+def test_the_speculative_speedup_is_also_paired_trial_by_trial(capsys):
+    """11 trials on a machine whose speed drifts: each trial's speculative rate over that trial's AR rate gives
+    the ratios 1.0, 1.1, .., 2.0 (shuffled): their median 1.5x and the 98.8% order-statistic interval, the 2nd to
+    the 10th, 1.1-1.9x; the printed line gives it beside the ratio of the medians."""
+    from statistics import median
+
+    from mlx_dlm.benchmark.throughput import _print_summary, equal_quality
+
+    ar_runs = [100.0, 80.0, 60.0, 90.0, 70.0, 100.0, 50.0, 95.0, 85.0, 65.0, 75.0]
+    ratios = [1.0 + 0.1 * i for i in np.random.default_rng(0).permutation(11)]
+    spec_runs = [a * r for a, r in zip(ar_runs, ratios)]
+    ar = {**_row("ar", median(ar_runs), {"a": 5.0}), "tokens_per_sec_runs": ar_runs}
+    spec = {**_row("spec", median(spec_runs), {"a": 5.0}), "draft_length": 3, "tokens_per_sec_runs": spec_runs}
+    block = {**_row("block", 10.0, {"a": 9.0}), "block_size": 2, "steps_per_block": 2.0}
+    summary = equal_quality([ar, spec, block])
+    brief = summary[0]["per_ar_setting"][0]["speculative"]
+    pair = brief["paired_speedup"]
+    assert (pair["median"], pair["low"], pair["high"], pair["count"]) == (pytest.approx(1.5), pytest.approx(1.1),
+                                                                          pytest.approx(1.9), 11)
+    assert pair["coverage"] == pytest.approx(1 - 2 * (1 + 11) / 2 ** 11)
+    _print_summary(summary, 0.10)
+    assert (f"= {brief['speedup']:.2f}x (paired by trial: median 1.50x, 99% interval 1.10-1.90x over 11 trials)"
+            in capsys.readouterr().out)
+
+
 def test_frontier_interpolation_against_a_hand_computed_example():
     """DLM settings at (genPPL, tok/s) (4, 50), (8, 200), (16, 800) and a dominated (10, 100); AR at (2, 100) and
     (3, 200). In log-log space, genPPL 4 x sqrt(2) lies halfway from 4 to 8: sqrt(50 x 200) = 100 tok/s."""
