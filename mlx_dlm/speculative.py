@@ -13,7 +13,8 @@ Several samples (num_samples) run as rows of one batch, each at its own length: 
 last is done; a single sample's verifier cache keeps one offset, as the AR decoder's does (its writes are slices,
 not scatters). Temperature, top-k and top-p filter p and q alike (`decoding.filter_logits`); at temperature 0 both
 are one-hot at their argmax, and the output is the AR model's greedy text. One compiled function does a round on
-the device.
+the device, from one draw of uniforms: the rule's tests, and Gumbel noise for the verifier's and the drafter's
+draws (`gumbel`).
 
 Drafters:
 - a full-sequence diffusion model has no exact cache (it attends both ways), so its pass covers the canvas;
@@ -44,6 +45,8 @@ from .diffusion import shifted_block_logits
 from .errors import UserError
 from .model import KVCache, memoize_on_model
 from .options import SamplerOptions
+
+TINY = float(np.finfo(np.float32).tiny)  # the least uniform draw (`uniform_noise`)
 
 
 def check_drafter(model, draft_model, tokenizer, draft_tokenizer=None) -> None:
@@ -78,20 +81,30 @@ def probabilities(logits: mx.array, temp, top_k: int, top_p) -> mx.array:
     return mx.softmax(filter_logits(logits / temp, top_k, top_p), axis=-1)
 
 
-def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: mx.array | None = None
+def uniform_noise(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """Uniform draws in (0, 1): never 0, so `gumbel` of them is finite."""
+    return mx.random.uniform(low=TINY, high=1.0, shape=shape, key=key)
+
+
+def gumbel(u: mx.array) -> mx.array:
+    """Gumbel noise from uniforms in (0, 1): argmax(log w + gumbel(u)) is a draw from normalise(w) (Gumbel-max)."""
+    return -mx.log(-mx.log(u))
+
+
+def accept(p: mx.array, q: mx.array, drafts: mx.array, noise: mx.array, drafted: mx.array | None = None
            ) -> tuple[mx.array, mx.array]:
     """The speculative-sampling rule for rows of drafts (B, K) drawn from q (B, K, V), verified by p (B, K+1, V).
 
     Returns (kept, token): how many leading drafts each row keeps (B,), and the token that follows them (B,):
     from normalise(max(0, p - q)) at the first rejection, from p_{K+1} when all are kept. drafted (B, K): which
-    positions hold a draft at all; the first that does not ends the round, its token drawn from p (its q is 0)."""
+    positions hold a draft at all; the first that does not ends the round, its token drawn from p (its q is 0).
+    noise (B, K + V): independent uniforms in (0, 1) (`uniform_noise`), K for the tests, V for the draw."""
     B, K = drafts.shape
-    accept_key, draw_key = mx.random.split(key)
     if drafted is not None:
         q = mx.where(drafted[..., None], q, 0.0)
     p_d = mx.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]
     q_d = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    ok = mx.random.uniform(shape=(B, K), key=accept_key) * q_d < p_d  # u < p / q, with q(d) > 0
+    ok = noise[:, :K] * q_d < p_d  # u < p / q, with q(d) > 0
     if drafted is not None:
         ok = ok & drafted
     kept = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
@@ -99,7 +112,7 @@ def accept(p: mx.array, q: mx.array, drafts: mx.array, key: mx.array, drafted: m
     mass = residual.sum(axis=-1, keepdims=True)
     residual = mx.where(mass > 0, residual / mx.where(mass > 0, mass, 1.0), p)
     chosen = mx.take_along_axis(residual, kept[:, None, None], axis=1)[:, 0]
-    token = mx.random.categorical(mx.log(chosen), key=draw_key)
+    token = mx.argmax(mx.log(chosen) + gumbel(noise[:, K:]), axis=-1)
     return kept, token
 
 
@@ -158,12 +171,13 @@ def first_carry(S: int, K: int, V: int) -> tuple[mx.array, mx.array, mx.array]:
     return mx.zeros((S, K), dtype=mx.int32), mx.zeros((S, K, V)), mx.zeros((S, K), dtype=mx.bool_)
 
 
-def _draw(q_logits: mx.array, key: mx.array, nums: dict, mask_id: int, n_valid: int | None, top_k: int
+def _draw(q_logits: mx.array, noise: mx.array, nums: dict, mask_id: int, n_valid: int | None, top_k: int
           ) -> tuple[mx.array, mx.array]:
-    """(drafts, q): the drafter's filtered distribution at each drafted position and a draw from it."""
+    """(drafts, q): the drafter's filtered distribution at each drafted position and a draw from it; noise: uniforms
+    in (0, 1) of q's shape."""
     temp, top_p = sampling_numbers(nums)
     q = probabilities(without_mask(q_logits, mask_id, n_valid), temp, top_k, top_p)
-    drafts = mx.random.categorical(mx.log(q), key=key) if "temp" in nums else mx.argmax(q, axis=-1)
+    drafts = mx.argmax(mx.log(q) + gumbel(noise), axis=-1) if "temp" in nums else mx.argmax(q, axis=-1)
     return drafts.astype(mx.int32), q
 
 
@@ -178,22 +192,24 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
 
     def round_(x, n, key, nums, carry, folded):
         temp, top_p = sampling_numbers(nums)
-        draft_key, accept_key = mx.random.split(key)
-        L = x.shape[1]
+        S, L = x.shape
+        V = model.args.vocab_size
+        noise = uniform_noise((S, K + V + K * V), key)  # one draw a round: the tests, the verifier's draw, the drafts
+        accept_noise, draft_noise = noise[:, :K + V], noise[:, K + V:].reshape(S, K, V)
         live = (n < total)[:, None]
         n = mx.minimum(n, total)  # a finished row reruns from the end: every pass stays inside the canvas
         if features:  # drafted at the end of the round before
             drafts, q, drafted = carry
         else:
             q_logits, drafted, carry = draft(x, n, carry, folded)
-            drafts, q = _draw(q_logits, draft_key, nums, mask_id, n_valid, top_k)
+            drafts, q = _draw(q_logits, draft_noise, nums, mask_id, n_valid, top_k)
         drafts = drafts.astype(x.dtype)
         cache.state["offset"] = (n - 1).reshape(cache.offset.shape)  # roll back to the known text; the last known
         # token goes in first
         last = mx.take_along_axis(x, (n - 1)[:, None], axis=1)
         p_logits, state = model(mx.concatenate([last, drafts], axis=1), cache=cache, hidden=reads)
         p = probabilities(without_mask(p_logits, mask_id, n_valid), temp, top_k, top_p)
-        kept, token = accept(p, q, drafts, accept_key, drafted)
+        kept, token = accept(p, q, drafts, accept_noise, drafted)
         token = token.astype(x.dtype)
         written = mx.arange(L)[None] - n[:, None]  # each canvas position's index in the round
         x = mx.where(live & (written >= 0) & (written < kept[:, None]),
@@ -202,7 +218,7 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
         cache.state["offset"] = (n + kept).reshape(cache.offset.shape)  # cached now: every token before the new one
         if features:  # the state that drew `token` (row kept) and the token itself draft the next round
             state = mx.take_along_axis(state, kept[:, None, None], axis=1)[:, 0]
-            drafts, q = _draw(draft(token, state), draft_key, nums, mask_id, n_valid, top_k)
+            drafts, q = _draw(draft(token, state), draft_noise, nums, mask_id, n_valid, top_k)
             carry = (drafts, q, mx.ones(drafts.shape, dtype=mx.bool_))
         return x, mx.where(live[:, 0], n + kept + 1, n), kept, carry
 
@@ -262,14 +278,14 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
         carry = prefill_blocks(draft_model, draft_cache, x, prefilled)  # the drafter's clean blocks of the prompt
     mx.eval(cache.state, carry)
     prompt_seconds = time.perf_counter() - tic
-    n, key, k, forwarded = mx.full((S,), P, dtype=mx.int32), mx.random.key(o.seed), 0, S * (P - 1 + prefilled)
+    n, k, forwarded = mx.full((S,), P, dtype=mx.int32), 0, S * (P - 1 + prefilled)
+    keys = mx.random.split(mx.random.key(o.seed), total - P)  # a round adds at least one token to every row
     done, cached, no_fold = np.full(S, P), np.full(S, prefilled), mx.zeros((S,), dtype=mx.bool_)
     while (done < total).any():
-        key, round_key = mx.random.split(key)
         ended = np.minimum(done, total)  # where each row's pass runs (a finished row: from the end)
         folded = (ended // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
         fold = bool(folded.any())
-        x, n, kept, carry = round_fn(fold)(x, n, round_key, nums, carry, mx.array(folded) if fold else no_fold)
+        x, n, kept, carry = round_fn(fold)(x, n, keys[k], nums, carry, mx.array(folded) if fold else no_fold)
         tokens, before, done, live = np.array(x), done, np.array(n), done < total
         cached = (ended // block) * block if block else cached
         k += 1

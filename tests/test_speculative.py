@@ -9,7 +9,7 @@ import pytest
 import mlx_dlm
 from mlx_dlm.block_decode import cached_pass, prefill_blocks
 from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE, Model, ModelArgs
-from mlx_dlm.speculative import accept
+from mlx_dlm.speculative import accept, uniform_noise
 
 from conftest import untrained, user_error
 
@@ -101,7 +101,7 @@ def test_the_acceptance_rule_yields_p_whatever_q():
     q = rng.dirichlet(np.ones(V) * 0.5, size=K).astype(np.float32)
     drafts = mx.random.categorical(mx.log(mx.broadcast_to(mx.array(q), (B, K, V))), key=mx.random.key(1))
     kept, token = accept(mx.broadcast_to(mx.array(p), (B, K + 1, V)), mx.broadcast_to(mx.array(q), (B, K, V)),
-                         drafts, mx.random.key(2))
+                         drafts, uniform_noise((B, K + V), mx.random.key(2)))
     kept, token, drafts = np.array(kept), np.array(token), np.array(drafts)
     out = np.where(np.arange(K + 1)[None] < kept[:, None], np.pad(drafts, ((0, 0), (0, 1))), -1)
     out[np.arange(B), kept] = token  # the sequence each round writes: kept drafts, then its own token
