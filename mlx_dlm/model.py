@@ -154,7 +154,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.causal = args.model_type == "ar"
         kv_dim = self.n_kv_heads * self.head_dim
-        self.split = [args.dim, args.dim + kv_dim]  # q | k | v along the projection's output
+        self.qk_width = args.dim + kv_dim  # q | k | v along the projection's output: q and k end here
         self.qkv = nn.Linear(args.dim, args.dim + 2 * kv_dim, bias=args.bias if args.qkv_bias is None else args.qkv_bias)
         self.out_proj = nn.Linear(args.dim, args.dim, bias=args.bias) if args.attn_out_proj else None
         self.rope = nn.RoPE(self.head_dim, base=args.rope_theta) if args.pos_emb == "rope" else None
@@ -169,12 +169,14 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: "KVCache | None", layer: int, attn_mask: mx.array | None = None,
                  copies: int = 1) -> mx.array:
         B, L, D = x.shape
-        q, k, v = mx.split(self.qkv(x), self.split, axis=-1)
-        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k, v = (a.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3) for a in (k, v))
+        qk, v = mx.split(self.qkv(x), [self.qk_width], axis=-1)
+        heads = self.n_heads + self.n_kv_heads  # the query heads, then the key heads
+        qk = qk.reshape(B, L, heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0  # per row (B,): RoPE takes one offset per row
-        if self.rope is not None:
-            q, k = self._rope(q, offset, copies), self._rope(k, offset, copies)
+        if self.rope is not None:  # queries and keys in one call: on the CPU each call is a chain of small kernels
+            qk = self._rope(qk, offset, copies)
+        q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
         mask = attn_mask  # the caller's (block diffusion), over the cache's buffer when there is one
         if cache is None:
             mask = "causal" if self.causal and mask is None else mask
