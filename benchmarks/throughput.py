@@ -520,8 +520,8 @@ def _print_summary(summary: list[dict], tolerance: float) -> None:
     for s in summary:
         for item in s["per_ar_setting"]:
             ar, m = item["ar"], item["fastest_match"]
-            found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = {m['speedup']:.2f}x{_paired(m)}"
-                     if m else "no DLM setting matches")
+            found = (f"fastest DLM match {_label(m)}: {m['tokens_per_sec']:.1f} tok/s = "
+                     f"{m['speedup']:.2f}x{_paired(m)}" if m else "no DLM setting matches")
             blk = item["block_match"]
             if blk:
                 found += (f"; fastest block match {_label(blk)}: {blk['tokens_per_sec']:.1f} tok/s = "
