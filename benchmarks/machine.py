@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import time
 
 import mlx.core as mx
@@ -61,6 +62,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "mlx": mx.__version__,
@@ -69,6 +71,25 @@ def machine_info() -> dict:
         "blas_threads": blas.get_threads(),  # None where MLX does not run on the OpenBLAS mlx_dlm loaded
         "cpu_compile": cpu_compile(),
     }
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor", "Apple M2"): two VMs of one kind can differ 3x in
+    matmul rate and in the speed ratios they give. From cpuinfo on Linux, sysctl on macOS; else the platform's
+    processor field, or "unknown"."""
+    with contextlib.suppress(OSError):
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    if platform.system() == "Darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+            if name:
+                return name
+    return platform.processor() or "unknown"
 
 
 def cpu_compile() -> str:
@@ -81,7 +102,8 @@ def cpu_compile() -> str:
 
 def describe(info: dict) -> str:
     """One line naming the machine."""
-    return (f"{info['platform']}, {info['cores']} cores, mlx {info['mlx']} ({info['backend']} backend), "
+    cpu = f", {info['cpu']}" if info.get("cpu") else ""  # records from before it was kept have none
+    return (f"{info['platform']}{cpu}, {info['cores']} cores, mlx {info['mlx']} ({info['backend']} backend), "
             f"BLAS {info['blas']}{_threads(info.get('blas_threads'))}, CPU compile: {info.get('cpu_compile', '?')}")
 
 

@@ -225,14 +225,13 @@ class _Setting:
         runs = self.runs
         decode = [r.decode_seconds for r in runs]
         rates = [r.tokens_per_sec for r in runs]
-        last = runs[-1]
+        nfes = [r.nfe for r in runs]  # the same in every run, except where decoding adapts (rounds, thresholds)
         n = self.options["max_tokens"]
-        passes = max(last.nfe - (1 if last.prompt_pass_tokens else 0), 1)
-        stats = {"forward_tokens": last.forward_tokens,
+        stats = {"forward_tokens": runs[-1].forward_tokens,
                  "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
-                 "tokens_per_sec_max": max(rates), "tokens_per_sec_runs": rates, "nfe": last.nfe,
-                 "tokens_per_forward": n / last.nfe,
-                 "ms_per_forward": statistics.median(decode) / passes * 1e3,
+                 "tokens_per_sec_max": max(rates), "tokens_per_sec_runs": rates, "nfe": statistics.median_low(nfes),
+                 "nfe_runs": nfes, "tokens_per_forward": n / statistics.mean(nfes),
+                 "ms_per_forward": statistics.median(r.decode_seconds / _decode_passes(r) for r in runs) * 1e3,
                  "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
                  "decode_ms": statistics.median(decode) * 1e3}
         if self.draft is not None:
@@ -257,6 +256,11 @@ def _time_in_turns(settings: list[_Setting], trials: int) -> None:
                 setting.once(1 + i)
     finally:
         model_module.MEMO_MAX_ENTRIES = bound
+
+
+def _decode_passes(step) -> int:
+    """Passes (rounds) in a run's decode time: an AR run's first pass is its prompt pass, timed apart."""
+    return max(step.nfe - (1 if step.prompt_pass_tokens else 0), 1)
 
 
 def _draft_stats(kept: list[int], draft_length: int) -> dict:
@@ -323,7 +327,7 @@ def run(args: argparse.Namespace) -> dict:
             row["ms_per_token"] = stats["ms_per_forward"]  # one token per sample per pass
         elif kind == "block":
             row["block_size"] = model.args.block_size
-            row["steps_per_block"] = stats["nfe"] / blocks  # as run
+            row["steps_per_block"] = statistics.mean(stats["nfe_runs"]) / blocks  # as run
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
             row["drafter"], row["drafter_type"] = args.draft or args.dlm, drafter.args.model_type
@@ -645,8 +649,9 @@ def plot(results: dict, path: str) -> None:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="best")
     machine = results["machine"]
-    fig.suptitle(f"mlx-dlm decode speed against quality: {machine['backend']} backend, {machine['cores']} cores, "
-                 f"mlx {machine['mlx']}, {rows[0]['max_tokens']} tokens", fontsize=10)
+    cpu = f"{machine['cpu']}, " if machine.get("cpu") else ""  # records from before it was kept have none
+    fig.suptitle(f"mlx-dlm decode speed against quality: {machine['backend']} backend, {cpu}{machine['cores']} "
+                 f"cores, mlx {machine['mlx']}, {rows[0]['max_tokens']} tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

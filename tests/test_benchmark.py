@@ -23,6 +23,8 @@ def test_random_pair_sweep(tmp_path, capsys):
     assert {k: results["machine"][k] is not None for k in ("platform", "cores", "mlx", "backend", "blas")} == \
         dict.fromkeys(("platform", "cores", "mlx", "backend", "blas"), True)
     assert results["machine"]["matmul_gflops"] > 0
+    out = capsys.readouterr().out
+    assert results["machine"]["cpu"] and results["machine"]["cpu"] in out  # named on the "Machine:" line
     ar = [r for r in rows if r["model"] == "ar"]
     dlm = [r for r in rows if r["model"] == "dlm"]
     assert sorted(r["batch_size"] for r in ar) == [1, 2]
@@ -41,7 +43,23 @@ def test_random_pair_sweep(tmp_path, capsys):
         assert "gen_ppl" not in r  # random weights: speed only
     for r in ar:
         assert r["nfe"] == 16 and r["tokens_per_forward"] == 1 and r["ms_per_token"] > 0 and r["prompt_ms"] > 0
-    assert "tok/s" in capsys.readouterr().out
+    assert "tok/s" in out
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    """The first "model name" line of a Linux cpuinfo names the CPU; a file without one, or none, falls back to the
+    platform's processor field (possibly empty on Linux), never to an empty name."""
+    machine = importlib.import_module("mlx_dlm.benchmark.machine")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n\n"
+                    "processor\t: 1\nmodel name\t: Something Else\n")
+    assert machine.cpu_model(str(info)) == "Intel(R) Xeon(R) Processor"
+    info.write_text("processor\t: 0\nmodel name\t:\nflags\t: fpu\n")
+    fallback = machine.cpu_model(str(tmp_path / "missing"))
+    assert machine.cpu_model(str(info)) == fallback and fallback
+    assert "Intel(R) Xeon(R) Processor" in machine.describe({
+        "platform": "Linux", "cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "mlx": "0", "backend": "cpu",
+        "blas": "reference"})
 
 
 def test_rows_timed_in_turns_keep_every_compiled_step(monkeypatch, tiny_model_dir):
@@ -178,6 +196,30 @@ def test_a_matching_block_setting_is_named_in_the_summary(capsys):
     assert (match["tokens_per_sec"], match["speedup"]) == (80.0, pytest.approx(0.8))
     _print_summary(summary, 0.10)
     assert "fastest block match BD2 2/block left T1: 80.0 tok/s = 0.80x" in capsys.readouterr().out
+
+
+def test_time_per_pass_is_each_runs_own_when_the_passes_vary():
+    """Speculative runs take different numbers of rounds: 10 rounds in 0.1 s, 20 in 0.3 s and 40 in 0.2 s are 10, 15
+    and 5 ms a round, median 10 ms (not the median time over the last run's rounds, 5 ms); the passes reported are
+    the median run's (20), and the tokens per pass 140 / the mean 70/3 rounds. An AR run's prompt pass is not a
+    decode pass: 11 passes with one in the prompt are 10 in 0.1 s, 10 ms each."""
+    from mlx_dlm.benchmark.throughput import _Setting
+    from mlx_dlm.decoding import GenerationStep
+
+    def run(nfe, seconds, prompt_pass_tokens=0):
+        empty = np.zeros((0, 4), dtype=np.int32)
+        return GenerationStep(step=nfe, tokens=empty, editable=np.ones(4, dtype=bool), committed=empty,
+                              remasked=empty, generated_tokens=140, nfe=nfe, forward_tokens=0,
+                              elapsed=1.0 + seconds, prompt_seconds=1.0, prompt_pass_tokens=prompt_pass_tokens)
+
+    setting = _Setting(None, None, "", max_tokens=140)
+    setting.runs = [run(10, 0.1), run(20, 0.3), run(40, 0.2)]
+    stats, _ = setting.stats()
+    assert stats["ms_per_forward"] == pytest.approx(10.0)
+    assert (stats["nfe"], stats["nfe_runs"]) == (20, [10, 20, 40])
+    assert stats["tokens_per_forward"] == pytest.approx(140 / (70 / 3))
+    setting.runs = [run(11, 0.1, prompt_pass_tokens=1)]
+    assert setting.stats()[0]["ms_per_forward"] == pytest.approx(10.0)
 
 
 def test_the_speculative_speedup_is_also_paired_trial_by_trial(capsys):
