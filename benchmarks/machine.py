@@ -77,16 +77,15 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name ("Intel(R) Xeon(R) Processor", "Apple M2"): two VMs of one kind can differ 3x in
     matmul rate and in the speed ratios they give. From cpuinfo on Linux, sysctl on macOS; else the platform's
     processor field, or "unknown"."""
-    with contextlib.suppress(OSError):
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
+    with contextlib.suppress(OSError), open(cpuinfo, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
     if platform.system() == "Darwin":
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
+                                  timeout=5, check=False).stdout.strip()
             if name:
                 return name
     return platform.processor() or "unknown"
