@@ -231,7 +231,7 @@ class _Setting:
                  "tokens_per_sec": statistics.median(rates), "tokens_per_sec_min": min(rates),
                  "tokens_per_sec_max": max(rates), "tokens_per_sec_runs": rates, "nfe": statistics.median_low(nfes),
                  "nfe_runs": nfes, "tokens_per_forward": n / statistics.mean(nfes),
-                 "ms_per_forward": statistics.median(r.decode_seconds / _decode_passes(r) for r in runs) * 1e3,
+                 "ms_per_forward": statistics.median(r.decode_seconds / max(r.decode_passes, 1) for r in runs) * 1e3,
                  "prompt_ms": statistics.median(r.prompt_seconds for r in runs) * 1e3,
                  "decode_ms": statistics.median(decode) * 1e3}
         if self.draft is not None:
@@ -256,11 +256,6 @@ def _time_in_turns(settings: list[_Setting], trials: int) -> None:
                 setting.once(1 + i)
     finally:
         model_module.MEMO_MAX_ENTRIES = bound
-
-
-def _decode_passes(step) -> int:
-    """Passes (rounds) in a run's decode time: an AR run's first pass is its prompt pass, timed apart."""
-    return max(step.nfe - (1 if step.prompt_pass_tokens else 0), 1)
 
 
 def _draft_stats(kept: list[int], draft_length: int) -> dict:

@@ -1,12 +1,14 @@
 """What every decoder shares: the canvas (`build_canvas`), the state after a step (`GenerationStep`), how a
 token is drawn from logits (`filter_logits` for top-k/top-p, `sample_tokens`, `without_mask`), and the diffusion
 step's commit (`commit_rule`: propose, score, commit, revise; `commit_schedule` and `commit_targets`: how many
-per step), which full-sequence (`sample.py`) and block (`block_decode.py`) decoding both run."""
+per step), which full-sequence (`sample.py`) and block (`block_decode.py`) decoding both run; `ahead`: the
+host reads a step while the device computes the next (AR and speculative decoding)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -26,7 +28,8 @@ class GenerationStep:
     committed: np.ndarray  # (num_samples, length) bool: positions decided by this step
     remasked: np.ndarray  # (num_samples, length) bool: positions this step hid again for revision
     generated_tokens: int  # fillable positions decided so far, over all samples
-    nfe: int  # forward passes so far (the AR prefill counts as one; speculative decoding: rounds)
+    nfe: int  # forward passes so far (the AR prefill counts as one; speculative decoding: rounds, and a feature
+    # drafter's prompt pass as one)
     forward_tokens: int  # positions run through the model so far, over all samples (a FLOP count proxy)
     elapsed: float  # seconds since generation started (prefill included)
     prompt_seconds: float  # seconds spent on the prompt (AR prefill; 0 for diffusion)
@@ -38,6 +41,11 @@ class GenerationStep:
     def prompt_tokens(self) -> int:
         """Given (not generated) positions."""
         return int((~self.editable).sum())
+
+    @property
+    def decode_passes(self) -> int:
+        """Passes after the prompt pass (speculative decoding: rounds): those `decode_seconds` times."""
+        return max(self.nfe - (1 if self.prompt_pass_tokens else 0), 0)
 
     @property
     def decode_seconds(self) -> float:
@@ -222,6 +230,21 @@ def commit_targets(n: int, per_block: int, o: SamplerOptions) -> list[int]:
         return [0] * n
     counts = commit_schedule(n, min(per_block, n), o.schedule)
     return [n - sum(counts[:j + 1]) for j in range(len(counts))]
+
+
+def ahead(steps: Iterator[tuple]) -> Iterator[tuple]:
+    """The items of `steps` (tuples holding a step's lazy arrays), each yielded once the next has been built and
+    handed to the device (`mx.async_eval`): while the caller copies a step's tokens to the host and reports it,
+    the device computes the next, and building the next step's graph overlaps the current one's work (as mlx-lm's
+    generate does). Only for decoders whose next step needs none of the current one's results on the host."""
+    previous = None
+    for item in steps:
+        mx.async_eval(*(a for a in item if isinstance(a, mx.array)))
+        if previous is not None:
+            yield previous
+        previous = item
+    if previous is not None:
+        yield previous
 
 
 def all_stopped(x: mx.array, stop_ids, positions: np.ndarray) -> bool:

@@ -178,8 +178,9 @@ def _main(argv: list[str] | None) -> None:
             print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} "
                   f"tokens-per-sec, {last.nfe} steps ({last.nfe} forward passes)")
         else:
+            rounds, after = last.decode_passes, " after the prompt pass's" if last.prompt_pass_tokens else ""
             print(f"Generation: {last.generated_tokens} tokens, {last.tokens_per_sec:.3f} tokens-per-sec, "
-                  f"{last.nfe} rounds ({last.nfe} drafter + {last.nfe} verifier passes)")
+                  f"{rounds} rounds ({rounds} drafter + {rounds} verifier passes{after})")
             print(draft_report(kept, options.draft_length))
         print(peak_memory_line())
 

@@ -22,6 +22,7 @@ One compiled function does a step on the device; nothing loops over positions or
 
 AR: prefill the prompt into a preallocated KV cache, then one compiled decode step per token; past the
 model's context, a compiled forward over the last max_seq_len tokens per token (nanoGPT's sliding window).
+Each token is read on the host while the device computes the next (`decoding.ahead`).
 
 Block diffusion (model_type "block": blocks of B left to right, an exact KV cache): `block_decode.py`, with
 the same commit rule. Speculative (an AR model with a diffusion drafter): `speculative.py`. What every decoder
@@ -39,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from .block_decode import check_block_options, decode_blocks
-from .decoding import (GenerationStep, all_stopped, build_canvas, check_writes_alone, commit_rule,  # noqa: F401
+from .decoding import (GenerationStep, ahead, all_stopped, build_canvas, check_writes_alone, commit_rule,  # noqa: F401
                        commit_schedule, commit_targets, filter_logits, numbers, numbers_key, sample_tokens,
                        sampling_numbers, without_mask)
 from .errors import UserError
@@ -258,7 +259,7 @@ def stream_generate(model, tokenizer, prompt: str = "", options: SamplerOptions 
     if is_ar:
         P = int((~editable).sum())
         keys = mx.random.split(mx.random.key(seed), max_tokens)
-        steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in (
+        steps_iter = ((x, c, None, num_samples * n, ps) for x, c, ps, n in ahead(
             _autoregress(model, mask_id, ids[:P], max_tokens, numbers(o), top_k, keys, num_samples, n_valid)))
     elif kind == "block":
         steps_iter = decode_blocks(model, mask_id, ids, editable, mx.random.key(seed), o, n_valid,

@@ -27,20 +27,24 @@ Drafters:
   a round it reads the verifier's hidden states (its last layer's output, or the layers the drafter names:
   `ModelArgs.feature_layers`) at the row that produced the round's final token, and drafts
   the next round's K tokens in one pass of B rows, [that token, mask x (B-1)], inside the same compiled round.
-  Its drafts and their q carry over to the next round (the first round has none: the AR draws its token alone).
+  Its drafts and their q carry over to the next round. The prompt pass runs the whole prompt through the
+  verifier, draws the first token there, as the AR decoder's prompt pass does, and drafts the first round.
+The host never waits on a round before building the next while some row is surely unfinished (`_rounds`): it reads
+a round's tokens while the device runs the next (`decoding.ahead`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from .block_decode import cached_pass, prefill_blocks
-from .decoding import (GenerationStep, build_canvas, filter_logits, numbers, numbers_key, option_on, sampling_numbers,
-                       without_mask)
+from .decoding import (GenerationStep, ahead, build_canvas, filter_logits, numbers, numbers_key, option_on,
+                       sampling_numbers, without_mask)
 from .diffusion import shifted_block_logits
 from .errors import UserError
 from .model import KVCache, memoize_on_model
@@ -166,9 +170,26 @@ def _feature_drafter(draft_model, mask_id: int, K: int):
     return draft
 
 
-def first_carry(S: int, K: int, V: int) -> tuple[mx.array, mx.array, mx.array]:
-    """A feature drafter's carry before the first round: no drafts (drafts, q, drafted), so the AR draws alone."""
-    return mx.zeros((S, K), dtype=mx.int32), mx.zeros((S, K, V)), mx.zeros((S, K), dtype=mx.bool_)
+def _feature_carry(draft, token: mx.array, state: mx.array, noise: mx.array, nums: dict, mask_id: int,
+                   n_valid: int | None, top_k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """A feature drafter's carry into the next round, (drafts, q, drafted): its K drafts after `token` (S,), drawn
+    from the verifier's `state` (S, D) at the row that drew it."""
+    drafts, q = _draw(draft(token, state), noise, nums, mask_id, n_valid, top_k)
+    return drafts, q, mx.ones(drafts.shape, dtype=mx.bool_)
+
+
+def _feature_prompt_pass(model, draft, reads, x: mx.array, P: int, key: mx.array, nums: dict, mask_id: int,
+                         n_valid: int | None, top_k: int, K: int, cache: KVCache) -> tuple[mx.array, tuple]:
+    """A feature drafter's prompt pass: the verifier runs the whole prompt into its cache and draws the first token
+    from the last position, as the AR decoder's prompt pass does, and the drafter drafts the first round from that
+    position's state and the token. Returns (x with the token at P, the carry)."""
+    S, V = x.shape[0], model.args.vocab_size
+    logits, state = model(x[:, :P], cache=cache, hidden=reads)
+    noise = uniform_noise((S, V + K * V), key)
+    token, _ = _draw(logits[:, -1], noise[:, :V], nums, mask_id, n_valid, top_k)
+    token = token.astype(x.dtype)
+    carry = _feature_carry(draft, token, state[:, -1], noise[:, V:].reshape(S, K, V), nums, mask_id, n_valid, top_k)
+    return mx.where(mx.arange(x.shape[1]) == P, token[:, None], x), carry
 
 
 def _draw(q_logits: mx.array, noise: mx.array, nums: dict, mask_id: int, n_valid: int | None, top_k: int
@@ -218,8 +239,7 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
         cache.state["offset"] = (n + kept).reshape(cache.offset.shape)  # cached now: every token before the new one
         if features:  # the state that drew `token` (row kept) and the token itself draft the next round
             state = mx.take_along_axis(state, kept[:, None, None], axis=1)[:, 0]
-            drafts, q = _draw(draft(token, state), draft_noise, nums, mask_id, n_valid, top_k)
-            carry = (drafts, q, mx.ones(drafts.shape, dtype=mx.bool_))
+            carry = _feature_carry(draft, token, state, draft_noise, nums, mask_id, n_valid, top_k)
         return x, mx.where(live[:, 0], n + kept + 1, n), kept, carry
 
     states = [cache.state] + ([draft_cache.state] if draft_cache is not None else [])
@@ -228,9 +248,10 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
 
 def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerOptions
                          ) -> Iterator[GenerationStep]:
-    """Draft with draft_model, verify with model (AR), `o.draft_length` tokens a round; yields a state per round.
-    o: checked options with a seed (`sample.stream_generate` picks one when none is given). With o.num_samples
-    rows, each row keeps its own length (its own cache offsets); a round runs every row until the last is done.
+    """Draft with draft_model, verify with model (AR), `o.draft_length` tokens a round; yields a state per round
+    (with a feature drafter, first the prompt pass's, as the AR decoder does). o: checked options with a seed
+    (`sample.stream_generate` picks one when none is given). With o.num_samples rows, each row keeps its own length
+    (its own cache offsets); a round runs every row until the last is done.
 
     The state's `draft_kept` holds, for each row still decoding, how many of this round's drafts it kept (the round
     adds one more)."""
@@ -252,53 +273,97 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
     length = -(-(total + max(K, 2 * block)) // max(block, 1)) * max(block, 1)  # the canvas and both caches
     n_valid = min(tokenizer.vocab_size, model.args.vocab_size)
     nums = numbers(o)
-    cache, draft_cache, rounds = memoize_on_model(
+    cache, draft_cache, memo = memoize_on_model(
         model, ("speculative", id(draft_model), mask_id, n_valid, numbers_key(nums), o.top_k, K, total, S),
         lambda: (KVCache(model.args, S, length, per_row=S > 1),
                  KVCache(draft_model.args, S, length, per_row=True) if block else None, {}))
 
+    def drafter(fold: bool = False):
+        return (_feature_drafter(draft_model, mask_id, K) if features
+                else _block_drafter(draft_model, draft_cache, K, fold) if block
+                else _dlm_drafter(draft_model, mask_id, K))
+
     def round_fn(fold: bool):  # compiled once per model, options and pass kind
-        if fold not in rounds:
-            draft = (_feature_drafter(draft_model, mask_id, K) if features
-                     else _block_drafter(draft_model, draft_cache, K, fold) if block
-                     else _dlm_drafter(draft_model, mask_id, K))
-            rounds[fold] = _make_round(model, draft_model, draft, mask_id, n_valid, o.top_k, K, total, cache,
-                                       draft_cache)
-        return rounds[fold]
+        if fold not in memo:
+            memo[fold] = _make_round(model, draft_model, drafter(fold), mask_id, n_valid, o.top_k, K, total, cache,
+                                     draft_cache)
+        return memo[fold]
 
     x = mx.array(np.tile(np.concatenate([ids, np.full(length - total, mask_id, dtype=np.int32)]), (S, 1)))
+    keys = mx.random.split(mx.random.key(o.seed), total - P + 1)  # a round adds at least one token to every row
     tic = time.perf_counter()
     cache.reset()
-    if P > 1:
-        model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
-    V = draft_model.args.vocab_size
-    carry = first_carry(S, K, V) if features else mx.zeros((S, V))
-    prefilled = (P // block) * block if block else 0
-    if prefilled:
-        carry = prefill_blocks(draft_model, draft_cache, x, prefilled)  # the drafter's clean blocks of the prompt
-    mx.eval(cache.state, carry)
+    first, prefilled = int(features), (P // block) * block if block else 0  # tokens from the prompt pass
+    if features:
+        x, carry = _feature_prompt_pass(model, drafter(), draft_model.args.verifier_hidden, x, P, keys[-1], nums,
+                                        mask_id, n_valid, o.top_k, K, cache)
+    else:
+        if P > 1:
+            model(x[:, :P - 1], cache=cache)  # prefill: every prompt token but the last, which opens the first round
+        carry = (prefill_blocks(draft_model, draft_cache, x, prefilled) if prefilled  # the drafter's clean blocks
+                 else mx.zeros((S, draft_model.args.vocab_size)))
+    mx.eval(x, cache.state, carry)
     prompt_seconds = time.perf_counter() - tic
-    n, k, forwarded = mx.full((S,), P, dtype=mx.int32), 0, S * (P - 1 + prefilled)
-    keys = mx.random.split(mx.random.key(o.seed), total - P)  # a round adds at least one token to every row
-    done, cached, no_fold = np.full(S, P), np.full(S, prefilled), mx.zeros((S,), dtype=mx.bool_)
-    while (done < total).any():
-        ended = np.minimum(done, total)  # where each row's pass runs (a finished row: from the end)
-        folded = (ended // block) * block > cached if block else np.zeros(S, dtype=bool)  # finished a block
-        fold = bool(folded.any())
-        x, n, kept, carry = round_fn(fold)(x, n, keys[k], nums, carry, mx.array(folded) if fold else no_fold)
+    forwarded = S * (P - 1 + first + prefilled + (draft_model.args.block_size if features else 0))
+    position = np.arange(total)[None]
+
+    def state(k: int, tokens: np.ndarray, before: np.ndarray, done: np.ndarray, kept: tuple) -> GenerationStep:
+        committed = (position >= before[:, None]) & (position < np.minimum(done, total)[:, None])
+        return GenerationStep(
+            step=k, tokens=tokens[:, :total], editable=editable, committed=committed,
+            remasked=np.zeros_like(committed), generated_tokens=int((np.minimum(done, total) - P).sum()),
+            nfe=k, forward_tokens=forwarded, elapsed=time.perf_counter() - tic, prompt_seconds=prompt_seconds,
+            prompt_pass_tokens=S * first, draft_kept=kept)
+
+    done = np.full(S, P + first)
+    if features:
+        yield state(1, np.array(x), np.full(S, P), done, ())
+    known = _Known(done)
+    rounds = _rounds(round_fn, x, mx.full((S,), P + first, dtype=mx.int32), carry, keys[:-1], nums, known, total,
+                     K, block, prefilled)
+    for k, (x, n, kept, fold) in enumerate(ahead(rounds), 1):
         tokens, before, done, live = np.array(x), done, np.array(n), done < total
-        cached = (ended // block) * block if block else cached
-        k += 1
+        if k > known.rounds:  # the rounds being built can start from here
+            known.done, known.rounds = done, k
         drafter_rows = draft_model.args.block_size if features else block * (2 if fold else 1) if block else length
         forwarded += S * (drafter_rows + K + 1)  # the drafter's pass, the verifier's
-        position = np.arange(total)[None]
-        committed = (position >= before[:, None]) & (position < np.minimum(done, total)[:, None])
-        row = tokens[:, :total]
-        yield GenerationStep(
-            step=k, tokens=row, editable=editable, committed=committed,
-            remasked=np.zeros_like(row, dtype=bool), generated_tokens=int((np.minimum(done, total) - P).sum()),
-            nfe=k, forward_tokens=forwarded, elapsed=time.perf_counter() - tic, prompt_seconds=prompt_seconds,
-            prompt_pass_tokens=0, draft_kept=tuple(int(a) for a in np.array(kept)[live]))
+        yield state(k + first, tokens, before, done, tuple(int(a) for a in np.array(kept)[live]))
+
+
+@dataclass
+class _Known:
+    """Each row's length (tokens known) as last read on the host, and how many rounds had run then."""
+
+    done: np.ndarray
+    rounds: int = 0
+
+
+def _rounds(round_fn, x, n, carry, keys, nums, known: _Known, total: int, K: int, block: int, prefilled: int
+            ) -> Iterator[tuple]:
+    """The rounds of `speculative_generate` until every row has `total` tokens: (x, n, kept, fold) each, lazy.
+
+    A round adds 1 .. K + 1 tokens to a row, so while some row would still be short even if every round since
+    `known` was read had kept all its drafts, the next round is built at once, without reading n (`decoding.ahead`
+    then overlaps it with the host's work on the round before, whose reading updates `known`); only the last rounds
+    wait for a read. A block drafter's pass depends on where the round before ended (whether it finished a block),
+    so it reads n every round. keys: one a round, at least as many as there can be rounds."""
+    S, cached, dispatched = len(known.done), np.full(len(known.done), prefilled), 0
+    no_fold = mx.zeros((S,), dtype=mx.bool_)
+    for key in keys:
+        if block or not (known.done + (dispatched - known.rounds) * (K + 1) < total).any():
+            known.done, known.rounds = np.array(n), dispatched
+            if not (known.done < total).any():
+                return
+        done = known.done
+        fold, folded = False, no_fold
+        if block:
+            ended = np.minimum(done, total)  # where each row's pass runs (a finished row: from the end)
+            finished = (ended // block) * block > cached  # rows whose verified text finished a block
+            cached, fold = (ended // block) * block, bool(finished.any())
+            folded = mx.array(finished) if fold else no_fold
+        x, n, kept, carry = round_fn(fold)(x, n, key, nums, carry, folded)
+        dispatched += 1
+        yield x, n, kept, fold
 
 
 def tokens_per_round(kept: list[int]) -> float:

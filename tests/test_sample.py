@@ -232,3 +232,23 @@ def test_plain_number_options_are_inputs_not_compile_keys(kind, options, tiny_mo
     assert len(getattr(model, MEMO_ATTRIBUTE)) == entries
     fresh_model, _ = load(tiny_ar_dir if kind == "ar" else tiny_model_dir)
     assert reused == mlx_dlm.generate(fresh_model, tok, "AB", max_tokens=12, steps=6, seed=3, **options)
+
+
+def test_ahead_builds_the_next_step_before_yielding_one():
+    """`decoding.ahead` yields every item in order, each only after the next has been built (and handed to the
+    device), so the host's work on a step overlaps the device's on the next; the last comes once the steps end."""
+    from mlx_dlm.decoding import ahead
+
+    events = []
+
+    def steps():
+        for i in range(4):
+            events.append(("built", i))
+            yield mx.array(i) * 2, i
+
+    for value, i in ahead(steps()):
+        events.append(("read", i))
+        assert value.item() == 2 * i
+    assert events == [("built", 0), ("built", 1), ("read", 0), ("built", 2), ("read", 1), ("built", 3), ("read", 2),
+                      ("read", 3)]
+    assert list(ahead(iter(()))) == []

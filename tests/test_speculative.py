@@ -9,6 +9,7 @@ import pytest
 import mlx_dlm
 from mlx_dlm.block_decode import cached_pass, prefill_blocks
 from mlx_dlm.model import KVCache, MEMO_ATTRIBUTE, Model, ModelArgs
+from mlx_dlm import sample as sample_module, speculative
 from mlx_dlm.speculative import accept, uniform_noise
 
 from conftest import untrained, user_error
@@ -116,8 +117,8 @@ def test_the_acceptance_rule_yields_p_whatever_q():
 def test_sampled_output_follows_the_ar_models_exact_distribution(drafter, batched):
     """The first two tokens after a prompt, over 1,200 seeds (or 1,200 rows of one batch, each row at its own
     length), against the AR model's exact p(a) p(b | a). The block drafter (blocks of 4, prompt of 3) drafts one
-    position and leaves the second to the verifier's rule; the feature drafter has no draft in its first round
-    (the AR draws a alone) and drafts b from the AR's state and a."""
+    position and leaves the second to the verifier's rule; the feature drafter's prompt pass draws a from the AR
+    and drafts b from the AR's state and a."""
     text = "abcd" * 8
     ar, tok = untrained(text, 16, model_type="ar", seed=5)
     dlm, _ = untrained(text, 16, seed=6)
@@ -156,10 +157,12 @@ def _speculative_caches(ar):
 
 @pytest.mark.parametrize("drafter", ["dlm", "feature"])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples, drafter):
+def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples, drafter, monkeypatch):
     """After each round the verifier's cache holds, for every known position of every row, the keys and values a
     fresh prefill of that row's kept text gives: rejected drafts leave no trace, and rows of one batch (each at its
-    own length) do not disturb each other. Rounds with 0 .. K drafts kept all occur."""
+    own length) do not disturb each other. Rounds with 0 .. K drafts kept all occur. Each state is checked before
+    the next round is built (without `decoding.ahead`, which would have the cache one round on)."""
+    monkeypatch.setattr(speculative, "ahead", lambda rounds: rounds)
     ar, dlm, tok = pair
     dlm = drafter_of(drafter, dlm, ar)
     K, seen = 3, set()
@@ -299,3 +302,40 @@ def test_the_server_decodes_speculatively(tiny_model_dir, tiny_ar_dir):
     ar, tok = mlx_dlm.load(tiny_ar_dir)
     assert "ROMEO:" + reply["choices"][0]["text"] == mlx_dlm.generate(ar, tok, "ROMEO:", max_tokens=20, temp=0)
     assert server.app.draft is not None and 1 <= reply["nfe"] <= 20  # rounds, each adding at least one token
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("drafter", [None, "dlm", "block", "feature"])
+def test_building_the_next_round_ahead_changes_no_state(pair, drafter, num_samples, monkeypatch):
+    """With `decoding.ahead` (the next round or AR token built before the host reads this one) every state is the
+    one the decoder gives without it: tokens, counts and kept drafts, round by round; and no extra round runs."""
+    ar, dlm, tok = pair
+    draft = drafter_of(drafter, dlm, ar) if drafter else None
+
+    def states():
+        return [(s.tokens.tolist(), s.committed.tolist(), s.nfe, s.generated_tokens, s.forward_tokens, s.draft_kept,
+                 s.prompt_pass_tokens) for s in mlx_dlm.stream_generate(
+                    ar, tok, "ROMEO:", max_tokens=23, temp=1.0, seed=4, draft_model=draft, draft_length=3,
+                    num_samples=num_samples)]
+
+    pipelined = states()
+    for module in (speculative, sample_module):
+        monkeypatch.setattr(module, "ahead", lambda steps: steps)
+    assert pipelined == states()
+    assert pipelined[-1][3] == 23 * num_samples
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5])
+def test_a_feature_drafters_prompt_pass_draws_the_first_token(pair, max_tokens):
+    """A feature drafter: the verifier's prompt pass draws the first token, as the AR decoder's does (a state of
+    its own, its token counted as the prompt pass's), and drafts from there; greedy text is the AR's at any length."""
+    ar, dlm, tok = pair
+    drafter = drafter_of("feature", dlm, ar)
+    states = list(mlx_dlm.stream_generate(ar, tok, "ROMEO:", max_tokens=max_tokens, temp=0, draft_model=drafter,
+                                          draft_length=3))
+    first = states[0]
+    assert (first.nfe, first.prompt_pass_tokens, first.generated_tokens, first.draft_kept) == (1, 1, 1, ())
+    assert first.committed[0].nonzero()[0].tolist() == [len("ROMEO:")]
+    assert states[-1].decode_passes == len(states) - 1 and all(s.draft_kept for s in states[1:])
+    assert mlx_dlm.generate(ar, tok, "ROMEO:", max_tokens=max_tokens, temp=0, draft_model=drafter,
+                            draft_length=3) == mlx_dlm.generate(ar, tok, "ROMEO:", max_tokens=max_tokens, temp=0)
