@@ -33,6 +33,7 @@ import argparse
 import statistics
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -119,7 +120,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-lengths", type=_int_list, default=[],
                    help="also speculative rows (each batch size and --ar-temps value): the DLM drafts this many "
                         "tokens a round, the AR verifies; the output is the AR's own distribution")
-    p.add_argument("--draft", help="drafter of the speculative rows (default: --dlm)")
+    p.add_argument("--draft", action="append", help="drafter of the speculative rows (default: --dlm); repeat it "
+                   "for rows of each drafter, timed in turns with the others")
     p.add_argument("--block", help="also a block-diffusion model (model_type block) as a contestant")
     p.add_argument("--block-steps", type=_int_list, default=[1, 2, 4],
                    help="block rows: denoising passes per block (each --temp value)")
@@ -297,13 +299,14 @@ def run(args: argparse.Namespace) -> dict:
     judges = _judges(args, corpus, dlm, ar, block) if trained else []
     quality = _model_quality(corpus, dlm, dlm_tok, ar, ar_tok, block) if trained else {}
     rows, texts = [], []
-    drafter = _drafter(args, dlm, ar, ar_tok) if args.draft_lengths else None
+    drafters = _drafters(args, dlm, ar, ar_tok) if args.draft_lengths else {}
     plan = _plan(args)
     settings = []
     for kind, batch, options, variant in plan:
         model, tok = {"dlm": (dlm, dlm_tok), "block": block}.get(kind, (ar, ar_tok))
-        settings.append(_Setting(model, tok, args.prompt, drafter if kind == "spec" else None,
-                                 max_tokens=args.max_tokens, num_samples=batch, **options))
+        draft = drafters[options["drafter"]] if kind == "spec" else None
+        settings.append(_Setting(model, tok, args.prompt, draft, max_tokens=args.max_tokens, num_samples=batch,
+                                 **{k: v for k, v in options.items() if k != "drafter"}))
     _time_in_turns(settings, args.trials)
     for (kind, batch, options, variant), setting in zip(plan, settings):
         model, tok = setting.model, setting.tokenizer
@@ -325,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
             row["steps_per_block"] = statistics.mean(stats["nfe_runs"]) / blocks  # as run
         else:
             row["ms_per_round"] = stats["ms_per_forward"]  # one drafter and one verifier pass
-            row["drafter"], row["drafter_type"] = args.draft or args.dlm, drafter.args.model_type
+            row["drafter_type"] = setting.draft.args.model_type  # row["drafter"]: its name
         row["sample"] = row_texts[0][:80]
         rows.append(row)
         texts.append((repr((kind, variant, sorted(options.items()))), row_texts))  # the setting, batch aside
@@ -341,14 +344,19 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def _drafter(args: argparse.Namespace, dlm, ar, ar_tok):
-    """The speculative rows' drafter: --draft, else the benchmark's diffusion model."""
-    if args.draft is None:
+def _drafters(args: argparse.Namespace, dlm, ar, ar_tok) -> dict:
+    """The speculative rows' drafters by name: each --draft, else the benchmark's diffusion model."""
+    if not args.draft:
         check_drafter(ar, dlm, ar_tok)
-        return dlm
-    draft, draft_tok = load(args.draft)
-    check_drafter(ar, draft, ar_tok, draft_tok)
-    return draft
+        return {args.dlm: dlm}
+    if len(set(args.draft)) < len(args.draft):
+        raise UserError(f"--draft names a drafter twice ({', '.join(args.draft)})")
+    drafters = {}
+    for name in args.draft:
+        draft, draft_tok = load(name)
+        check_drafter(ar, draft, ar_tok, draft_tok)
+        drafters[name] = draft
+    return drafters
 
 
 def _judges(args: argparse.Namespace, corpus: str, dlm, ar, block=None) -> list:
@@ -453,7 +461,8 @@ def _frontier(rows: list[dict], default: dict, judge: str, ppl: float | None) ->
             "dlm_best_gen_ppl": front[0][0] if front else None}
 
 
-BRIEF_SETTING = ("temp", "top_k", "draft_length", "block_size", "threshold", "steps_per_block")  # as rows have them
+BRIEF_SETTING = ("temp", "top_k", "draft_length", "drafter", "block_size", "threshold",
+                 "steps_per_block")  # as rows have them
 
 
 def _brief(r: dict | None, ar: dict) -> dict | None:
@@ -476,9 +485,15 @@ def paired_speedup(row: dict, ar: dict) -> dict | None:
     return asdict(median_interval([a / b for a, b in zip(runs, base)]))
 
 
+def _drafter_name(r: dict) -> str:
+    """A speculative row's drafter, named where the run had several (its variant then numbers it), else ""."""
+    several = r.get("drafter") and r["variant"] != f"spec{r['draft_length']}"  # records before --draft repeated
+    return f" ({Path(str(r['drafter'])).name})" if several else ""
+
+
 def _label(r: dict) -> str:
     if r["model"] == "spec":
-        return f"spec K{r['draft_length']} T{r['temp']:g}"
+        return f"spec K{r['draft_length']} T{r['temp']:g}" + _drafter_name(r)
     if r["model"] == "ar":
         return f"AR T{r['temp']:g}" + (f" k{r['top_k']}" if r.get("top_k") else "")
     if r["model"] == "block":
@@ -565,8 +580,10 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, dict, str]]:
                          for temp in args.temp for k in args.block_steps]
                 plan += [("block", b, dict(threshold=p, temp=temp, strategy=s), f"bd-thr{p:g}{name}")
                          for temp in args.temp for p in args.block_thresholds]
-        plan += [("spec", b, dict(temp=temp, draft_length=k), f"spec{k}") for temp in args.ar_temps
-                 for k in args.draft_lengths]
+        drafters = args.draft or [args.dlm]
+        plan += [("spec", b, dict(temp=temp, draft_length=k, drafter=name),
+                  f"spec{k}" + (f"-{i + 1}" if len(drafters) > 1 else "")) for temp in args.ar_temps
+                 for k in args.draft_lengths for i, name in enumerate(drafters)]
         for i, temp in enumerate(args.temp):
             strategies = args.strategies if i == 0 else [s for s in args.strategies if s == "confidence"]
             dlm = [(dict(strategy=s, steps=k), "-") for s in strategies for k in args.steps]
@@ -605,7 +622,7 @@ def _family(row: dict) -> str:
         return "AR, KV cache (temperature, top-k)"
     if row["model"] == "spec":
         drafter = "block model" if row.get("drafter_type") == "block" else "DLM"
-        return f"speculative: {drafter} drafts K, AR verifies"
+        return f"speculative: {drafter} drafts K, AR verifies" + _drafter_name(row)
     if row["model"] == "block":
         return f"block diffusion B={row['block_size']} (passes per block, threshold)"
     v = row["variant"]

@@ -30,7 +30,9 @@ teacher's head reads to predict x_{j+1}, or the outputs of the layers the drafte
 [x_{j+1}, mask, ..., mask], and learns the teacher's distributions of x_{j+2} .. x_{j+K+1} given the true text
 (with the shift, row i's output predicts row i + 1). It is trained at the one mask it drafts with, every drafted
 position hidden, and the loss is the cross-entropy against the teacher's distributions (nats/token, not a
-likelihood bound).
+likelihood bound). A chained drafter (`ModelArgs.draft_context`) adds to each row after the first a learned bias
+indexed by the tokens before it, here the true ones (teacher forcing; when drafting, the drawn token and the drafts
+drawn before it).
 """
 
 from __future__ import annotations
@@ -222,5 +224,19 @@ def feature_draft_loss(model, tokens: mx.array, mask_id: int, teacher, key: mx.a
     first = tokens[:, 1:J + 1].reshape(-1, 1)
     block = mx.concatenate([first, mx.full((B * J, K - 1), mask_id, dtype=tokens.dtype)], axis=1)
     targets = mx.stack([mx.softmax(logits[:, k:J + k], axis=-1) for k in range(1, K + 1)], axis=2)
-    logp = nn.log_softmax(model(block, features=state[:, :J].reshape(B * J, -1)).astype(mx.float32), axis=-1)
-    return -(targets.reshape(B * J, K, -1) * logp).sum(axis=-1).mean()
+    logits = model(block, features=state[:, :J].reshape(B * J, -1)).astype(mx.float32).reshape(B, J, K, -1)
+    logp = nn.log_softmax(_chained(model, logits, tokens), axis=-1)
+    return -(targets * logp).sum(axis=-1).mean()
+
+
+def _chained(model, logits: mx.array, tokens: mx.array) -> mx.array:
+    """A chained feature drafter's logits (B, J, K, V) with each row's bias from the true tokens before it (the
+    teacher forcing of `Model.chain_bias`): row k of position j's block follows x_{j+1} .. x_{j+1+k}."""
+    n, (_, J, K, _) = model.args.draft_context, logits.shape
+    if not n:
+        return logits
+    rows = [logits[:, :, 0]]
+    for k in range(1, K):
+        before = mx.stack([tokens[:, 2 + k - n + i:2 + k - n + i + J] for i in range(n)], axis=-1)
+        rows.append(logits[:, :, k] + model.chain_bias(k, before))
+    return mx.stack(rows, axis=2)

@@ -6,6 +6,9 @@ models (model_type "block", `block_size` B) attend as their caller's mask says
 (`diffusion.block_attention_mask`: bidirectional inside a block of B, causal across blocks).
 A caller may pass `copies` > 1: the tokens are that many copies of one window laid side
 by side, each at the same positions (block diffusion's [noisy; clean] layout).
+A feature drafter (a block model with `feature_dim`) adds a map of its verifier's state to every
+position; a chained one also holds a table of logit biases for its rows after the first
+(`draft_context`, `Model.chain_bias`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class ModelArgs:
     # the AR model's hidden states is added to every position, as t is; 0 for the others
     feature_layers: tuple[int, ...] = ()  # a feature drafter: the verifier's layers whose outputs it reads, side by
     # side (the last one's as its head reads it); () for the last alone
+    draft_context: int = 0  # a chained feature drafter: each drafted row after the first adds a learned logit bias
+    # indexed by the draft_context tokens before it (the round's drawn token, the earlier drafts), drawn in turn;
+    # 0: the rows are drawn independently
     dropout: float = 0.0  # residual dropout on the embeddings and each block's outputs while training
     subs_mask_id: int | None = None  # MDLM's SUBS: this (mask) id gets logit -inf, never probability
 
@@ -84,6 +90,9 @@ class ModelArgs:
         if self.feature_dim < 0 or (self.feature_dim and self.model_type != "block"):
             raise UserError(f"model config: feature_dim must be 0, or positive for a block model (a drafter), got "
                             f"{self.feature_dim} for model_type {self.model_type!r}")
+        if self.draft_context not in (0, 1, 2) or (self.draft_context and not self.feature_dim):
+            raise UserError(f"model config: draft_context must be 0, or 1 or 2 for a feature drafter, got "
+                            f"{self.draft_context}")
         if self.subs_mask_id is not None and not 0 <= self.subs_mask_id < self.vocab_size:
             raise UserError(f"model config: subs_mask_id {self.subs_mask_id} is not a token id of the vocabulary "
                             f"of {self.vocab_size}")
@@ -302,6 +311,8 @@ class Model(nn.Module):
             self.t_proj = nn.Linear(1, args.dim)
         if args.feature_dim:
             self.feature_proj = nn.Linear(args.feature_dim, args.dim)
+        if args.draft_context and args.block_size > 1:  # starts at zero: at first the rows are independent
+            self.draft_table = mx.zeros((args.block_size - 1, args.vocab_size ** args.draft_context, args.vocab_size))
         self.emb_drop = nn.Dropout(args.dropout)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         if args.final_norm:
@@ -349,6 +360,14 @@ class Model(nn.Module):
             banned = mx.arange(logits.shape[-1]) == args.subs_mask_id
             logits = mx.where(banned, mx.array(-mx.inf, dtype=logits.dtype), logits)
         return (logits, state) if hidden else logits
+
+    def chain_bias(self, row: int, before: mx.array) -> mx.array:
+        """A chained feature drafter's logit bias (..., V) for its block row `row` (1 .. B-1, 0-based; row 0 has
+        none): the table's entry for the `draft_context` tokens before that row (..., draft_context), the latest
+        last."""
+        n, V = self.args.draft_context, self.args.vocab_size
+        index = (before.astype(mx.int32) * (V ** mx.arange(n - 1, -1, -1, dtype=mx.int32))).sum(axis=-1)
+        return self.draft_table[row - 1][index]
 
     def num_params(self) -> int:
         """Number of parameters (learned position table included)."""

@@ -28,7 +28,10 @@ Drafters:
   `ModelArgs.feature_layers`) at the row that produced the round's final token, and drafts
   the next round's K tokens in one pass of B rows, [that token, mask x (B-1)], inside the same compiled round.
   Its drafts and their q carry over to the next round. The prompt pass runs the whole prompt through the
-  verifier, draws the first token there, as the AR decoder's prompt pass does, and drafts the first round.
+  verifier, draws the first token there, as the AR decoder's prompt pass does, and drafts the first round. A
+  chained feature drafter (`ModelArgs.draft_context`) draws its K drafts in turn, each from its row's logits
+  plus a learned bias indexed by the tokens just before it (`Model.chain_bias`), so a draft's q depends on the
+  drafts before it, as the verifier's p does.
 The host never waits on a round before building the next while some row is surely unfinished (`_rounds`): it reads
 a round's tokens while the device runs the next (`decoding.ahead`).
 """
@@ -158,23 +161,33 @@ def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
     return draft
 
 
-def _feature_drafter(draft_model, mask_id: int, K: int):
-    """draft(token (S,), state (S, D)) -> logits of the K positions after token (S, K, V): a feature drafter's
-    pass over its block [token, mask x (B-1)] conditioned on the verifier's state."""
-    B = draft_model.args.block_size
+def _feature_drafter(draft_model, mask_id: int, K: int, n_valid: int | None, top_k: int):
+    """draft(token (S,), state (S, D), noise (S, K, V), nums) -> (drafts (S, K), q (S, K, V)): a feature drafter's
+    pass over its block [token, mask x (B-1)] conditioned on the verifier's state, and its K draws. A chained
+    drafter (`ModelArgs.draft_context`) draws them in turn, each row's logits biased by the tokens before it."""
+    B, n = draft_model.args.block_size, draft_model.args.draft_context
 
-    def draft(token, state):
+    def draft(token, state, noise, nums):
         block = mx.concatenate([token[:, None], mx.full((token.shape[0], B - 1), mask_id, dtype=token.dtype)], axis=1)
-        return draft_model(block, features=state)[:, :K]
+        logits = draft_model(block, features=state)[:, :K]
+        if not n:
+            return _draw(logits, noise, nums, mask_id, n_valid, top_k)
+        drawn, qs = [token.astype(mx.int32)], []
+        for k in range(K):
+            row = logits[:, k] + draft_model.chain_bias(k, mx.stack(drawn[-n:], axis=-1)) if k else logits[:, k]
+            d, q = _draw(row, noise[:, k], nums, mask_id, n_valid, top_k)
+            drawn.append(d)
+            qs.append(q)
+        return mx.stack(drawn[1:], axis=1), mx.stack(qs, axis=1)
 
     return draft
 
 
-def _feature_carry(draft, token: mx.array, state: mx.array, noise: mx.array, nums: dict, mask_id: int,
-                   n_valid: int | None, top_k: int) -> tuple[mx.array, mx.array, mx.array]:
+def _feature_carry(draft, token: mx.array, state: mx.array, noise: mx.array, nums: dict
+                   ) -> tuple[mx.array, mx.array, mx.array]:
     """A feature drafter's carry into the next round, (drafts, q, drafted): its K drafts after `token` (S,), drawn
     from the verifier's `state` (S, D) at the row that drew it."""
-    drafts, q = _draw(draft(token, state), noise, nums, mask_id, n_valid, top_k)
+    drafts, q = draft(token, state, noise, nums)
     return drafts, q, mx.ones(drafts.shape, dtype=mx.bool_)
 
 
@@ -188,7 +201,7 @@ def _feature_prompt_pass(model, draft, reads, x: mx.array, P: int, key: mx.array
     noise = uniform_noise((S, V + K * V), key)
     token, _ = _draw(logits[:, -1], noise[:, :V], nums, mask_id, n_valid, top_k)
     token = token.astype(x.dtype)
-    carry = _feature_carry(draft, token, state[:, -1], noise[:, V:].reshape(S, K, V), nums, mask_id, n_valid, top_k)
+    carry = _feature_carry(draft, token, state[:, -1], noise[:, V:].reshape(S, K, V), nums)
     return mx.where(mx.arange(x.shape[1]) == P, token[:, None], x), carry
 
 
@@ -239,7 +252,7 @@ def _make_round(model, draft_model, draft, mask_id: int, n_valid: int | None, to
         cache.state["offset"] = (n + kept).reshape(cache.offset.shape)  # cached now: every token before the new one
         if features:  # the state that drew `token` (row kept) and the token itself draft the next round
             state = mx.take_along_axis(state, kept[:, None, None], axis=1)[:, 0]
-            carry = _feature_carry(draft, token, state, draft_noise, nums, mask_id, n_valid, top_k)
+            carry = _feature_carry(draft, token, state, draft_noise, nums)
         return x, mx.where(live[:, 0], n + kept + 1, n), kept, carry
 
     states = [cache.state] + ([draft_cache.state] if draft_cache is not None else [])
@@ -279,7 +292,7 @@ def speculative_generate(model, draft_model, tokenizer, prompt: str, o: SamplerO
                  KVCache(draft_model.args, S, length, per_row=True) if block else None, {}))
 
     def drafter(fold: bool = False):
-        return (_feature_drafter(draft_model, mask_id, K) if features
+        return (_feature_drafter(draft_model, mask_id, K, n_valid, o.top_k) if features
                 else _block_drafter(draft_model, draft_cache, K, fold) if block
                 else _dlm_drafter(draft_model, mask_id, K))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -65,7 +66,8 @@ ADAPTABLE_FIELDS = {"dropout", "logit_shift", "n_layers"}  # --arch fields --ini
 RUN_SETTINGS = ("data", "preset", "arch", "init", "tokenizer", "vocab_size", "sp_model_type", "batch_size", "seq_len",
                 "learning_rate", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "objective", "loss",
                 "t_sampling", "dtype", "dropout", "subs", "ema", "val_fraction", "seed", "block_size", "t_per",
-                "init_from", "draft_for", "t_range", "complementary", "feature_drafter", "feature_layers")
+                "init_from", "draft_for", "t_range", "complementary", "feature_drafter", "feature_layers",
+                "draft_context", "train_only")
 # Flags that may change on resume, with what changing them does.
 CHANGEABLE_ON_RESUME = {"iters": "the cosine schedule now ends at step {new} (was {old})",
                         "eval_batches": "validation now uses {new} batches (was {old}): losses are not comparable "
@@ -109,6 +111,10 @@ HELP = {
     "feature_drafter": "with --draft-for and --objective block: a drafter that reads the AR model's hidden states "
         "(DFlash-style; the last layer's, or --feature-layers) instead of keeping context of its own; each round it "
         "drafts --block-size tokens in one pass of that many rows, run inside the verifier's round",
+    "draft_context": "with --feature-drafter: chain the drafts: each drafted token after the first adds a learned "
+        "logit bias indexed by the 1 or 2 tokens before it, and the drafts are drawn in turn (0: independently)",
+    "train_only": "train only these parameters, comma-separated top-level names of the model (e.g. draft_table, "
+        "layers, lm_head); the rest stay as they start (default: all)",
     "feature_layers": "with --feature-drafter: the AR model's layers (0-based) whose outputs the drafter reads, side "
         "by side, e.g. 1,3,5 (default: the last alone)",
     "init_from": "start from this model directory's weights and tokenizer (e.g. shakespeare-ar, to adapt it to "
@@ -168,6 +174,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-for", metavar="AR_DIR", help=HELP["draft_for"])
     p.add_argument("--feature-drafter", action="store_true", help=HELP["feature_drafter"])
     p.add_argument("--feature-layers", default="", metavar="I,J,...", help=HELP["feature_layers"])
+    p.add_argument("--train-only", default="", metavar="NAME,...", help=HELP["train_only"])
+    p.add_argument("--draft-context", type=int, default=0, choices=(0, 1, 2), help=HELP["draft_context"])
     p.add_argument("--loss", choices=LOSSES, default="elbo", help=HELP["loss"])
     p.add_argument("--t-sampling", choices=T_SAMPLING, default="stratified", help=HELP["t_sampling"])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=HELP["dtype"])
@@ -198,7 +206,7 @@ def _layer_list(text: str) -> tuple[int, ...]:
 def parse_arch(items: list[str]) -> dict:
     """--arch KEY=VALUE items as ModelArgs overrides (values read as JSON: numbers, true/false, or strings)."""
     fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"model_type", "vocab_size", "block_size", "feature_dim",
-                                                        "feature_layers"}
+                                                        "feature_layers", "draft_context"}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -269,8 +277,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.feature_drafter and not (args.draft_for and args.objective == "block" and args.block_size < args.seq_len):
         raise UserError("--feature-drafter needs --draft-for AR_DIR, --objective block and a --block-size below "
                         "--seq-len")
-    if args.feature_layers and not args.feature_drafter:
-        raise UserError("--feature-layers applies to --feature-drafter")
+    if (args.feature_layers or args.draft_context) and not args.feature_drafter:
+        raise UserError(f"--{'feature-layers' if args.feature_layers else 'draft-context'} applies to "
+                        "--feature-drafter")
     if (args.t_range != [0.0, 1.0] or args.complementary) and args.objective != "block":
         raise UserError("--t-range and --complementary apply to --objective block")
     if not 0.0 <= args.t_range[0] < args.t_range[1] <= 1.0:
@@ -394,22 +403,44 @@ def _adapted_model(args: argparse.Namespace, verifier: ModelArgs | None = None) 
     weights = source.parameters()
     weights["layers"] = [weights["layers"][i] for i in kept_layers(source.args.n_layers, config["n_layers"])]
     model.update(tree_map(lambda p: p.astype(mx.float32), weights))
-    if config["feature_dim"]:  # the AR's state starts unread: at first the drafter is the source model on its block
+    if config["feature_dim"] and not source.args.feature_dim:  # the AR's state starts unread: at first the drafter
+        # is the source model on its block
         model.feature_proj.update(tree_map(mx.zeros_like, model.feature_proj.parameters()))
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _train_only(model: Model, names: str) -> None:
+    """--train-only: freeze every parameter of model but the named top-level ones (arrays or modules)."""
+    wanted = [name for name in names.split(",") if name]
+    params = model.parameters()
+    unknown = [name for name in wanted if name not in params]
+    if unknown or not wanted:
+        raise UserError(f"--train-only {names!r}: {', '.join(unknown) or 'no name'} is not a parameter of this model "
+                        f"(its top-level names: {', '.join(sorted(params))})")
+    model.freeze()
+    for name in wanted:
+        part = getattr(model, name)
+        if isinstance(part, nn.Module):
+            part.unfreeze()
+        elif isinstance(part, list):
+            for module in part:
+                module.unfreeze()
+        else:
+            model.unfreeze(keys=[name], recurse=False)
 
 
 def _feature_reading(args: argparse.Namespace, verifier: ModelArgs | None) -> dict:
     """--feature-drafter: what it reads of the --draft-for model, whose architecture is verifier (feature_dim,
     feature_layers); none otherwise."""
     if not args.feature_drafter:
-        return {"feature_dim": 0, "feature_layers": ()}
+        return {"feature_dim": 0, "feature_layers": (), "draft_context": 0}
     layers = _layer_list(args.feature_layers)
     if any(not 0 <= i < verifier.n_layers for i in layers) or len(set(layers)) < len(layers):
         raise UserError(f"--feature-layers must name distinct layers of {args.draft_for}'s {verifier.n_layers} "
                         f"(0 to {verifier.n_layers - 1}), got {','.join(map(str, layers))}")
-    return {"feature_dim": verifier.dim * max(len(layers), 1), "feature_layers": layers}
+    return {"feature_dim": verifier.dim * max(len(layers), 1), "feature_layers": layers,
+            "draft_context": args.draft_context}
 
 
 def kept_layers(n_source: int, n: int) -> list[int]:
@@ -489,6 +520,8 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Run:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {model.args.max_seq_len}")
     if args.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
+    if args.train_only:
+        _train_only(model, args.train_only)
 
     tokens = tokenizer.encode_array(text)
     train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction)

@@ -3,12 +3,13 @@
 import importlib
 import importlib.util
 import json
+import shutil
 
 import mlx_dlm
 import numpy as np
 import pytest
 
-from conftest import needs
+from conftest import cli_error, needs
 
 bench = importlib.import_module("mlx_dlm.benchmark.__main__")
 
@@ -349,3 +350,27 @@ def test_profile_variants_compute_the_same_model(variant, causal):
     with profile.VARIANTS[variant]():
         got = model(tokens, t)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_each_drafter_gets_its_own_speculative_rows(tmp_path, tiny_model_dir, tiny_ar_dir, small_text_path, capsys):
+    """--draft repeated: speculative rows for each drafter (each K, temperature and batch size), timed in turns
+    with the rest, each named by its drafter in the record, the summary and the plot's legend; a drafter named
+    twice is a one-line error."""
+    other = tmp_path / "other-drafter"
+    shutil.copytree(tiny_model_dir, other)
+    out = tmp_path / "r.json"
+    base = ["--dlm", str(tiny_model_dir), "--ar", str(tiny_ar_dir), "--data", str(small_text_path), "--judge",
+            "ngram", "--trials", "1", "--steps", "8", "--strategies", "confidence", "--batch-size", "1,2",
+            "--max-tokens", "16", "--reference-windows", "8", "--draft-lengths", "2,3", "--out", str(out)]
+    bench.main([*base, "--draft", str(tiny_model_dir), "--draft", str(other)])
+    printed = capsys.readouterr().out
+    spec = [r for r in json.loads(out.read_text())["rows"] if r["model"] == "spec"]
+    assert sorted((r["drafter"], r["batch_size"], r["draft_length"]) for r in spec) == sorted(
+        (str(d), b, k) for d in (tiny_model_dir, other) for b in (1, 2) for k in (2, 3))
+    assert {r["variant"] for r in spec if r["drafter"] == str(other)} == {"spec2-2", "spec3-2"}
+    throughput = importlib.import_module("mlx_dlm.benchmark.throughput")
+    mine = next(r for r in spec if r["drafter"] == str(other))
+    assert throughput._label(mine).endswith("(other-drafter)") and "other-drafter" in throughput._family(mine)
+    assert "(other-drafter)" in printed
+    assert "names a drafter twice" in cli_error(capsys, bench.main, [*base, "--draft", str(other), "--draft",
+                                                                     str(other)])

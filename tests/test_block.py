@@ -352,17 +352,25 @@ def _feature_drafter(teacher, block_size=3, seed=9, layers=()):
     return drafter
 
 
-@pytest.mark.parametrize("layers", [(), (0, 1)])
-def test_the_feature_drafter_loss_against_numpy(layers):
+@pytest.mark.parametrize("layers, draft_context", [((), 0), ((0, 1), 0), ((), 1), ((0, 1), 2)])
+def test_the_feature_drafter_loss_against_numpy(layers, draft_context):
     """A feature drafter's loss: for each window position j, one pass over [x_{j+1}, mask, mask] reading the
     teacher's hidden state at j (its last layer's output, or the outputs of the layers it names side by side); its
     row k predicts x_{j+2+k}, scored by cross-entropy against the teacher's prediction of that token from the true
     text before it (the teacher's output at j+1+k); the mean over every j whose whole block lies in the window and
-    every row."""
+    every row. A chained drafter adds to row k >= 1 its table's entry for the draft_context true tokens before
+    x_{j+2+k} (teacher forcing), read as digits in base V, the latest last."""
     from mlx_dlm.diffusion import feature_draft_loss
 
     teacher, tok = untrained(TEXT, 64, model_type="ar", seed=8)
     drafter = _feature_drafter(teacher, layers=layers)
+    V = tok.vocab_size
+    if draft_context:
+        chained = Model(ModelArgs(**(drafter.args.to_dict() | {"draft_context": draft_context})))
+        chained.update(drafter.parameters())
+        drafter = chained
+        drafter.draft_table = mx.random.normal((2, V ** draft_context, V), key=mx.random.key(3))
+    table = np.array(drafter.draft_table, dtype=np.float64) if draft_context else None
     tokens = np.random.default_rng(2).integers(1, tok.vocab_size, (2, 12)).astype(np.int32)
     got = feature_draft_loss(drafter, mx.array(tokens), tok.mask_id, teacher).item()
     x, outputs = teacher.tok_emb(mx.array(tokens)) + teacher.pos_emb[:12], []  # (its learned position table)
@@ -377,12 +385,51 @@ def test_the_feature_drafter_loss_against_numpy(layers):
             block = mx.array([[int(tokens[b, j + 1]), tok.mask_id, tok.mask_id]])
             q = np.array(drafter(block, features=state[b:b + 1, j]), dtype=np.float64)[0]
             for k in range(3):
+                if draft_context and k:
+                    before = tokens[b, j + 2 + k - draft_context:j + 2 + k]
+                    q[k] += table[k - 1, sum(int(t) * V ** (len(before) - 1 - i) for i, t in enumerate(before))]
                 logq = q[k] - np.log(np.exp(q[k]).sum())
                 p = np.exp(teach[b, j + 1 + k] - teach[b, j + 1 + k].max())
                 ces.append(-(p / p.sum() * logq).sum())
     assert got == pytest.approx(np.mean(ces), rel=1e-4)
     with pytest.raises(ValueError, match="verifier's features"):
         drafter(mx.array(tokens))
+
+
+def test_a_chain_is_trained_alone_on_a_feature_drafter(tmp_path, small_text_path, tiny_ar_dir, capsys):
+    """--draft-context 2 --train-only draft_table, started from a trained feature drafter: the chain's table learns
+    (from zero) while every other weight stays the source drafter's, through a resume too; the chained drafter
+    drafts for its AR model (greedy text unchanged). Misuse is one line each."""
+    source, chained = tmp_path / "feature", tmp_path / "chained"
+    feature = ["--data", str(small_text_path), *TINY_TRAIN, "--objective", "block", "--block-size", "3",
+               "--draft-for", str(tiny_ar_dir), "--feature-drafter", "--eval-every", "2"]
+    train.main([*feature, "--out", str(source), "--iters", "2", "--init-from", str(tiny_ar_dir), "--arch",
+                "n_layers=1"])
+    chain = [*feature, "--out", str(chained), "--init-from", str(source), "--draft-context", "2", "--train-only",
+             "draft_table", "--learning-rate", "1e-2"]
+    train.main([*chain, "--iters", "2"])
+    train.main(["--resume", "--out", str(chained), "--iters", "4"])
+    capsys.readouterr()
+    (start, tok), (drafter, _) = load(source), load(chained)
+    assert drafter.args.draft_context == 2 and drafter.args.feature_dim == start.args.feature_dim
+    trained = dict(tree_flatten(drafter.parameters()))
+    assert float(mx.abs(trained.pop("draft_table")).max()) > 0  # it learned
+    for name, weight in tree_flatten(start.parameters()):
+        np.testing.assert_array_equal(np.array(trained.pop(name)), np.array(weight), err_msg=name)
+    assert not trained
+    ar, _ = load(tiny_ar_dir)
+    assert generate(ar, tok, "AB", max_tokens=9, temp=0, draft_model=drafter, draft_length=3) == \
+        generate(ar, tok, "AB", max_tokens=9, temp=0)
+    base = ["--data", str(small_text_path), "--out", str(tmp_path / "x"), "--iters", "1", *TINY_TRAIN]
+    assert "--draft-context applies to --feature-drafter" in cli_error(capsys, train.main,
+                                                                       [*base, "--draft-context", "1"])
+    with pytest.raises(SystemExit) as usage:  # argparse's refusal, as for every flag with choices
+        train.main([*base, "--draft-context", "3"])
+    assert usage.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+    error = cli_error(capsys, train.main, [*base, "--train-only", "draft_table,lm_head"])
+    assert "draft_table is not a parameter of this model" in error and "lm_head" in error.split("names:")[1]
+    assert "draft_context must be 0, or 1 or 2 for a feature drafter" in user_error(
+        ModelArgs, model_type="block", block_size=2, draft_context=1)
 
 
 def test_feature_drafter_trains_and_drafts_for_its_ar_model(tmp_path, small_text_path, tiny_ar_dir, capsys):

@@ -14,7 +14,7 @@ from mlx_dlm.speculative import accept, uniform_noise
 
 from conftest import untrained, user_error
 
-CHI2_999 = {4: 18.467, 15: 37.697}  # 99.9% quantiles of chi-square by degrees of freedom
+CHI2_999 = {4: 18.467, 15: 37.697, 63: 103.442}  # 99.9% quantiles of chi-square by degrees of freedom
 
 
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -36,29 +36,33 @@ def as_block(model, block_size=4):
     return block
 
 
-def as_feature(model, feature_dim, block_size=4, seed=0):
+def as_feature(model, feature_dim, block_size=4, seed=0, draft_context=0):
     """A feature drafter with model's weights and a random reading of the verifier's states (untrained, so what
-    it drafts depends on them)."""
+    it drafts depends on them); with draft_context, chained by a random table (strong biases: a draft's
+    distribution depends on the drafts before it)."""
     config = model.args.to_dict() | {"model_type": "block", "block_size": block_size, "logit_shift": True,
-                                     "feature_dim": feature_dim}
+                                     "feature_dim": feature_dim, "draft_context": draft_context}
     mx.random.seed(seed)
     drafter = Model(ModelArgs(**config))
     drafter.update({k: v for k, v in model.parameters().items() if k != "t_proj"})
+    if draft_context:
+        drafter.draft_table = 3 * mx.random.normal(drafter.draft_table.shape)
     return drafter
 
 
 def drafter_of(kind, dlm, ar):
     """The drafter a test parametrised by kind runs: the DLM itself, its weights in blocks of 4, or as a feature
-    drafter reading ar's states."""
-    return {"dlm": lambda: dlm, "block": lambda: as_block(dlm), "feature": lambda: as_feature(dlm, ar.args.dim)}[kind]()
+    drafter reading ar's states, its drafts drawn independently or chained on the 2 tokens before each."""
+    return {"dlm": lambda: dlm, "block": lambda: as_block(dlm), "feature": lambda: as_feature(dlm, ar.args.dim),
+            "chained": lambda: as_feature(dlm, ar.args.dim, draft_context=2)}[kind]()
 
 
-@pytest.mark.parametrize("drafter", ["dlm", "block", "feature"])
+@pytest.mark.parametrize("drafter", ["dlm", "block", "feature", "chained"])
 @pytest.mark.parametrize("prompt", ["ROMEO:", "\n", "First Citizen:\nWe are"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_output_is_the_ar_models_own(pair, prompt, k, drafter):
     ar, dlm, tok = pair
-    if drafter == "feature" and k == 5:
+    if drafter in ("feature", "chained") and k == 5:
         k = 4  # a feature drafter drafts at most its block
     draft = drafter_of(drafter, dlm, ar)
     alone = mlx_dlm.generate(ar, tok, prompt, max_tokens=40, temp=0, seed=0)
@@ -78,7 +82,7 @@ def _nll_per_token(ar, tok, texts: list[str], prompt: str) -> np.ndarray:
     return np.array(nll[:, len(tok.encode(prompt)) - 1:].mean(axis=1))
 
 
-@pytest.mark.parametrize("drafter", ["dlm", "block", "feature"])
+@pytest.mark.parametrize("drafter", ["dlm", "block", "feature", "chained"])
 def test_long_samples_score_under_the_ar_as_its_own_samples_do(pair, drafter):
     """Beyond the first two tokens: 600 samples of 24 tokens each (a batch, each row at its own length; the block
     drafter crosses several blocks), scored by the AR itself. Exact sampling gives the same mean NLL as the AR's
@@ -150,12 +154,59 @@ def test_sampled_output_follows_the_ar_models_exact_distribution(drafter, batche
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[15]
 
 
+def _next_token(ar, tok, context: str) -> np.ndarray:
+    """The AR's distribution of the token after context; the mask token is never drawn."""
+    logits = np.array(ar(mx.array([tok.encode(context)]))[0, -1], dtype=np.float64)
+    logits[tok.mask_id] = -np.inf
+    return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+
+@pytest.mark.parametrize("draft_context", [1, 2])
+def test_a_chained_drafters_output_follows_the_ar_models_exact_distribution(draft_context):
+    """A chained feature drafter draws its drafts in turn, each from a distribution that depends on the drafts
+    before it: the first three tokens after a prompt (the prompt pass's, then two drafts, the second chained), over
+    6,000 rows of one batch, against the AR model's exact p(a) p(b | a) p(c | a b): chi-square over the 64 cells at a
+    0.1% false-alarm rate."""
+    text = "abcd" * 8
+    ar, tok = untrained(text, 16, model_type="ar", seed=5)
+    drafter = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim, draft_context=draft_context)
+    chars = list(tok.chars)
+    ids = [tok.encode(c)[0] for c in chars]
+    joint = np.zeros((len(chars),) * 3)
+    for i, a in enumerate(chars):
+        pa = _next_token(ar, tok, "ab")[ids[i]]
+        for j, b in enumerate(chars):
+            joint[i, j] = pa * _next_token(ar, tok, "ab" + a)[ids[j]] * _next_token(ar, tok, "ab" + a + b)[ids]
+    outs = mlx_dlm.generate(ar, tok, "ab", max_tokens=3, temp=1.0, seed=0, draft_model=drafter, draft_length=3,
+                            num_samples=6000)
+    counts = np.zeros_like(joint)
+    for out in outs:
+        counts[tuple(chars.index(c) for c in out[2:5])] += 1
+    assert joint.sum() == pytest.approx(1.0)
+    assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[63]
+
+
+def test_a_chained_drafter_with_a_zero_table_drafts_as_the_unchained_one(pair):
+    """The chain's table starts at zero (`Model`): drawn in turn from the same uniforms, the drafts, and so every
+    round and the sampled text, are those of the same drafter unchained."""
+    ar, dlm, tok = pair
+    chained = as_feature(dlm, ar.args.dim, draft_context=2)
+    chained.draft_table = mx.zeros_like(chained.draft_table)
+    plain = as_feature(dlm, ar.args.dim)
+
+    def rounds(drafter):
+        return [(s.tokens.tolist(), s.draft_kept) for s in mlx_dlm.stream_generate(
+            ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=3, draft_model=drafter, draft_length=3, num_samples=2)]
+
+    assert rounds(chained) == rounds(plain)
+
+
 def _speculative_caches(ar):
     """(verifier cache, drafter cache) of the one speculative run memoised on ar."""
     return next(v[:2] for k, v in ar.__dict__[MEMO_ATTRIBUTE].items() if k[0] == "speculative")
 
 
-@pytest.mark.parametrize("drafter", ["dlm", "feature"])
+@pytest.mark.parametrize("drafter", ["dlm", "feature", "chained"])
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_every_rejection_leaves_the_cache_as_a_fresh_run_on_the_kept_text(pair, num_samples, drafter, monkeypatch):
     """After each round the verifier's cache holds, for every known position of every row, the keys and values a
@@ -305,7 +356,7 @@ def test_the_server_decodes_speculatively(tiny_model_dir, tiny_ar_dir):
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])
-@pytest.mark.parametrize("drafter", [None, "dlm", "block", "feature"])
+@pytest.mark.parametrize("drafter", [None, "dlm", "block", "feature", "chained"])
 def test_building_the_next_round_ahead_changes_no_state(pair, drafter, num_samples, monkeypatch):
     """With `decoding.ahead` (the next round or AR token built before the host reads this one) every state is the
     one the decoder gives without it: tokens, counts and kept drafts, round by round; and no extra round runs."""
