@@ -174,7 +174,7 @@ def _feature_drafter(draft_model, mask_id: int, K: int, n_valid: int | None, top
             return _draw(logits, noise, nums, mask_id, n_valid, top_k)
         drawn, qs = [token.astype(mx.int32)], []
         for k in range(K):
-            row = logits[:, k] + draft_model.chain_bias(k, mx.stack(drawn[-n:], axis=-1)) if k else logits[:, k]
+            row = logits[:, k] + (draft_model.chain_bias(k, mx.stack(drawn[-n:], axis=-1)) if k else 0.0)
             d, q = _draw(row, noise[:, k], nums, mask_id, n_valid, top_k)
             drawn.append(d)
             qs.append(q)

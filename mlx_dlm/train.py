@@ -396,6 +396,9 @@ def _adapted_model(args: argparse.Namespace, verifier: ModelArgs | None = None) 
     if args.dropout:
         config["dropout"] = args.dropout
     config.update(_feature_reading(args, verifier))
+    if source.args.draft_context and config["draft_context"] != source.args.draft_context:
+        raise UserError(f"--init-from {args.init_from} chains its drafts on {source.args.draft_context} tokens: pass "
+                        f"--feature-drafter --draft-context {source.args.draft_context} to keep its table")
     if not 1 <= config["n_layers"] <= source.args.n_layers:
         raise UserError(f"--init-from {args.init_from} has {source.args.n_layers} layers: --arch n_layers may be "
                         f"1 to {source.args.n_layers}, got {config['n_layers']}")
