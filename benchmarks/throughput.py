@@ -508,16 +508,17 @@ def _print_quality(rows: list[dict], reference: dict, judges: list) -> None:
     names = [j.name for j in judges]
     print(f"\nQuality (pooled over every sample of a setting; distinct-4 over {reference['distinct4_count']} "
           "4-grams each):")
-    print(f"{'setting':<34} {'batch':>5} {'tok/s':>9} " + " ".join(f"{n[:14]:>14}" for n in names)
+    width = max([34] + [len(_label(r)) for r in rows])  # every label whole: two drafters' may share a prefix
+    print(f"{'setting':<{width}} {'batch':>5} {'tok/s':>9} " + " ".join(f"{n[:14]:>14}" for n in names)
           + f" {'H(bit)':>6} {'dist4':>6}")
 
     def line(label, batch, tps, q):
         ppl = " ".join(f"{q['gen_ppl'][n]:>14.2f}" if q["gen_ppl"].get(n) else f"{'-':>14}" for n in names)
-        print(f"{label:<34} {batch:>5} {tps:>9} {ppl} {q['entropy_bits']:>6.2f} {q['distinct4']:>6.3f}")
+        print(f"{label:<{width}} {batch:>5} {tps:>9} {ppl} {q['entropy_bits']:>6.2f} {q['distinct4']:>6.3f}")
 
     line(f"real text ({reference['windows']} windows)", "-", "-", reference)
     for r in rows:
-        line(_label(r)[:34], r["batch_size"], f"{r['tokens_per_sec']:.1f}", r)
+        line(_label(r), r["batch_size"], f"{r['tokens_per_sec']:.1f}", r)
 
 
 def _paired(brief: dict) -> str:

@@ -237,6 +237,6 @@ def _chained(model, logits: mx.array, tokens: mx.array) -> mx.array:
         return logits
     rows = [logits[:, :, 0]]
     for k in range(1, K):
-        before = mx.stack([tokens[:, 2 + k - n + i:2 + k - n + i + J] for i in range(n)], axis=-1)
+        before = [tokens[:, 2 + k - n + i:2 + k - n + i + J] for i in range(n)]
         rows.append(logits[:, :, k] + model.chain_bias(k, before))
     return mx.stack(rows, axis=2)

@@ -361,13 +361,17 @@ class Model(nn.Module):
             logits = mx.where(banned, mx.array(-mx.inf, dtype=logits.dtype), logits)
         return (logits, state) if hidden else logits
 
-    def chain_bias(self, row: int, before: mx.array) -> mx.array:
+    def chain_bias(self, row: int, before: list[mx.array]) -> mx.array:
         """A chained feature drafter's logit bias (..., V) for its block row `row` (1 .. B-1, 0-based; row 0 has
-        none): the table's entry for the `draft_context` tokens before that row (..., draft_context), the latest
-        last."""
-        n, V = self.args.draft_context, self.args.vocab_size
-        index = (before.astype(mx.int32) * (V ** mx.arange(n - 1, -1, -1, dtype=mx.int32))).sum(axis=-1)
-        return self.draft_table[row - 1][index]
+        none): the table's entry for the `draft_context` tokens before that row (arrays of ids (...), the latest
+        last), read as the digits of a number in base V."""
+        V = self.args.vocab_size
+        index = before[0]
+        for token in before[1:]:
+            index = index * V + token
+        index = index + (row - 1) * V ** len(before)  # past the blocks of the rows before
+        table = self.draft_table.reshape(-1, V)  # one gather from the whole table: `draft_table[row - 1]` would
+        return mx.take(table, index, axis=0)  # copy the row's block first (measured: 75 us against 3)
 
     def num_params(self) -> int:
         """Number of parameters (learned position table included)."""

@@ -163,24 +163,42 @@ def _block_drafter(draft_model, cache: KVCache, K: int, fold: bool):
 
 def _feature_drafter(draft_model, mask_id: int, K: int, n_valid: int | None, top_k: int):
     """draft(token (S,), state (S, D), noise (S, K, V), nums) -> (drafts (S, K), q (S, K, V)): a feature drafter's
-    pass over its block [token, mask x (B-1)] conditioned on the verifier's state, and its K draws. A chained
-    drafter (`ModelArgs.draft_context`) draws them in turn, each row's logits biased by the tokens before it."""
-    B, n = draft_model.args.block_size, draft_model.args.draft_context
+    pass over its block [token, mask x (B-1)] conditioned on the verifier's state, and its K draws (`_draw`, or
+    `_draw_chained` for a chained drafter)."""
+    B = draft_model.args.block_size
 
     def draft(token, state, noise, nums):
         block = mx.concatenate([token[:, None], mx.full((token.shape[0], B - 1), mask_id, dtype=token.dtype)], axis=1)
         logits = draft_model(block, features=state)[:, :K]
-        if not n:
-            return _draw(logits, noise, nums, mask_id, n_valid, top_k)
-        drawn, qs = [token.astype(mx.int32)], []
-        for k in range(K):
-            row = logits[:, k] + (draft_model.chain_bias(k, mx.stack(drawn[-n:], axis=-1)) if k else 0.0)
-            d, q = _draw(row, noise[:, k], nums, mask_id, n_valid, top_k)
-            drawn.append(d)
-            qs.append(q)
-        return mx.stack(drawn[1:], axis=1), mx.stack(qs, axis=1)
+        if draft_model.args.draft_context:
+            return _draw_chained(draft_model, logits, token, noise, nums, mask_id, n_valid, top_k)
+        return _draw(logits, noise, nums, mask_id, n_valid, top_k)
 
     return draft
+
+
+def _draw_chained(draft_model, logits: mx.array, token: mx.array, noise: mx.array, nums: dict, mask_id: int,
+                  n_valid: int | None, top_k: int) -> tuple[mx.array, mx.array]:
+    """(drafts, q) of a chained feature drafter: its rows drawn in turn, each row's logits plus the table's bias for
+    the tokens before it (`Model.chain_bias`: the round's drawn token, then the drafts). Each draw is `_draw`'s
+    Gumbel-max, argmax((l + b) / T + g), taken as argmax(l + b + T g) unless top-k or top-p filter the row; q is
+    computed once, over every row."""
+    temp, top_p = sampling_numbers(nums)
+    sampled, n = "temp" in nums, draft_model.args.draft_context
+    filtering = sampled and (top_k > 0 or option_on(top_p, 1.0))
+    logits = without_mask(logits, mask_id, n_valid)
+    if sampled:
+        noise = gumbel(noise) if filtering else temp * gumbel(noise)
+    drawn, rows = [token], []
+    for k in range(logits.shape[1]):
+        row = logits[:, k] + draft_model.chain_bias(k, drawn[-n:]) if k else logits[:, k]
+        rows.append(filter_logits(row / temp, top_k, top_p) if filtering else row)
+        drawn.append(mx.argmax(rows[-1] + noise[:, k] if sampled else row, axis=-1))
+    drafts = mx.stack(drawn[1:], axis=1).astype(mx.int32)
+    if not sampled:  # greedy: q is one-hot at each draft
+        return drafts, (mx.arange(logits.shape[-1]) == drafts[..., None]).astype(mx.float32)
+    rows = mx.stack(rows, axis=1)
+    return drafts, mx.softmax(rows if filtering else rows / temp, axis=-1)
 
 
 def _feature_carry(draft, token: mx.array, state: mx.array, noise: mx.array, nums: dict
