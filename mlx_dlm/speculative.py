@@ -191,7 +191,7 @@ def _draw_chained(draft_model, logits: mx.array, token: mx.array, noise: mx.arra
         noise = gumbel(noise) if filtering else temp * gumbel(noise)
     drawn, rows = [token], []
     for k in range(logits.shape[1]):
-        row = logits[:, k] + draft_model.chain_bias(k, drawn[-n:]) if k else logits[:, k]
+        row = logits[:, k] + (draft_model.chain_bias(k, drawn[-n:]) if k else 0.0)
         rows.append(filter_logits(row / temp, top_k, top_p) if filtering else row)
         drawn.append(mx.argmax(rows[-1] + noise[:, k] if sampled else row, axis=-1))
     drafts = mx.stack(drawn[1:], axis=1).astype(mx.int32)

@@ -14,7 +14,7 @@ from mlx_dlm.speculative import accept, uniform_noise
 
 from conftest import untrained, user_error
 
-CHI2_999 = {4: 18.467, 15: 37.697, 63: 103.442}  # 99.9% quantiles of chi-square by degrees of freedom
+CHI2_999 = {4: 18.467, 7: 24.322, 15: 37.697, 63: 103.442}  # 99.9% quantiles of chi-square by degrees of freedom
 
 
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -154,10 +154,13 @@ def test_sampled_output_follows_the_ar_models_exact_distribution(drafter, batche
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[15]
 
 
-def _next_token(ar, tok, context: str) -> np.ndarray:
-    """The AR's distribution of the token after context; the mask token is never drawn."""
-    logits = np.array(ar(mx.array([tok.encode(context)]))[0, -1], dtype=np.float64)
+def _next_token(ar, tok, context: str, temp: float = 1.0, top_k: int = 0) -> np.ndarray:
+    """The AR's distribution of the token after context at temp, on its top_k tokens (0: all); the mask token is
+    never drawn."""
+    logits = np.array(ar(mx.array([tok.encode(context)]))[0, -1], dtype=np.float64) / temp
     logits[tok.mask_id] = -np.inf
+    if top_k:
+        logits[logits < np.sort(logits)[-top_k]] = -np.inf
     return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
 
 
@@ -184,6 +187,33 @@ def test_a_chained_drafters_output_follows_the_ar_models_exact_distribution(draf
         counts[tuple(chars.index(c) for c in out[2:5])] += 1
     assert joint.sum() == pytest.approx(1.0)
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[63]
+
+
+@pytest.mark.parametrize("draft_context", [0, 2])
+def test_top_k_and_temperature_filter_p_and_q_alike(draft_context):
+    """Temperature 0.8 and top-k 2 apply to the verifier's p and the drafter's q as the rule requires: the first
+    three characters (the prompt pass's, then two drafts, independent or chained) over 4,000 rows follow the AR's
+    own filtered joint distribution, on its 8 cells (2 tokens a position) and never outside them: chi-square at a
+    0.1% false-alarm rate."""
+    text = "abcd" * 8
+    ar, tok = untrained(text, 16, model_type="ar", seed=5)
+    drafter = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim, draft_context=draft_context)
+    chars = list(tok.chars)
+    ids = [tok.encode(c)[0] for c in chars]
+
+    def p(context):
+        return _next_token(ar, tok, context, temp=0.8, top_k=2)[ids]
+
+    joint = np.einsum("i,ij,ijk->ijk", p("ab"), np.array([p("ab" + a) for a in chars]),
+                      np.array([[p("ab" + a + b) for b in chars] for a in chars]))
+    outs = mlx_dlm.generate(ar, tok, "ab", max_tokens=3, temp=0.8, top_k=2, seed=0, draft_model=drafter,
+                            draft_length=3, num_samples=4000)
+    counts = np.zeros_like(joint)
+    for out in outs:
+        counts[tuple(chars.index(c) for c in out[2:5])] += 1
+    support = joint > 0
+    assert support.sum() == 8 and counts[~support].sum() == 0
+    assert chi_square(counts[support], joint[support]) < CHI2_999[7]
 
 
 def test_a_chained_drafter_with_a_zero_table_drafts_as_the_unchained_one(pair):
