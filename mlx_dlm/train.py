@@ -396,6 +396,11 @@ def _adapted_model(args: argparse.Namespace, verifier: ModelArgs | None = None) 
     if args.dropout:
         config["dropout"] = args.dropout
     config.update(_feature_reading(args, verifier))
+    reads = (source.args.feature_dim, source.args.feature_layers)
+    if source.args.feature_dim and (config["feature_dim"], config["feature_layers"]) != reads:
+        raise UserError(f"--init-from {args.init_from} is a feature drafter reading layers "
+                        f"{','.join(map(str, source.args.feature_layers)) or 'the last'}: pass --feature-drafter "
+                        f"with the same --feature-layers")
     if source.args.draft_context and config["draft_context"] != source.args.draft_context:
         raise UserError(f"--init-from {args.init_from} chains its drafts on {source.args.draft_context} tokens: pass "
                         f"--feature-drafter --draft-context {source.args.draft_context} to keep its table")

@@ -428,6 +428,8 @@ def test_a_chain_is_trained_alone_on_a_feature_drafter(tmp_path, small_text_path
     assert usage.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
     assert "pass --feature-drafter --draft-context 2" in cli_error(capsys, train.main, [
         *feature, "--out", str(tmp_path / "y"), "--iters", "1", "--init-from", str(chained)])  # it would drop the table
+    assert "with the same --feature-layers" in cli_error(capsys, train.main, [
+        *feature, "--out", str(tmp_path / "z"), "--iters", "1", "--init-from", str(source), "--feature-layers", "0,1"])
     error = cli_error(capsys, train.main, [*base, "--train-only", "draft_table,lm_head"])
     assert "draft_table is not a parameter of this model" in error and "lm_head" in error.split("names:")[1]
     assert "draft_context must be 0, or 1 or 2 for a feature drafter" in user_error(
