@@ -164,28 +164,37 @@ def _next_token(ar, tok, context: str, temp: float = 1.0, top_k: int = 0) -> np.
     return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
 
 
+def _first_three(draft_context: int, rows: int, temp: float = 1.0, top_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(the AR's exact joint distribution of the first three characters after "ab" at temp and top_k, their counts
+    over `rows` rows of one batch decoded speculatively): the prompt pass draws the first, a feature drafter (chained
+    on draft_context characters, or not) drafts the next two."""
+    text = "abcd" * 8
+    ar, tok = untrained(text, 16, model_type="ar", seed=5)
+    drafter = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim, draft_context=draft_context)
+    chars = list(tok.chars)
+    ids = [tok.encode(c)[0] for c in chars]
+
+    def p(context):
+        return _next_token(ar, tok, context, temp=temp, top_k=top_k)[ids]
+
+    joint = np.einsum("i,ij,ijk->ijk", p("ab"), np.array([p("ab" + a) for a in chars]),
+                      np.array([[p("ab" + a + b) for b in chars] for a in chars]))
+    outs = mlx_dlm.generate(ar, tok, "ab", max_tokens=3, temp=temp, top_k=top_k, seed=0, draft_model=drafter,
+                            draft_length=3, num_samples=rows)
+    counts = np.zeros_like(joint)
+    for out in outs:
+        counts[tuple(chars.index(c) for c in out[2:5])] += 1
+    assert joint.sum() == pytest.approx(1.0)
+    return joint, counts
+
+
 @pytest.mark.parametrize("draft_context", [1, 2])
 def test_a_chained_drafters_output_follows_the_ar_models_exact_distribution(draft_context):
     """A chained feature drafter draws its drafts in turn, each from a distribution that depends on the drafts
     before it: the first three tokens after a prompt (the prompt pass's, then two drafts, the second chained), over
     6,000 rows of one batch, against the AR model's exact p(a) p(b | a) p(c | a b): chi-square over the 64 cells at a
     0.1% false-alarm rate."""
-    text = "abcd" * 8
-    ar, tok = untrained(text, 16, model_type="ar", seed=5)
-    drafter = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim, draft_context=draft_context)
-    chars = list(tok.chars)
-    ids = [tok.encode(c)[0] for c in chars]
-    joint = np.zeros((len(chars),) * 3)
-    for i, a in enumerate(chars):
-        pa = _next_token(ar, tok, "ab")[ids[i]]
-        for j, b in enumerate(chars):
-            joint[i, j] = pa * _next_token(ar, tok, "ab" + a)[ids[j]] * _next_token(ar, tok, "ab" + a + b)[ids]
-    outs = mlx_dlm.generate(ar, tok, "ab", max_tokens=3, temp=1.0, seed=0, draft_model=drafter, draft_length=3,
-                            num_samples=6000)
-    counts = np.zeros_like(joint)
-    for out in outs:
-        counts[tuple(chars.index(c) for c in out[2:5])] += 1
-    assert joint.sum() == pytest.approx(1.0)
+    joint, counts = _first_three(draft_context, 6000)
     assert chi_square(counts.ravel(), joint.ravel()) < CHI2_999[63]
 
 
@@ -195,40 +204,10 @@ def test_top_k_and_temperature_filter_p_and_q_alike(draft_context):
     three characters (the prompt pass's, then two drafts, independent or chained) over 4,000 rows follow the AR's
     own filtered joint distribution, on its 8 cells (2 tokens a position) and never outside them: chi-square at a
     0.1% false-alarm rate."""
-    text = "abcd" * 8
-    ar, tok = untrained(text, 16, model_type="ar", seed=5)
-    drafter = as_feature(untrained(text, 16, model_type="ar", seed=6)[0], ar.args.dim, draft_context=draft_context)
-    chars = list(tok.chars)
-    ids = [tok.encode(c)[0] for c in chars]
-
-    def p(context):
-        return _next_token(ar, tok, context, temp=0.8, top_k=2)[ids]
-
-    joint = np.einsum("i,ij,ijk->ijk", p("ab"), np.array([p("ab" + a) for a in chars]),
-                      np.array([[p("ab" + a + b) for b in chars] for a in chars]))
-    outs = mlx_dlm.generate(ar, tok, "ab", max_tokens=3, temp=0.8, top_k=2, seed=0, draft_model=drafter,
-                            draft_length=3, num_samples=4000)
-    counts = np.zeros_like(joint)
-    for out in outs:
-        counts[tuple(chars.index(c) for c in out[2:5])] += 1
+    joint, counts = _first_three(draft_context, 4000, temp=0.8, top_k=2)
     support = joint > 0
     assert support.sum() == 8 and counts[~support].sum() == 0
     assert chi_square(counts[support], joint[support]) < CHI2_999[7]
-
-
-def test_a_chained_drafter_with_a_zero_table_drafts_as_the_unchained_one(pair):
-    """The chain's table starts at zero (`Model`): drawn in turn from the same uniforms, the drafts, and so every
-    round and the sampled text, are those of the same drafter unchained."""
-    ar, dlm, tok = pair
-    chained = as_feature(dlm, ar.args.dim, draft_context=2)
-    chained.draft_table = mx.zeros_like(chained.draft_table)
-    plain = as_feature(dlm, ar.args.dim)
-
-    def rounds(drafter):
-        return [(s.tokens.tolist(), s.draft_kept) for s in mlx_dlm.stream_generate(
-            ar, tok, "ROMEO:", max_tokens=30, temp=1.0, seed=3, draft_model=drafter, draft_length=3, num_samples=2)]
-
-    assert rounds(chained) == rounds(plain)
 
 
 def _speculative_caches(ar):
