@@ -182,23 +182,22 @@ def _draw_chained(draft_model, logits: mx.array, token: mx.array, noise: mx.arra
     """(drafts, q) of a chained feature drafter: its rows drawn in turn, each row's logits plus the table's bias for
     the tokens before it (`Model.chain_bias`: the round's drawn token, then the drafts). Each draw is `_draw`'s
     Gumbel-max, argmax((l + b) / T + g), taken as argmax(l + b + T g) unless top-k or top-p filter the row; q is
-    computed once, over every row."""
+    `probabilities` of every row at once."""
     temp, top_p = sampling_numbers(nums)
     sampled, n = "temp" in nums, draft_model.args.draft_context
     filtering = sampled and (top_k > 0 or option_on(top_p, 1.0))
     logits = without_mask(logits, mask_id, n_valid)
-    if sampled:
-        noise = gumbel(noise) if filtering else temp * gumbel(noise)
+    noise = gumbel(noise) if sampled else None
     drawn, rows = [token], []
     for k in range(logits.shape[1]):
         row = logits[:, k] + (draft_model.chain_bias(k, drawn[-n:]) if k else 0.0)
-        rows.append(filter_logits(row / temp, top_k, top_p) if filtering else row)
-        drawn.append(mx.argmax(rows[-1] + noise[:, k] if sampled else row, axis=-1))
-    drafts = mx.stack(drawn[1:], axis=1).astype(mx.int32)
-    if not sampled:  # greedy: q is one-hot at each draft
-        return drafts, (mx.arange(logits.shape[-1]) == drafts[..., None]).astype(mx.float32)
-    rows = mx.stack(rows, axis=1)
-    return drafts, mx.softmax(rows if filtering else rows / temp, axis=-1)
+        rows.append(row)
+        if filtering:
+            row = mx.log(probabilities(row, temp, top_k, top_p)) + noise[:, k]
+        elif sampled:
+            row = row + temp * noise[:, k]
+        drawn.append(mx.argmax(row, axis=-1))
+    return mx.stack(drawn[1:], axis=1).astype(mx.int32), probabilities(mx.stack(rows, axis=1), temp, top_k, top_p)
 
 
 def _feature_carry(draft, token: mx.array, state: mx.array, noise: mx.array, nums: dict
