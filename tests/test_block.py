@@ -501,12 +501,19 @@ def test_pass_cost_benchmark_times_every_pass_kind(adapted_dir, tiny_ar_dir, tmp
 
     out = tmp_path / "passes.json"
     pass_cost.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--contexts", "8,16", "--trials", "3",
-                    "--draft-length", "3", "--out", str(out)])
+                    "--draft-length", "3", "--rows", "1,3,6", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["context"] for r in rows] == [8, 16] and all(r["draft_length"] == 3 for r in rows)
     for r in rows:
         assert min(r["ar_ms_per_token"], r["block_ms_per_pass"], r["folded_ms_per_pass"], r["verify_ms_per_pass"]) > 0
         assert r["verify_over_ar_step"] == pytest.approx(r["verify_ms_per_pass"] / r["ar_ms_per_token"])
+        counts, ms = np.array([1, 3, 6.0]), np.array([r["rows_ms"][k] for k in ("1", "3", "6")])
+        assert min(ms) > 0
+        # the least-squares line: its residuals sum to zero and are orthogonal to the row counts
+        residual = ms - (r["fixed_ms"] + r["ms_per_row"] * counts)
+        assert abs(residual.sum()) < 1e-9 and abs((residual * counts).sum()) < 1e-9
+    with pytest.raises(UserError, match="--rows needs at least two row counts"):
+        pass_cost.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--rows", "4"])
     with pytest.raises(UserError, match="--draft-length must be at least 1"):
         pass_cost.main(["--ar", str(tiny_ar_dir), "--block", str(adapted_dir), "--draft-length", "0"])
     with pytest.raises(UserError, match="--ar takes an autoregressive model"):
